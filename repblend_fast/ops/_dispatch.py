@@ -1,0 +1,115 @@
+"""Implementation dispatch for the fused ops: ``impl = auto | reference | triton | cuda``.
+
+``auto`` picks, in order, the CUDA extension, the Triton kernel, the plain-torch reference, by what
+can run on the given tensors, and logs its reason once per (op, choice). An explicit ``impl`` that
+cannot run raises ``RuntimeError`` with the reason: there is never a silent fallback.
+``REPBLEND_IMPL`` overrides ``auto`` (not an explicit choice). Nothing here probes the GPU at import.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+from collections.abc import Iterable
+
+import torch
+
+logger = logging.getLogger("repblend_fast.dispatch")
+
+IMPLS = ("auto", "reference", "triton", "cuda")
+_LOGGED: set[tuple[str, str, str]] = set()
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _triton_importable() -> tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "the triton package is not installed"
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # pragma: no cover - broken installs
+        return False, f"importing triton failed: {exc}"
+    return True, "triton is importable"
+
+
+def triton_status(device: torch.device) -> tuple[bool, str]:
+    """Whether Triton kernels can run on ``device``, and why (not)."""
+    ok, why = _triton_importable()
+    if not ok:
+        return False, why
+    if device.type == "cuda":
+        if triton_interpret():
+            return False, "TRITON_INTERPRET=1 runs kernels on CPU tensors only, these are on CUDA"
+        return True, "triton on CUDA"
+    if device.type == "cpu":
+        if triton_interpret():
+            return True, "triton through the CPU interpreter (TRITON_INTERPRET=1)"
+        return False, "triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)"
+    return False, f"triton does not support device type {device.type!r}"
+
+
+def cuda_status(device: torch.device) -> tuple[bool, str]:
+    """Whether the compiled CUDA extension can run on ``device``, and why (not)."""
+    if device.type != "cuda":
+        return False, f"the CUDA extension needs CUDA tensors, got {device.type!r}"
+    from repblend_fast import _ext
+
+    return _ext.status()
+
+
+def _common_device(tensors: Iterable[torch.Tensor], op: str) -> torch.device:
+    devices = {t.device for t in tensors if isinstance(t, torch.Tensor)}
+    if len(devices) > 1:
+        names = ", ".join(sorted(str(d) for d in devices))
+        raise ValueError(f"{op}: all tensor arguments must be on one device, got {names}")
+    return devices.pop() if devices else torch.device("cpu")
+
+
+def resolve_impl(op: str, impl: str, tensors: Iterable[torch.Tensor]) -> str:
+    """Return the concrete implementation (``reference``, ``triton`` or ``cuda``) for ``op``.
+
+    Args:
+        op: op name, for messages.
+        impl: the caller's choice; ``auto`` may be overridden by ``REPBLEND_IMPL``.
+        tensors: the op's tensor arguments (their common device decides what can run).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+    device = _common_device(tensors, op)
+    if impl == "auto":
+        env = os.environ.get("REPBLEND_IMPL", "auto")
+        if env not in IMPLS:
+            raise ValueError(f"REPBLEND_IMPL must be one of {IMPLS}, got {env!r}")
+        if env != "auto":
+            return resolve_impl(op, env, [torch.empty(0, device=device)])
+        if device.type == "cuda":
+            for name, status in (("cuda", cuda_status), ("triton", triton_status)):
+                ok, why = status(device)
+                if ok:
+                    _log_once(op, name, why)
+                    return name
+            _log_once(op, "reference", "no fused implementation can run on CUDA here")
+            return "reference"
+        _log_once(op, "reference", f"tensors on {device.type}: the reference is the fast path")
+        return "reference"
+    if impl == "reference":
+        return impl
+    status = triton_status if impl == "triton" else cuda_status
+    ok, why = status(device)
+    if not ok:
+        raise RuntimeError(f"{op}: impl={impl!r} cannot run: {why}")
+    return impl
+
+
+def _log_once(op: str, impl: str, why: str) -> None:
+    key = (op, impl, why)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        logger.info("%s: impl=auto chose %s (%s)", op, impl, why)
