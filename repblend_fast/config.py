@@ -1,0 +1,263 @@
+"""Distillation configuration and the named presets of SPEC.md §12.
+
+Every field is used by :class:`repblend_fast.Distiller`; the docstring of :class:`DistillConfig`
+says what each does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+METHODS = ("repblend", "lors", "mtt-vl")
+SIMILARITIES = ("lowrank", "full", "none")
+META_GRADS = ("exact", "tesla")
+AUTOCAST = ("none", "bf16", "fp16")
+
+
+@dataclass
+class DistillConfig:
+    """Everything one distillation run needs besides data, encoders and experts.
+
+    Attributes:
+        method: ``repblend`` (heads on frozen features, blending), ``lors`` (image encoder is the
+            student, learned low-rank targets) or ``mtt-vl`` (LoRS student, identity targets).
+        pairs: N, the number of synthetic image-text pairs.
+        iterations: outer distillation iterations.
+        syn_steps: T, unrolled student steps per iteration.
+        expert_epochs: M, expert epochs between start and target snapshots.
+        max_start_epoch: E_max; the start epoch is drawn from ``{0 .. E_max-1}``.
+        batch_size: B, the mini-batch inside the unroll.
+        lr_img, lr_txt: outer learning rates of the synthetic images and texts.
+        lr_lr: outer learning rate of the learnable student learning rates.
+        lr_sim: outer learning rate of the similarity parameters.
+        momentum: outer SGD momentum (all four groups).
+        lr_init: initial student learning rate (both modalities).
+        clamp_lr: if set, the student learning rates are clamped to at least this value.
+        similarity: learned target ``lowrank``, ``full`` or ``none`` (identity targets).
+        sim_rank, sim_alpha: rank r and scale alpha of the low-rank similarity.
+        loss: contrastive loss inside the unroll (``wbce``, ``infonce``, ``cwcl``, ``bce``,
+            ``mse``, ``kl``).
+        eps: the log epsilon of WBCE (``0`` = exact log-sigmoid form).
+        temperature: tau; logits are scaled by ``1/tau``.
+        blend: representation blending on/off (RepBlend only).
+        blend_alpha: alpha of ``Beta(alpha, alpha)`` for the blending coefficient (``<= 0`` = off).
+        blend_target: also blend the target block ``S[I, I]`` (not the reference behaviour).
+        merge_loss: one normalisation ``(||.||_I^2 + ||.||_T^2) / (D_I + D_T)`` (COCO scripts).
+        meta_grad: ``exact`` reverse mode or the paper's ``tesla`` two-pass form.
+        share_encoder: encode the touched images once per iteration (RepBlend); ``False``
+            re-encodes every step as the authors' code does.
+        checkpoint_steps: gradient checkpointing per unroll step (exact mode).
+        parity_eta_grad: TESLA eta gradient with the per-modality normalisation even when merged
+            (the reference's behaviour).
+        num_trajectories: K trajectories (experts) per iteration; their gradients are averaged.
+        encoder_autocast: autocast dtype of the frozen encoder on CUDA (``none``, ``bf16``, ``fp16``).
+        seed: seeds every random draw (one explicit generator).
+        checkpoint_every: save a resumable checkpoint every k iterations (0 = only at the end).
+        nan_patience: consecutive non-finite iterations tolerated before the run stops.
+        device: ``cpu`` or ``cuda``.
+    """
+
+    method: str = "repblend"
+    pairs: int = 99
+    iterations: int = 3000
+    syn_steps: int = 8
+    expert_epochs: int = 1
+    max_start_epoch: int = 2
+    batch_size: int = 20
+    lr_img: float = 100.0
+    lr_txt: float = 100.0
+    lr_lr: float = 1e-2
+    lr_sim: float = 10.0
+    momentum: float = 0.5
+    lr_init: float = 0.1
+    clamp_lr: float | None = None
+    similarity: str = "lowrank"
+    sim_rank: int = 10
+    sim_alpha: float = 3.0
+    loss: str = "wbce"
+    eps: float = 1e-6
+    temperature: float = 0.07
+    blend: bool = True
+    blend_alpha: float = 1.0
+    blend_target: bool = False
+    merge_loss: bool = False
+    meta_grad: str = "exact"
+    share_encoder: bool = True
+    checkpoint_steps: bool = False
+    parity_eta_grad: bool = False
+    num_trajectories: int = 1
+    encoder_autocast: str = "none"
+    seed: int = 0
+    checkpoint_every: int = 100
+    nan_patience: int = 5
+    device: str = "cpu"
+
+    def validate(self) -> DistillConfig:
+        """Raise ``ValueError`` naming the field for any inconsistent setting; returns self."""
+        from repblend_fast.reference.contrastive import LOSSES
+
+        checks = [
+            (self.method in METHODS, "method", f"one of {METHODS}"),
+            (self.similarity in SIMILARITIES, "similarity", f"one of {SIMILARITIES}"),
+            (self.meta_grad in META_GRADS, "meta_grad", f"one of {META_GRADS}"),
+            (self.encoder_autocast in AUTOCAST, "encoder_autocast", f"one of {AUTOCAST}"),
+            (self.loss in LOSSES, "loss", f"one of {LOSSES}"),
+            (self.pairs >= 1, "pairs", ">= 1"),
+            (self.iterations >= 0, "iterations", ">= 0"),
+            (self.syn_steps >= 1, "syn_steps", ">= 1"),
+            (self.expert_epochs >= 1, "expert_epochs", ">= 1"),
+            (self.max_start_epoch >= 1, "max_start_epoch", ">= 1"),
+            (1 <= self.batch_size <= self.pairs, "batch_size", f"between 1 and pairs={self.pairs}"),
+            (self.temperature > 0, "temperature", "> 0"),
+            (self.eps >= 0, "eps", ">= 0"),
+            (self.lr_init > 0, "lr_init", "> 0"),
+            (0 <= self.momentum < 1, "momentum", "in [0, 1)"),
+            (self.sim_rank >= 1, "sim_rank", ">= 1"),
+            (self.num_trajectories >= 1, "num_trajectories", ">= 1"),
+            (self.checkpoint_every >= 0, "checkpoint_every", ">= 0"),
+            (self.nan_patience >= 1, "nan_patience", ">= 1"),
+            (self.device.split(":")[0] in ("cpu", "cuda"), "device", "'cpu' or 'cuda[:i]'"),
+        ]
+        for ok, name, want in checks:
+            if not ok:
+                raise ValueError(f"DistillConfig.{name}={getattr(self, name)!r}: expected {want}")
+        for name in ("lr_img", "lr_txt", "lr_lr", "lr_sim"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"DistillConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.method != "repblend" and self.blend and self.blend_alpha > 0:
+            # Blending mixes encoder features; the LoRS student has no frozen feature space.
+            raise ValueError(
+                f"method={self.method!r} does not blend representations: set blend=False "
+                "(or use method='repblend')"
+            )
+        if self.method == "mtt-vl" and self.similarity != "none":
+            raise ValueError("method='mtt-vl' uses identity targets: set similarity='none'")
+        return self
+
+    @property
+    def logit_scale(self) -> float:
+        return 1.0 / self.temperature
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DistillConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown DistillConfig fields {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> DistillConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_SHARED = dict(
+    syn_steps=8,
+    expert_epochs=1,
+    lr_lr=1e-2,
+    lr_init=0.1,
+    similarity="lowrank",
+    loss="wbce",
+    momentum=0.5,
+    iterations=3000,
+    batch_size=20,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "flickr-100": dict(
+        _SHARED,
+        pairs=99,
+        max_start_epoch=2,
+        lr_img=100,
+        lr_txt=100,
+        lr_sim=10,
+        sim_rank=10,
+        sim_alpha=3.0,
+        merge_loss=False,
+    ),
+    "flickr-200": dict(
+        _SHARED,
+        pairs=199,
+        max_start_epoch=2,
+        lr_img=1000,
+        lr_txt=1000,
+        lr_sim=10,
+        sim_rank=5,
+        sim_alpha=1.0,
+        merge_loss=False,
+    ),
+    "flickr-500": dict(
+        _SHARED,
+        pairs=499,
+        max_start_epoch=3,
+        lr_img=1000,
+        lr_txt=1000,
+        lr_sim=100,
+        sim_rank=20,
+        sim_alpha=0.01,
+        merge_loss=False,
+    ),
+    "coco-100": dict(
+        _SHARED,
+        pairs=99,
+        max_start_epoch=2,
+        lr_img=1000,
+        lr_txt=1000,
+        lr_sim=5,
+        sim_rank=10,
+        sim_alpha=1.0,
+        merge_loss=True,
+    ),
+    "coco-200": dict(
+        _SHARED,
+        pairs=199,
+        max_start_epoch=2,
+        lr_img=1000,
+        lr_txt=1000,
+        lr_sim=50,
+        sim_rank=20,
+        sim_alpha=1.0,
+        merge_loss=True,
+    ),
+    "coco-500": dict(
+        _SHARED,
+        pairs=499,
+        max_start_epoch=2,
+        lr_img=5000,
+        lr_txt=5000,
+        lr_sim=500,
+        sim_rank=40,
+        sim_alpha=1.0,
+        merge_loss=True,
+        temperature=0.1,
+    ),
+    # A small CPU run on the embedded dataset (minutes, not hours).
+    "demo": dict(
+        _SHARED,
+        pairs=99,
+        iterations=60,
+        max_start_epoch=2,
+        lr_img=100,
+        lr_txt=100,
+        lr_sim=10,
+        sim_rank=10,
+        sim_alpha=3.0,
+        merge_loss=False,
+        checkpoint_every=0,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> DistillConfig:
+    """The named preset (SPEC.md §12) with ``overrides`` applied, validated."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return DistillConfig(**{**PRESETS[name], **overrides}).validate()

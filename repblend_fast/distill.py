@@ -1,0 +1,566 @@
+"""The outer distillation loop (SPEC.md §4): :class:`Distiller`.
+
+One iteration: pick a trajectory (expert, start epoch), draw the unroll's batches, blending
+coefficients and permutations, run :class:`repblend_fast.unroll.Unroller`, and take one SGD-momentum
+step on the synthetic images, texts, student learning rates and similarity parameters.
+
+Every random draw comes from one explicit ``torch.Generator`` seeded from the config; its state,
+the batch sampler, the expert order and the momentum buffers are all in the checkpoint, so a
+resumed run continues bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from repblend_fast.config import DistillConfig
+from repblend_fast.models.flat import FlatSpec
+from repblend_fast.models.heads import HeadSpec
+from repblend_fast.unroll import StepPlan, Unroller, UnrollSettings
+
+logger = logging.getLogger("repblend_fast.distill")
+
+FORMAT_VERSION = 1
+_AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after ``nan_patience`` consecutive non-finite iterations (the last good state is kept)."""
+
+
+# --------------------------------------------------------------------------- random draws
+def sample_beta(alpha: float, generator: torch.Generator) -> float:
+    """One draw of ``Beta(alpha, alpha)`` from ``generator`` (``alpha <= 0`` gives 1.0).
+
+    ``torch.distributions`` takes no generator, so this uses two Marsaglia-Tsang gamma draws.
+    """
+    if alpha <= 0:
+        return 1.0
+    if alpha == 1.0:
+        return float(torch.rand((), generator=generator, dtype=torch.float64))
+    a = _gamma(alpha, generator)
+    b = _gamma(alpha, generator)
+    return a / (a + b)
+
+
+def _gamma(k: float, g: torch.Generator) -> float:
+    if k < 1:
+        u = float(torch.rand((), generator=g, dtype=torch.float64))
+        return _gamma(k + 1, g) * u ** (1 / k)
+    d = k - 1 / 3
+    c = 1 / math.sqrt(9 * d)
+    while True:
+        z = float(torch.randn((), generator=g, dtype=torch.float64))
+        v = (1 + c * z) ** 3
+        if v <= 0:
+            continue
+        u = float(torch.rand((), generator=g, dtype=torch.float64))
+        if math.log(u) < 0.5 * z * z + d - d * v + d * math.log(v):
+            return d * v
+
+
+class BatchSampler:
+    """Consumes a permutation of ``{0..N-1}`` in chunks of B; a chunk that would overflow the
+    permutation triggers a fresh one (SPEC.md §4 step 2)."""
+
+    def __init__(self, n: int, batch: int, generator: torch.Generator):
+        self.n, self.batch, self.g = n, batch, generator
+        self.perm = torch.randperm(n, generator=generator)
+        self.pos = 0
+
+    def next(self) -> torch.Tensor:
+        if self.pos + self.batch > self.n:
+            self.perm = torch.randperm(self.n, generator=self.g)
+            self.pos = 0
+        out = self.perm[self.pos : self.pos + self.batch].clone()
+        self.pos += self.batch
+        return out
+
+
+class ExpertSampler:
+    """Cycles through a shuffled order of the experts; reshuffles at the end of each cycle."""
+
+    def __init__(self, num_experts: int, generator: torch.Generator):
+        self.n, self.g = num_experts, generator
+        self.order = torch.randperm(num_experts, generator=generator)
+        self.pos = 0
+
+    def next(self) -> int:
+        if self.pos >= self.n:
+            self.order = torch.randperm(self.n, generator=self.g)
+            self.pos = 0
+        e = int(self.order[self.pos])
+        self.pos += 1
+        return e
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class DistilledSet:
+    """The product of a run: images ``[N,3,H,W]``, texts ``[N,d_t]``, learned lrs, similarity."""
+
+    images: torch.Tensor
+    texts: torch.Tensor
+    eta_img: float
+    eta_txt: float
+    similarity: torch.Tensor | None  # full [N, N] target, None for identity
+    sim_params: dict[str, torch.Tensor]
+
+    def save(self, path: str | os.PathLike, config: DistillConfig | None = None) -> Path:
+        from repblend_fast.io import atomic_save_safetensors
+
+        tensors = {
+            "images": self.images,
+            "texts": self.texts,
+            "eta_img": torch.tensor(self.eta_img),
+            "eta_txt": torch.tensor(self.eta_txt),
+        }
+        if self.similarity is not None:
+            tensors["similarity"] = self.similarity
+        tensors.update({f"sim.{k}": v for k, v in self.sim_params.items()})
+        meta = {"format_version": str(FORMAT_VERSION), "kind": "repblend_fast.distilled"}
+        if config is not None:
+            meta["config"] = config.to_json()
+        return atomic_save_safetensors(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path, metadata=meta
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> DistilledSet:
+        from repblend_fast.io import load_safetensors, safetensors_metadata
+
+        meta = safetensors_metadata(path)
+        if meta.get("kind") != "repblend_fast.distilled":
+            raise ValueError(f"{path} is not a distilled set written by repblend_fast")
+        t = load_safetensors(path)
+        sim = {k[4:]: v for k, v in t.items() if k.startswith("sim.")}
+        return cls(
+            t["images"],
+            t["texts"],
+            float(t["eta_img"]),
+            float(t["eta_txt"]),
+            t.get("similarity"),
+            sim,
+        )
+
+
+# --------------------------------------------------------------------------- distiller
+class Distiller:
+    """RepBlend / LoRS / MTT-VL distillation of N synthetic pairs against stored expert trajectories.
+
+    Args:
+        config: the run's :class:`DistillConfig` (validated here).
+        encoder: the image encoder (frozen feature extractor for RepBlend; the student for LoRS),
+            mapping ``[B, 3, H, W]`` images to ``[B, d_f]`` features.
+        store: expert trajectories (:class:`repblend_fast.experts.TrajectoryStore` or any object
+            with ``len()``, ``snapshot(expert, epoch, modality)`` and ``manifest``).
+        init_images: ``[N, 3, H, W]`` initial synthetic images (usually random real ones).
+        init_texts: ``[N, d_t]`` initial synthetic texts (their caption embeddings).
+        out_dir: where checkpoints, ``metrics.jsonl``, ``config.json`` and
+            ``distilled.safetensors`` go (``None``: nothing is written).
+    """
+
+    def __init__(
+        self,
+        config: DistillConfig,
+        *,
+        encoder: nn.Module,
+        store,
+        init_images: torch.Tensor,
+        init_texts: torch.Tensor,
+        out_dir: str | os.PathLike | None = None,
+    ):
+        self.cfg = config.validate()
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                "DistillConfig.device='cuda' but no CUDA device is available: use 'cpu'"
+            )
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        n = config.pairs
+        if init_images.dim() != 4 or init_images.shape[0] != n:
+            raise ValueError(
+                f"init_images must be [pairs={n}, C, H, W], got {tuple(init_images.shape)}"
+            )
+        if init_texts.dim() != 2 or init_texts.shape[0] != n:
+            raise ValueError(f"init_texts must be [pairs={n}, d_t], got {tuple(init_texts.shape)}")
+        if len(store) < 1:
+            raise ValueError("the expert store holds no experts: train some with `buffer` first")
+        self.store = store
+        self.encoder = encoder.to(self.device).eval()
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        dtype = init_texts.dtype if init_texts.dtype == torch.float64 else torch.float32
+        self.dtype = dtype
+        self.x = init_images.detach().to(self.device, dtype).clone()
+        self.y = init_texts.detach().to(self.device, dtype).clone()
+        self.eta_img = torch.tensor(config.lr_init, dtype=dtype, device=self.device)
+        self.eta_txt = torch.tensor(config.lr_init, dtype=dtype, device=self.device)
+        self.g = torch.Generator().manual_seed(config.seed)
+        self.similarity = self._make_similarity()
+        self.sim_params = (
+            {
+                k: v.detach().to(self.device, dtype).clone()
+                for k, v in self.similarity.params().items()
+            }
+            if self.similarity is not None
+            else {}
+        )
+        self.unroller = self._make_unroller(init_texts.shape[1])
+        self._check_store()
+        self.batches = BatchSampler(n, config.batch_size, self.g)
+        self.experts = ExpertSampler(len(store), self.g)
+        self.momentum: dict[str, torch.Tensor] = {}
+        self.iteration = 0
+        self.bad_streak = 0
+        self.history: list[dict] = []
+
+    # ----------------------------------------------------------------- construction
+    def _make_similarity(self):
+        cfg = self.cfg
+        if cfg.similarity == "none":
+            return None
+        from repblend_fast.similarity import FullSimilarity, LowRankSimilarity
+
+        if cfg.similarity == "lowrank":
+            return LowRankSimilarity(cfg.pairs, cfg.sim_rank, cfg.sim_alpha, generator=self.g)
+        return FullSimilarity(cfg.pairs)
+
+    def _manifest(self) -> dict:
+        return dict(getattr(self.store, "manifest", {}) or {})
+
+    def _make_unroller(self, d_txt: int) -> Unroller:
+        cfg = self.cfg
+        method = "repblend" if cfg.method == "repblend" else "lors"
+        settings = UnrollSettings(
+            method=method,
+            meta_grad=cfg.meta_grad,
+            loss=cfg.loss,
+            eps=cfg.eps,
+            logit_scale=cfg.logit_scale,
+            merge_loss=cfg.merge_loss,
+            blend_target=cfg.blend_target,
+            share_encoder=cfg.share_encoder,
+            checkpoint_steps=cfg.checkpoint_steps,
+            parity_eta_grad=cfg.parity_eta_grad,
+            encoder_autocast=_AUTOCAST[cfg.encoder_autocast],
+        )
+        with torch.no_grad():
+            d_f = int(self.encoder(self.x[:1]).shape[-1])
+        man = self._manifest()
+        if method == "repblend":
+            dim = int(man.get("dim", 0)) or _infer_dim(self.store, d_f)
+            img_spec: HeadSpec | FlatSpec = HeadSpec(d_f, dim)
+            txt_spec = HeadSpec(d_txt, dim)
+        else:
+            img_spec = FlatSpec.from_module(self.encoder, trainable_only=False)
+            txt_spec = HeadSpec(d_txt, d_f)
+        self.img_spec, self.txt_spec = img_spec, txt_spec
+        return Unroller(settings, self.encoder, img_spec, txt_spec, self.similarity)
+
+    def _check_store(self) -> None:
+        man = self._manifest()
+        want = "repblend" if self.cfg.method == "repblend" else "lors"
+        got = man.get("method")
+        if got is not None and got != want:
+            raise ValueError(
+                f"the expert store was trained with method={got!r} but DistillConfig.method="
+                f"{self.cfg.method!r} needs {want!r} experts: train matching experts with "
+                f"`repblend-fast buffer --method {want}`"
+            )
+        need = self.cfg.max_start_epoch - 1 + self.cfg.expert_epochs
+        epochs = getattr(self.store, "epochs", None)
+        if epochs is not None and need not in set(int(e) for e in epochs):
+            raise ValueError(
+                f"max_start_epoch={self.cfg.max_start_epoch} and expert_epochs="
+                f"{self.cfg.expert_epochs} need expert snapshots up to epoch {need}, but the store "
+                f"has epochs {sorted(int(e) for e in epochs)}: train longer experts or lower them"
+            )
+        for modality, spec in (("image", self.img_spec), ("text", self.txt_spec)):
+            n = self.store.snapshot(0, 0, modality).numel()
+            if n != spec.numel:
+                raise ValueError(
+                    f"expert {modality} snapshots have {n} parameters but this encoder/text width "
+                    f"needs {spec.numel}: the experts were made with another encoder or head width"
+                )
+
+    # ----------------------------------------------------------------- one iteration
+    def _plan(self) -> StepPlan:
+        cfg = self.cfg
+        batches, lams, perms = [], [], []
+        for _ in range(cfg.syn_steps):
+            batches.append(self.batches.next())
+            if cfg.method == "repblend" and cfg.blend:
+                lams.append(sample_beta(cfg.blend_alpha, self.g))
+                perms.append(torch.randperm(cfg.batch_size, generator=self.g))
+            else:
+                lams.append(1.0)
+                perms.append(torch.arange(cfg.batch_size))
+        dev = self.device
+        return StepPlan(
+            torch.stack(batches).to(dev),
+            torch.tensor(lams, dtype=self.dtype).to(dev),
+            torch.stack(perms).to(dev),
+        )
+
+    def _trajectory(self):
+        cfg = self.cfg
+        e = self.experts.next()
+        t = int(torch.randint(0, cfg.max_start_epoch, (), generator=self.g))
+
+        def snap(epoch, modality):
+            return self.store.snapshot(e, epoch, modality).to(self.device, self.dtype)
+
+        start = (snap(t, "image"), snap(t, "text"))
+        target = (snap(t + cfg.expert_epochs, "image"), snap(t + cfg.expert_epochs, "text"))
+        return e, t, start, target
+
+    def step(self) -> dict:
+        """Run one iteration; returns its metrics (also appended to ``metrics.jsonl``)."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        results, picks = [], []
+        for _ in range(cfg.num_trajectories):
+            e, t, start, target = self._trajectory()
+            plan = self._plan()
+            picks.append((e, t))
+            results.append(
+                self.unroller.run(
+                    self.x, self.y, self.sim_params, self.eta_img, self.eta_txt, start, target, plan
+                )
+            )
+        k = len(results)
+        grads = {name: sum(r.grads[name] for r in results) / k for name in results[0].grads}
+        loss = sum(float(r.loss) for r in results) / k
+        loss_img = sum(float(r.loss_img) for r in results) / k
+        loss_txt = sum(float(r.loss_txt) for r in results) / k
+        finite = all(math.isfinite(v) for v in (loss, loss_img, loss_txt)) and all(
+            bool(torch.isfinite(g).all()) for g in grads.values() if g is not None
+        )
+        rec = {
+            "iteration": self.iteration,
+            "expert": picks[0][0],
+            "start_epoch": picks[0][1],
+            "loss": loss,
+            "loss_img": loss_img,
+            "loss_txt": loss_txt,
+        }
+        if finite:
+            self._apply(grads)
+            self.bad_streak = 0
+        else:
+            self.bad_streak += 1
+            rec["skipped_non_finite"] = True
+            logger.warning(
+                "iteration %d: non-finite loss or gradient, update skipped (%d/%d)",
+                self.iteration,
+                self.bad_streak,
+                cfg.nan_patience,
+            )
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            rec["peak_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            rec["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rec.update(
+            {
+                "eta_img": float(self.eta_img),
+                "eta_txt": float(self.eta_txt),
+                "grad_norm_x": float(grads["x"].norm()),
+                "grad_norm_y": float(grads["y"].norm()),
+                "ms": (time.perf_counter() - t0) * 1e3,
+            }
+        )
+        sim_g = [g for name, g in grads.items() if name.startswith("sim.")]
+        if sim_g:
+            rec["grad_norm_sim"] = float(torch.sqrt(sum(g.pow(2).sum() for g in sim_g)))
+        self.iteration += 1
+        self.history.append(rec)
+        self._log(rec)
+        if self.bad_streak >= cfg.nan_patience:
+            self.save_checkpoint()
+            raise NonFiniteLossError(
+                f"{self.bad_streak} consecutive iterations had non-finite losses or gradients "
+                f"(last at iteration {self.iteration - 1}); the last good state is saved. Lower "
+                "lr_img/lr_txt/lr_sim or set clamp_lr, then resume."
+            )
+        return rec
+
+    def _apply(self, grads: dict[str, torch.Tensor]) -> None:
+        """SGD with momentum (dampening 0, as torch.optim.SGD), four groups."""
+        cfg = self.cfg
+        groups = [
+            ("x", self.x, cfg.lr_img),
+            ("y", self.y, cfg.lr_txt),
+            ("eta_img", self.eta_img, cfg.lr_lr),
+            ("eta_txt", self.eta_txt, cfg.lr_lr),
+        ]
+        groups += [(f"sim.{k}", v, cfg.lr_sim) for k, v in self.sim_params.items()]
+        with torch.no_grad():
+            for name, p, lr in groups:
+                g = grads[name].to(p.dtype)
+                buf = self.momentum.get(name)
+                buf = g.clone() if buf is None else buf.mul_(cfg.momentum).add_(g)
+                self.momentum[name] = buf
+                p.sub_(lr * buf)
+            if cfg.clamp_lr is not None:
+                self.eta_img.clamp_(min=cfg.clamp_lr)
+                self.eta_txt.clamp_(min=cfg.clamp_lr)
+
+    # ----------------------------------------------------------------- run / output
+    def run(self, progress: bool = True) -> DistilledSet:
+        """Run the remaining iterations (checkpointing as configured) and write the outputs."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        if self.out_dir is not None:
+            from repblend_fast.io import atomic_write_text
+
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cfg.to_json() + "\n", self.out_dir / "config.json")
+        bar = tqdm(
+            total=cfg.iterations,
+            initial=self.iteration,
+            disable=not progress,
+            desc=f"distill[{cfg.method}]",
+            unit="it",
+        )
+        while self.iteration < cfg.iterations:
+            rec = self.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", ms=f"{rec['ms']:.0f}")
+            if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        result = self.result()
+        if self.out_dir is not None:
+            self.save_checkpoint()
+            result.save(self.out_dir / "distilled.safetensors", cfg)
+        return result
+
+    def result(self) -> DistilledSet:
+        sim_full = None
+        if self.similarity is not None:
+            with torch.no_grad():
+                sim_full = self.similarity.full(self.sim_params).detach().cpu()
+        return DistilledSet(
+            self.x.detach().cpu().clone(),
+            self.y.detach().cpu().clone(),
+            float(self.eta_img),
+            float(self.eta_txt),
+            sim_full,
+            {k: v.detach().cpu().clone() for k, v in self.sim_params.items()},
+        )
+
+    def _log(self, rec: dict) -> None:
+        if self.out_dir is None:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything needed to continue bit-for-bit, as named tensors."""
+        t = {
+            "x": self.x,
+            "y": self.y,
+            "eta_img": self.eta_img,
+            "eta_txt": self.eta_txt,
+            "rng": self.g.get_state(),
+            "batch_perm": self.batches.perm,
+            "batch_pos": torch.tensor(self.batches.pos),
+            "expert_order": self.experts.order,
+            "expert_pos": torch.tensor(self.experts.pos),
+            "iteration": torch.tensor(self.iteration),
+            "bad_streak": torch.tensor(self.bad_streak),
+        }
+        t.update({f"sim.{k}": v for k, v in self.sim_params.items()})
+        t.update({f"momentum.{k}": v for k, v in self.momentum.items()})
+        return {k: v.detach().cpu().contiguous() for k, v in t.items()}
+
+    def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path | None:
+        from repblend_fast.io import atomic_save_safetensors
+
+        if path is None:
+            if self.out_dir is None:
+                return None
+            path = self.out_dir / "checkpoint.safetensors"
+        meta = {
+            "format_version": str(FORMAT_VERSION),
+            "kind": "repblend_fast.checkpoint",
+            "config": self.cfg.to_json(),
+        }
+        return atomic_save_safetensors(self.state_tensors(), path, metadata=meta)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore a checkpoint written by :meth:`save_checkpoint` (same config required)."""
+        from repblend_fast.io import load_safetensors, safetensors_metadata
+
+        meta = safetensors_metadata(path)
+        if meta.get("kind") != "repblend_fast.checkpoint":
+            raise ValueError(f"{path} is not a repblend_fast checkpoint")
+        saved = DistillConfig.from_dict(json.loads(meta["config"]))
+        mine = self.cfg.to_dict()
+        diff = {
+            k: (v, mine[k])
+            for k, v in saved.to_dict().items()
+            if k not in ("iterations", "checkpoint_every") and mine[k] != v
+        }
+        if diff:
+            raise ValueError(
+                f"checkpoint {path} was written with a different config: "
+                + ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            )
+        t = load_safetensors(path)
+        dev, dt = self.device, self.dtype
+        self.x = t["x"].to(dev, dt)
+        self.y = t["y"].to(dev, dt)
+        self.eta_img = t["eta_img"].to(dev, dt)
+        self.eta_txt = t["eta_txt"].to(dev, dt)
+        self.g.set_state(t["rng"])
+        self.batches.perm, self.batches.pos = t["batch_perm"], int(t["batch_pos"])
+        self.experts.order, self.experts.pos = t["expert_order"], int(t["expert_pos"])
+        self.iteration, self.bad_streak = int(t["iteration"]), int(t["bad_streak"])
+        self.sim_params = {k[4:]: v.to(dev, dt) for k, v in t.items() if k.startswith("sim.")}
+        self.momentum = {k[9:]: v.to(dev, dt) for k, v in t.items() if k.startswith("momentum.")}
+        self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric records past the restored iteration (written before an interruption)."""
+        if self.out_dir is None or not (self.out_dir / "metrics.jsonl").exists():
+            return
+        from repblend_fast.io import atomic_write_text
+
+        path = self.out_dir / "metrics.jsonl"
+        keep = [
+            ln
+            for ln in path.read_text(encoding="utf-8").splitlines()
+            if ln.strip() and json.loads(ln).get("iteration", 0) < self.iteration
+        ]
+        atomic_write_text("".join(ln + "\n" for ln in keep), path)
+
+
+def _infer_dim(store, d_f: int) -> int:
+    """Head width D from an image-head snapshot: numel = D*d_f + D^2 + 4D."""
+    n = store.snapshot(0, 0, "image").numel()
+    b = d_f + 4
+    dim = int(round((-b + math.sqrt(b * b + 4 * n)) / 2))
+    if dim * d_f + dim * dim + 4 * dim != n:
+        raise ValueError(
+            f"image-head snapshots have {n} parameters, which no head on {d_f}-d features has: "
+            "the experts were trained with another image encoder"
+        )
+    return dim
