@@ -1,0 +1,487 @@
+"""Triton kernels for the soft-target contrastive losses (SPEC.md §7) and their first-order backward.
+
+Everything works on ``K`` independent problems: ``img``/``txt`` ``[K, B, D]`` (any strides),
+``target`` ``[K, B, B]`` (rows = images), ``scale`` ``[K]`` (the logit multiplier ``s``). Loads are cast
+to fp32 right after ``tl.load``; all accumulation is fp32.
+
+Forward (:func:`forward`):
+
+1. ``_cos_kernel``, grid ``(K, B/BM, B/BN)``: ``cos = norm(img) @ norm(txt)^T`` tile by tile with a
+   loop over ``D`` chunks; also the row norms ``||img_j||`` and ``||txt_k||`` (kept unclamped, the
+   clamp at 1e-12 of ``F.normalize`` is applied where they are used).
+2. ``_loss_kernel``, grid ``(K,)``: one program per problem sweeps the ``B x B`` logits in tiles.
+   Softmax losses (InfoNCE, CWCL, KL) keep online (flash-style) row and column statistics; the column
+   pass is the row pass with the strides swapped. Elementwise losses (WBCE, BCE, MSE) are one pass.
+   It stores the statistics the backward needs: per direction and row ``[lse(Z), sum(S), A, lse(10S)]``
+   (``A = sum S*Z - lse*sum S`` for InfoNCE/CWCL, the row KL for KL) and the WBCE class counts.
+
+Backward (:func:`backward`), given the upstream gradient ``g`` ``[K]``:
+
+3. ``_dz_kernel``, grid ``(K,)``: ``dL/dZ`` and ``dL/dS`` elementwise from the saved statistics; writes
+   ``dcos = g * s * dL/dZ`` (fp32 scratch), ``dtarget`` and ``dscale = g * sum(dL/dZ * cos)``.
+4. ``_dx_kernel``, grid ``(K, B/BM, D/BD)``, run once per side (the text side reads ``dcos``
+   transposed): ``dx_j = r_j (du_j - [||x_j|| >= 1e-12] u_j (u_j . du_j))`` with ``du = dcos @ norm(y)``;
+   ``u_j . du_j = sum_l dcos_jl cos_jl`` is a ``B``-length reduction, so no second pass over ``D``.
+
+The matrix products use ``tl.dot`` with IEEE fp32 unless ``torch.backends.cuda.matmul.allow_tf32`` is
+set (the same switch that governs the reference's matmul). One configuration per kernel (no
+autotuning), so the kernels also run under ``TRITON_INTERPRET=1`` on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOSS_IDS = {"wbce": 0, "infonce": 1, "cwcl": 2, "bce": 3, "mse": 4, "kl": 5}
+NSTAT = 4
+MASS_EPS = 1e-6  # count regulariser of the WBCE class weights and CWCL masses (reference.MASS_EPS)
+NORM_EPS = 1e-12  # F.normalize's clamp of the row norm
+
+_POISON = False
+"""When True, outputs and scratch buffers are NaN-filled before the kernels write them (tests use this
+to catch elements a kernel forgot to write). Production allocates with ``torch.empty``."""
+
+
+def _new(shape, dtype, device) -> torch.Tensor:
+    if _POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _block(n: int, lo: int = 16, hi: int = 64) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def _precision() -> str:
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+# --------------------------------------------------------------------------------------------------
+# elementwise helpers
+
+
+@triton.jit
+def _sigmoid(z):
+    # Stable in both tails: exp of a non-positive argument only.
+    e = tl.exp(-tl.abs(z))
+    return tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _logsigmoid(z):
+    return tl.minimum(z, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(z)))
+
+
+@triton.jit
+def _bce_logs(p):
+    # F.binary_cross_entropy semantics: logs of the rounded probabilities, clamped at -100.
+    q = 1.0 - p
+    logp = tl.maximum(tl.where(p > 0, tl.log(tl.where(p > 0, p, 1.0)), -100.0), -100.0)
+    logq = tl.maximum(tl.where(q > 0, tl.log(tl.where(q > 0, q, 1.0)), -100.0), -100.0)
+    return q, logp, logq
+
+
+@triton.jit
+def _elem_loss(z, s, eps, LOSS: tl.constexpr, LOG_EPS: tl.constexpr):
+    p = _sigmoid(z)
+    if LOSS == 0:
+        if LOG_EPS:
+            ell = -s * tl.log(p + eps) - (1.0 - s) * tl.log(1.0 - p + eps)
+        else:
+            ell = -s * _logsigmoid(z) - (1.0 - s) * _logsigmoid(-z)
+    elif LOSS == 3:
+        q, logp, logq = _bce_logs(p)
+        ell = -(s * logp + (1.0 - s) * logq)
+    else:
+        ell = (p - s) * (p - s)
+    return ell
+
+
+@triton.jit
+def _elem_grads(z, s, eps, LOSS: tl.constexpr, LOG_EPS: tl.constexpr):
+    """(d ell / dz, d ell / ds) of the elementwise losses, unweighted."""
+    p = _sigmoid(z)
+    if LOSS == 0:
+        if LOG_EPS:
+            dz = p * (1.0 - p) * (-s / (p + eps) + (1.0 - s) / (1.0 - p + eps))
+            ds = -tl.log(p + eps) + tl.log(1.0 - p + eps)
+        else:
+            dz = p - s
+            ds = -z
+    elif LOSS == 3:
+        q, logp, logq = _bce_logs(p)
+        mp = (p > 0) & (tl.log(tl.where(p > 0, p, 1.0)) >= -100.0)
+        mq = (q > 0) & (tl.log(tl.where(q > 0, q, 1.0)) >= -100.0)
+        dz = -s * tl.where(mp, 1.0 - p, 0.0) + (1.0 - s) * tl.where(mq, p, 0.0)
+        ds = logq - logp
+    else:
+        dz = 2.0 * (p - s) * p * (1.0 - p)
+        ds = -2.0 * (p - s)
+    return dz, ds
+
+
+# --------------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _cos_kernel(
+    img_ptr, txt_ptr, cos_ptr, ni_ptr, nt_ptr,
+    B, D,
+    s_ik, s_ib, s_id, s_tk, s_tb, s_td,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+):
+    k = tl.program_id(0).to(tl.int64)
+    pm = tl.program_id(1)
+    pn = tl.program_id(2)
+    rm = pm * BM + tl.arange(0, BM)
+    rn = pn * BN + tl.arange(0, BN)
+    mm = rm < B
+    mn = rn < B
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    ssa = tl.zeros([BM], dtype=tl.float32)
+    ssb = tl.zeros([BN], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        rd = d0 + tl.arange(0, BD)
+        md = rd < D
+        a = tl.load(
+            img_ptr + k * s_ik + rm[:, None] * s_ib + rd[None, :] * s_id,
+            mask=mm[:, None] & md[None, :], other=0.0,
+        ).to(tl.float32)
+        b = tl.load(
+            txt_ptr + k * s_tk + rn[:, None] * s_tb + rd[None, :] * s_td,
+            mask=mn[:, None] & md[None, :], other=0.0,
+        ).to(tl.float32)
+        acc += tl.dot(a, tl.trans(b), input_precision=PREC)
+        ssa += tl.sum(a * a, 1)
+        ssb += tl.sum(b * b, 1)
+    na = tl.sqrt(ssa)
+    nb = tl.sqrt(ssb)
+    ra = 1.0 / tl.maximum(na, 1e-12)
+    rb = 1.0 / tl.maximum(nb, 1e-12)
+    cos = acc * ra[:, None] * rb[None, :]
+    tl.store(cos_ptr + k * B * B + rm[:, None] * B + rn[None, :], cos,
+             mask=mm[:, None] & mn[None, :])
+    if pn == 0:
+        tl.store(ni_ptr + k * B + rm, na, mask=mm)
+    if pm == 0:
+        tl.store(nt_ptr + k * B + rn, nb, mask=mn)
+
+
+@triton.jit
+def _softmax_dir(
+    cos_ptr, tgt_ptr, st_ptr, scale, B, c_sr, c_sc, t_sr, t_sc,
+    LOSS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+):
+    """Row statistics of one direction (columns: call with swapped strides); returns the row sum of
+    the per-row loss terms (InfoNCE/CWCL: the un-negated, un-scaled sums; KL: the row KLs)."""
+    total = tl.zeros([BR], dtype=tl.float32)
+    for r0 in range(0, B, BR):
+        rr = r0 + tl.arange(0, BR)
+        mr = rr < B
+        m = tl.full([BR], float("-inf"), tl.float32)
+        lz = tl.zeros([BR], dtype=tl.float32)
+        ssum = tl.zeros([BR], dtype=tl.float32)
+        sz = tl.zeros([BR], dtype=tl.float32)
+        ms = tl.full([BR], float("-inf"), tl.float32)
+        ls = tl.zeros([BR], dtype=tl.float32)
+        e = tl.zeros([BR], dtype=tl.float32)
+        for c0 in range(0, B, BC):
+            cc = c0 + tl.arange(0, BC)
+            mc = cc < B
+            msk = mr[:, None] & mc[None, :]
+            z = scale * tl.load(cos_ptr + rr[:, None] * c_sr + cc[None, :] * c_sc, mask=msk,
+                                other=0.0)
+            s = tl.load(tgt_ptr + rr[:, None] * t_sr + cc[None, :] * t_sc, mask=msk,
+                        other=0.0).to(tl.float32)
+            zm = tl.where(mc[None, :], z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(zm, 1))
+            lz = lz * tl.exp(m - m_new) + tl.sum(tl.exp(zm - m_new[:, None]), 1)
+            m = m_new
+            ssum += tl.sum(s, 1)
+            sz += tl.sum(s * z, 1)
+            if LOSS == 5:
+                x = tl.where(mc[None, :], 10.0 * s, float("-inf"))
+                ms_new = tl.maximum(ms, tl.max(x, 1))
+                alpha = tl.exp(ms - ms_new)
+                w = tl.exp(x - ms_new[:, None])
+                ls = ls * alpha + tl.sum(w, 1)
+                e = e * alpha + tl.sum(tl.where(mc[None, :], w * (10.0 * s - z), 0.0), 1)
+                ms = ms_new
+        lse = m + tl.log(lz)
+        if LOSS == 5:
+            lse_s = ms + tl.log(ls)
+            a_term = e / ls - lse_s + lse
+            contrib = a_term
+        elif LOSS == 2:
+            lse_s = tl.zeros([BR], dtype=tl.float32)
+            a_term = sz - lse * ssum
+            contrib = a_term / (ssum + 1e-6)
+        else:
+            lse_s = tl.zeros([BR], dtype=tl.float32)
+            a_term = sz - lse * ssum
+            contrib = a_term
+        total += tl.where(mr, contrib, 0.0)
+        tl.store(st_ptr + rr, lse, mask=mr)
+        tl.store(st_ptr + B + rr, ssum, mask=mr)
+        tl.store(st_ptr + 2 * B + rr, a_term, mask=mr)
+        tl.store(st_ptr + 3 * B + rr, lse_s, mask=mr)
+    return tl.sum(total, 0)
+
+
+@triton.jit
+def _loss_kernel(
+    cos_ptr, tgt_ptr, scale_ptr, loss_ptr, rst_ptr, cst_ptr, cnt_ptr,
+    B, eps, s_gk, s_gr, s_gc,
+    LOSS: tl.constexpr, LOG_EPS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+):
+    k = tl.program_id(0).to(tl.int64)
+    scale = tl.load(scale_ptr + k).to(tl.float32)
+    cos_k = cos_ptr + k * B * B
+    tgt_k = tgt_ptr + k * s_gk
+    rst_k = rst_ptr + k * 4 * B
+    cst_k = cst_ptr + k * 4 * B
+    bf = B * 1.0
+    if (LOSS == 1) or (LOSS == 2) or (LOSS == 5):
+        tr = _softmax_dir(cos_k, tgt_k, rst_k, scale, B, B, 1, s_gr, s_gc, LOSS, BR, BC)
+        tc = _softmax_dir(cos_k, tgt_k, cst_k, scale, B, 1, B, s_gc, s_gr, LOSS, BR, BC)
+        if LOSS == 5:
+            val = 0.5 * (tr + tc) / (bf * bf)
+        else:
+            val = -0.5 * (tr + tc) / bf
+        tl.store(cnt_ptr + k * 2, 0.0)
+        tl.store(cnt_ptr + k * 2 + 1, 0.0)
+    else:
+        acc_p = tl.zeros([BR], dtype=tl.float32)
+        acc_n = tl.zeros([BR], dtype=tl.float32)
+        cnt_p = tl.zeros([BR], dtype=tl.float32)
+        cnt_n = tl.zeros([BR], dtype=tl.float32)
+        for r0 in range(0, B, BR):
+            rr = r0 + tl.arange(0, BR)
+            mr = rr < B
+            for c0 in range(0, B, BC):
+                cc = c0 + tl.arange(0, BC)
+                msk = mr[:, None] & (cc < B)[None, :]
+                z = scale * tl.load(cos_k + rr[:, None] * B + cc[None, :], mask=msk, other=0.0)
+                s = tl.load(tgt_k + rr[:, None] * s_gr + cc[None, :] * s_gc, mask=msk,
+                            other=0.0).to(tl.float32)
+                ell = tl.where(msk, _elem_loss(z, s, eps, LOSS, LOG_EPS), 0.0)
+                pos = (s > 0.5) & msk
+                neg = (s <= 0.5) & msk
+                acc_p += tl.sum(tl.where(pos, ell, 0.0), 1)
+                acc_n += tl.sum(tl.where(neg, ell, 0.0), 1)
+                cnt_p += tl.sum(pos.to(tl.float32), 1)
+                cnt_n += tl.sum(neg.to(tl.float32), 1)
+            zero = tl.zeros([BR], dtype=tl.float32)
+            for j in range(4):
+                tl.store(rst_k + j * B + rr, zero, mask=mr)
+                tl.store(cst_k + j * B + rr, zero, mask=mr)
+        sp = tl.sum(acc_p, 0)
+        sn = tl.sum(acc_n, 0)
+        n_p = tl.sum(cnt_p, 0)
+        n_n = tl.sum(cnt_n, 0)
+        if LOSS == 0:
+            val = 0.5 * (sp / (n_p + 1e-6) + sn / (n_n + 1e-6))
+        else:
+            val = (sp + sn) / (bf * bf)
+        tl.store(cnt_ptr + k * 2, n_p)
+        tl.store(cnt_ptr + k * 2 + 1, n_n)
+    tl.store(loss_ptr + k, val)
+
+
+# --------------------------------------------------------------------------------------------------
+# backward
+
+
+@triton.jit
+def _dz_kernel(
+    gout_ptr, cos_ptr, tgt_ptr, scale_ptr, rst_ptr, cst_ptr, cnt_ptr,
+    dcos_ptr, dtgt_ptr, dscale_ptr,
+    B, eps, s_gk, s_gr, s_gc,
+    LOSS: tl.constexpr, LOG_EPS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+):
+    k = tl.program_id(0).to(tl.int64)
+    g = tl.load(gout_ptr + k).to(tl.float32)
+    scale = tl.load(scale_ptr + k).to(tl.float32)
+    cos_k = cos_ptr + k * B * B
+    tgt_k = tgt_ptr + k * s_gk
+    rst_k = rst_ptr + k * 4 * B
+    cst_k = cst_ptr + k * 4 * B
+    bf = B * 1.0
+    w_p = 0.5 / (tl.load(cnt_ptr + k * 2) + 1e-6)
+    w_n = 0.5 / (tl.load(cnt_ptr + k * 2 + 1) + 1e-6)
+    ds_acc = tl.zeros([BR], dtype=tl.float32)
+    for r0 in range(0, B, BR):
+        rr = r0 + tl.arange(0, BR)
+        mr = rr < B
+        r_lse = tl.load(rst_k + rr, mask=mr, other=0.0)
+        r_sum = tl.load(rst_k + B + rr, mask=mr, other=0.0)
+        r_a = tl.load(rst_k + 2 * B + rr, mask=mr, other=0.0)
+        r_lss = tl.load(rst_k + 3 * B + rr, mask=mr, other=0.0)
+        for c0 in range(0, B, BC):
+            cc = c0 + tl.arange(0, BC)
+            mc = cc < B
+            msk = mr[:, None] & mc[None, :]
+            cs = tl.load(cos_k + rr[:, None] * B + cc[None, :], mask=msk, other=0.0)
+            z = scale * cs
+            s = tl.load(tgt_k + rr[:, None] * s_gr + cc[None, :] * s_gc, mask=msk,
+                        other=0.0).to(tl.float32)
+            if (LOSS == 1) or (LOSS == 2) or (LOSS == 5):
+                c_lse = tl.load(cst_k + cc, mask=mc, other=0.0)
+                c_sum = tl.load(cst_k + B + cc, mask=mc, other=0.0)
+                c_a = tl.load(cst_k + 2 * B + cc, mask=mc, other=0.0)
+                c_lss = tl.load(cst_k + 3 * B + cc, mask=mc, other=0.0)
+                p_r = tl.exp(z - r_lse[:, None])
+                p_c = tl.exp(z - c_lse[None, :])
+                if LOSS == 5:
+                    c0f = 0.5 / (bf * bf)
+                    t_r = tl.exp(10.0 * s - r_lss[:, None])
+                    t_c = tl.exp(10.0 * s - c_lss[None, :])
+                    dz = c0f * ((p_r - t_r) + (p_c - t_c))
+                    a_r = (10.0 * s - r_lss[:, None]) - (z - r_lse[:, None]) - r_a[:, None]
+                    a_c = (10.0 * s - c_lss[None, :]) - (z - c_lse[None, :]) - c_a[None, :]
+                    dsv = c0f * 10.0 * (t_r * a_r + t_c * a_c)
+                elif LOSS == 2:
+                    c0f = -0.5 / bf
+                    w_r = 1.0 / (r_sum + 1e-6)
+                    w_c = 1.0 / (c_sum + 1e-6)
+                    dz = c0f * (w_r[:, None] * (s - r_sum[:, None] * p_r)
+                                + w_c[None, :] * (s - c_sum[None, :] * p_c))
+                    dsv = c0f * (w_r[:, None] * ((z - r_lse[:, None]) - (r_a * w_r)[:, None])
+                                 + w_c[None, :] * ((z - c_lse[None, :]) - (c_a * w_c)[None, :]))
+                else:
+                    c0f = -0.5 / bf
+                    dz = c0f * ((s - r_sum[:, None] * p_r) + (s - c_sum[None, :] * p_c))
+                    dsv = c0f * ((z - r_lse[:, None]) + (z - c_lse[None, :]))
+            else:
+                dz, dsv = _elem_grads(z, s, eps, LOSS, LOG_EPS)
+                if LOSS == 0:
+                    w = tl.where(s > 0.5, w_p, w_n)
+                else:
+                    w = 1.0 / (bf * bf)
+                dz = w * dz
+                dsv = w * dsv
+            dz = tl.where(msk, dz, 0.0)
+            ds_acc += tl.sum(dz * cs, 1)
+            tl.store(dcos_ptr + k * B * B + rr[:, None] * B + cc[None, :], g * scale * dz,
+                     mask=msk)
+            tl.store(dtgt_ptr + k * B * B + rr[:, None] * B + cc[None, :],
+                     (g * dsv).to(dtgt_ptr.dtype.element_ty), mask=msk)
+    tl.store(dscale_ptr + k, g * tl.sum(ds_acc, 0))
+
+
+@triton.jit
+def _dx_kernel(
+    dcos_ptr, cos_ptr, x_ptr, nx_ptr, y_ptr, ny_ptr, dx_ptr,
+    B, D, c_sr, c_sc, s_xk, s_xb, s_xd, s_yk, s_yb, s_yd,
+    BM: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+):
+    k = tl.program_id(0).to(tl.int64)
+    rm = tl.program_id(1) * BM + tl.arange(0, BM)
+    rd = tl.program_id(2) * BD + tl.arange(0, BD)
+    mm = rm < B
+    md = rd < D
+    acc = tl.zeros([BM, BD], dtype=tl.float32)
+    proj = tl.zeros([BM], dtype=tl.float32)
+    for l0 in range(0, B, BL):
+        rl = l0 + tl.arange(0, BL)
+        ml = rl < B
+        msk = mm[:, None] & ml[None, :]
+        off = k * B * B + rm[:, None] * c_sr + rl[None, :] * c_sc
+        dc = tl.load(dcos_ptr + off, mask=msk, other=0.0)
+        cs = tl.load(cos_ptr + off, mask=msk, other=0.0)
+        proj += tl.sum(dc * cs, 1)
+        ny = tl.load(ny_ptr + k * B + rl, mask=ml, other=1.0)
+        y = tl.load(y_ptr + k * s_yk + rl[:, None] * s_yb + rd[None, :] * s_yd,
+                    mask=ml[:, None] & md[None, :], other=0.0).to(tl.float32)
+        y = y * (1.0 / tl.maximum(ny, 1e-12))[:, None]
+        acc += tl.dot(dc, y, input_precision=PREC)
+    nx = tl.load(nx_ptr + k * B + rm, mask=mm, other=1.0)
+    rx = 1.0 / tl.maximum(nx, 1e-12)
+    x = tl.load(x_ptr + k * s_xk + rm[:, None] * s_xb + rd[None, :] * s_xd,
+                mask=mm[:, None] & md[None, :], other=0.0).to(tl.float32)
+    u = x * rx[:, None]
+    proj = tl.where(nx >= 1e-12, proj, 0.0)
+    dx = rx[:, None] * (acc - u * proj[:, None])
+    tl.store(dx_ptr + k * B * D + rm[:, None] * D + rd[None, :], dx.to(dx_ptr.dtype.element_ty),
+             mask=mm[:, None] & md[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# launchers
+
+
+def forward(img: torch.Tensor, txt: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
+            loss: str, eps: float):
+    """Loss and saved statistics.
+
+    Args:
+        img, txt: ``[K, B, D]`` (fp32/bf16/fp16, any strides), not normalised.
+        target: ``[K, B, B]``, same dtype.
+        scale: ``[K]`` logit multipliers.
+    Returns:
+        ``(loss [K] fp32, cos [K, B, B] fp32, n_img [K, B], n_txt [K, B], row_stats [K, 4, B],
+        col_stats [K, 4, B], counts [K, 2])``, all fp32 and contiguous.
+    """
+    K, B, D = img.shape
+    dev = img.device
+    f32 = torch.float32
+    scale = scale.to(f32).contiguous()
+    cos = _new((K, B, B), f32, dev)
+    n_i = _new((K, B), f32, dev)
+    n_t = _new((K, B), f32, dev)
+    out = _new((K,), f32, dev)
+    rst = _new((K, NSTAT, B), f32, dev)
+    cst = _new((K, NSTAT, B), f32, dev)
+    cnt = _new((K, 2), f32, dev)
+    bm = _block(B)
+    bd = _block(D, 16, 64)
+    grid = (K, triton.cdiv(B, bm), triton.cdiv(B, bm))
+    _cos_kernel[grid](
+        img, txt, cos, n_i, n_t, B, D, *img.stride(), *txt.stride(),
+        BM=bm, BN=bm, BD=bd, PREC=_precision(),
+    )
+    _loss_kernel[(K,)](
+        cos, target, scale, out, rst, cst, cnt, B, float(eps), *target.stride(),
+        LOSS=LOSS_IDS[loss], LOG_EPS=eps > 0, BR=bm, BC=bm,
+    )
+    return out, cos, n_i, n_t, rst, cst, cnt
+
+
+def backward(gout: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, target: torch.Tensor,
+             scale: torch.Tensor, cos: torch.Tensor, n_i: torch.Tensor, n_t: torch.Tensor,
+             rst: torch.Tensor, cst: torch.Tensor, cnt: torch.Tensor, loss: str, eps: float):
+    """First-order gradients for upstream ``gout`` ``[K]``.
+
+    Returns ``(d_img [K, B, D] img.dtype, d_txt [K, B, D] txt.dtype, d_target [K, B, B]
+    target.dtype, d_scale [K] fp32)``.
+    """
+    K, B, D = img.shape
+    dev = img.device
+    f32 = torch.float32
+    gout = gout.to(f32).contiguous()
+    scale = scale.to(f32).contiguous()
+    dcos = _new((K, B, B), f32, dev)
+    dtgt = _new((K, B, B), target.dtype, dev)
+    dscale = _new((K,), f32, dev)
+    d_img = _new((K, B, D), img.dtype, dev)
+    d_txt = _new((K, B, D), txt.dtype, dev)
+    bm = _block(B)
+    bd = _block(D, 16, 64)
+    _dz_kernel[(K,)](
+        gout, cos, target, scale, rst, cst, cnt, dcos, dtgt, dscale, B, float(eps),
+        *target.stride(), LOSS=LOSS_IDS[loss], LOG_EPS=eps > 0, BR=bm, BC=bm,
+    )
+    grid = (K, triton.cdiv(B, bm), triton.cdiv(D, bd))
+    prec = _precision()
+    _dx_kernel[grid](
+        dcos, cos, img, n_i, txt, n_t, d_img, B, D, B, 1, *img.stride(), *txt.stride(),
+        BM=bm, BL=bm, BD=bd, PREC=prec,
+    )
+    _dx_kernel[grid](
+        dcos, cos, txt, n_t, img, n_i, d_txt, B, D, 1, B, *txt.stride(), *img.stride(),
+        BM=bm, BL=bm, BD=bd, PREC=prec,
+    )
+    return d_img, d_txt, dtgt, dscale
