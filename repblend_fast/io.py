@@ -75,16 +75,31 @@ def atomic_write_json(obj, path: PathLike, *, indent: int | None = 2) -> Path:
     return atomic_write_text(text, path)
 
 
+def canonical_safetensors_bytes(data: bytes) -> bytes:
+    """Re-serialise a safetensors header with sorted keys, so equal tensors and metadata always
+    give byte-identical files (the writer's header order is not deterministic).
+
+    The data section and its offsets are unchanged; the header is padded with spaces to a
+    multiple of 8 bytes, as the format allows.
+    """
+    import struct
+
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + n :]
+
+
 def atomic_save_safetensors(
     tensors: Mapping[str, torch.Tensor], path: PathLike, metadata: Mapping[str, str] | None = None
 ) -> Path:
     """Save ``tensors`` (name -> tensor, any device) to a safetensors file atomically.
 
     Tensors are moved to the CPU and made contiguous first (safetensors refuses views with
-    strides). ``metadata`` values must be strings (the safetensors header format).
+    strides). ``metadata`` values must be strings (the safetensors header format). The file is
+    byte-for-byte deterministic (:func:`canonical_safetensors_bytes`).
     """
-    from safetensors.torch import save_file
-
     if metadata is not None:
         bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(v, str)}
         if bad:
@@ -97,7 +112,11 @@ def atomic_save_safetensors(
         cpu[name] = t.detach().to("cpu").contiguous().clone()
 
     def write(tmp: str) -> None:
-        save_file(cpu, tmp, metadata=dict(metadata) if metadata is not None else None)
+        from safetensors.torch import save
+
+        data = save(cpu, metadata=dict(metadata) if metadata is not None else None)
+        with open(tmp, "wb") as fh:
+            fh.write(canonical_safetensors_bytes(data))
 
     return _atomic_write(path, write)
 
