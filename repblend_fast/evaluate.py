@@ -291,16 +291,15 @@ def evaluate_distilled(
     if not seeds:
         raise ValueError("need at least one evaluation run (num_eval >= 1)")
     per_seed = []
+    specs = (HeadSpec(img_feats.shape[1], dim), HeadSpec(txt_feats.shape[1], dim))
+
+    def eval_fn(ep: int, pi: torch.Tensor, pt: torch.Tensor) -> dict[str, Any]:
+        out = {"test": evaluate_heads(pi, pt, *specs, test, logit_scale=logit_scale)}
+        if val is not None:
+            out["val"] = evaluate_heads(pi, pt, *specs, val, logit_scale=logit_scale)
+        return out
+
     for sd in seeds:
-        specs: dict[str, HeadSpec] = {}
-
-        def eval_fn(ep, pi, pt, _specs=specs):
-            out = {"test": evaluate_heads(pi, pt, *_specs["s"], test, logit_scale=logit_scale)}
-            if val is not None:
-                out["val"] = evaluate_heads(pi, pt, *_specs["s"], val, logit_scale=logit_scale)
-            return out
-
-        specs["s"] = (HeadSpec(img_feats.shape[1], dim), HeadSpec(txt_feats.shape[1], dim))
         res = train_on_pairs(
             img_feats,
             txt_feats,
