@@ -1,0 +1,226 @@
+"""Glue from datasets and encoders to cached features, expert trajectories and distillation.
+
+The CLI and the demo call these functions; they are also the simplest way to use the library from
+Python with one of the registered datasets (:func:`repblend_fast.data.get_dataset`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from repblend_fast.config import DistillConfig
+
+logger = logging.getLogger("repblend_fast.pipeline")
+
+DEFAULT_IMAGE_SIZE = {"emoji": 64, "tuxpaint": 96, "openclipart": 96}
+
+
+@dataclass
+class Encoders:
+    """The frozen image encoder (with its preprocessing info) and the text encoder."""
+
+    image: nn.Module
+    image_info: Any  # repblend_fast.models.encoders.ImageEncoderInfo
+    text: Any  # repblend_fast.models.encoders.TextEncoder
+
+    @property
+    def image_id(self) -> str:
+        return self.image_info.encoder_id
+
+    @property
+    def text_id(self) -> str:
+        return self.text.info()["encoder_id"]
+
+
+def load_encoders(
+    image_encoder: str = "efficientnet_lite0",
+    text_encoder: str = "minilm",
+    *,
+    image_checkpoint: str | os.PathLike | None = None,
+    random_init: bool = False,
+    device: str = "cpu",
+) -> Encoders:
+    """Load both frozen encoders from local files (nothing is downloaded)."""
+    from repblend_fast.models.encoders import load_image_encoder, load_text_encoder
+
+    img, info = load_image_encoder(
+        image_encoder, image_checkpoint, random_init=random_init, device=device
+    )
+    txt = load_text_encoder(text_encoder, device=device)
+    return Encoders(img, info, txt)
+
+
+def image_size_for(dataset: str, image_size: int | None, info) -> int:
+    """The image resolution: explicit, else the dataset's default, else the encoder's."""
+    if image_size is not None:
+        return int(image_size)
+    if dataset in DEFAULT_IMAGE_SIZE:
+        return DEFAULT_IMAGE_SIZE[dataset]
+    return int(info.input_size[-1])
+
+
+def load_images(ds, enc: Encoders, size: int, indices=None, progress: bool = False):
+    """Images of ``ds`` in the encoder's input space ``[n, 3, size, size]``."""
+    return ds.load_images(
+        size, enc.image_info.mean, enc.image_info.std, indices=indices, progress=progress
+    )
+
+
+@torch.no_grad()
+def image_features(
+    ds, enc: Encoders, size: int, *, cache_dir=None, progress: bool = False, batch_size: int = 128
+) -> torch.Tensor:
+    """Frozen-encoder features of every image of ``ds`` ``[N_img, d_f]`` (cached on disk)."""
+    from repblend_fast.data.cache import cached_features
+
+    def compute() -> torch.Tensor:
+        dev = next(enc.image.parameters()).device
+        out = [
+            enc.image(b.to(dev)).float().cpu()
+            for b in ds.iter_image_batches(
+                size,
+                enc.image_info.mean,
+                enc.image_info.std,
+                batch_size=batch_size,
+                progress=progress,
+            )
+        ]
+        return torch.cat(out) if out else torch.empty(0, enc.image_info.feature_dim)
+
+    key = {
+        "kind": "image_features",
+        "dataset": ds.fingerprint(),
+        "encoder": enc.image_id,
+        "size": size,
+        "mean": list(enc.image_info.mean),
+        "std": list(enc.image_info.std),
+    }
+    return cached_features(key, compute, cache_dir)
+
+
+@torch.no_grad()
+def text_features(ds, enc: Encoders, *, cache_dir=None, progress: bool = False) -> torch.Tensor:
+    """Text-encoder embeddings of every caption of ``ds`` ``[N_cap, d_t]`` (cached on disk)."""
+    from repblend_fast.data.cache import cached_features
+
+    key = {"kind": "text_features", "dataset": ds.fingerprint(), "encoder": enc.text_id}
+    return cached_features(
+        key, lambda: enc.text.encode(ds.captions, progress=progress).cpu(), cache_dir
+    )
+
+
+def train_experts(
+    ds,
+    enc: Encoders,
+    out_dir: str | os.PathLike,
+    *,
+    method: str = "repblend",
+    num_experts: int = 5,
+    epochs: int = 3,
+    dim: int = 256,
+    image_size: int | None = None,
+    batch_size: int = 128,
+    lr: float = 0.1,
+    seed: int = 0,
+    cache_dir=None,
+    progress: bool = True,
+) -> Path:
+    """Train and store expert trajectories on the training split ``ds`` (SPEC.md §3)."""
+    from repblend_fast import experts
+
+    size = image_size_for(ds.name, image_size, enc.image_info)
+    txt = text_features(ds, enc, cache_dir=cache_dir, progress=progress)
+    common = dict(
+        num_experts=num_experts,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        out_dir=out_dir,
+        image_encoder=enc.image_id,
+        text_encoder=enc.text_id,
+        dataset_fingerprint=ds.fingerprint(),
+        progress=progress,
+    )
+    if method == "repblend":
+        feats = image_features(ds, enc, size, cache_dir=cache_dir, progress=progress)
+        return Path(experts.train_experts_symmetric(feats, txt, ds.cap2img, dim=dim, **common))
+    if method == "lors":
+        images = load_images(ds, enc, size, progress=progress)
+        return Path(experts.train_experts_lors(enc.image, images, txt, ds.cap2img, **common))
+    raise ValueError(f"method must be 'repblend' or 'lors', got {method!r}")
+
+
+def initial_pairs(ds, enc: Encoders, n: int, size: int, seed: int, *, cache_dir=None):
+    """N random real pairs (distinct images, one caption each) to start the synthetic set from.
+
+    Returns ``(images [n, 3, size, size], texts [n, d_t], caption_indices [n])``.
+    """
+    if n > ds.num_images:
+        raise ValueError(
+            f"pairs={n} is larger than the {ds.num_images} training images of {ds.name!r}: "
+            "lower --pairs"
+        )
+    g = torch.Generator().manual_seed(seed)
+    img_idx = torch.randperm(ds.num_images, generator=g)[:n]
+    caps_of = ds.img2caps
+    cap_idx = torch.tensor(
+        [
+            caps_of[int(i)][int(torch.randint(len(caps_of[int(i)]), (), generator=g))]
+            for i in img_idx
+        ]
+    )
+    txt = text_features(ds, enc, cache_dir=cache_dir)[cap_idx]
+    images = load_images(ds, enc, size, indices=img_idx.tolist())
+    return images, txt, cap_idx
+
+
+def distill(
+    ds,
+    enc: Encoders,
+    experts_dir: str | os.PathLike,
+    config: DistillConfig,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    resume: bool = False,
+    cache_dir=None,
+    progress: bool = True,
+):
+    """Distil ``config.pairs`` pairs from ``ds`` against the experts in ``experts_dir``."""
+    from repblend_fast.distill import Distiller
+    from repblend_fast.experts import TrajectoryStore
+
+    config.validate()
+    store = TrajectoryStore.load(experts_dir, device=config.device)
+    want = "repblend" if config.method == "repblend" else "lors"
+    store.check_compatible(method=want, image_encoder=enc.image_id, text_encoder=enc.text_id)
+    size = image_size_for(ds.name, image_size, enc.image_info)
+    images, texts, _ = initial_pairs(ds, enc, config.pairs, size, config.seed, cache_dir=cache_dir)
+    d = Distiller(
+        config,
+        encoder=enc.image,
+        store=store,
+        init_images=images,
+        init_texts=texts,
+        out_dir=out_dir,
+    )
+    ckpt = Path(out_dir) / "checkpoint.safetensors" if out_dir is not None else None
+    if resume:
+        if ckpt is None or not ckpt.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}; run without --resume")
+        d.load_checkpoint(ckpt)
+        logger.info("resumed from %s at iteration %d", ckpt, d.iteration)
+    elif out_dir is not None and (Path(out_dir) / "metrics.jsonl").exists():
+        raise FileExistsError(
+            f"{out_dir} already holds a run (metrics.jsonl): pass --resume to continue it or "
+            "choose another --out"
+        )
+    return d.run(progress=progress)
