@@ -476,7 +476,7 @@ def _train_meta(batch_size, lr_img, lr_txt, dropout, seed, views, n_img, n_cap, 
 
 
 def train_experts_lors(
-    image_encoder: nn.Module,
+    encoder: nn.Module,
     images: torch.Tensor,
     txt_feats: torch.Tensor,
     cap2img: torch.Tensor,
@@ -492,7 +492,7 @@ def train_experts_lors(
     loss: str = "infonce",
     dropout: float = 0.1,
     keep_epochs: Iterable[int] | None = None,
-    image_encoder_id: str = "unknown",
+    image_encoder: str = "unknown",
     text_encoder: str = "unknown",
     dataset_fingerprint: str | None = None,
     device: str | torch.device | None = None,
@@ -502,12 +502,12 @@ def train_experts_lors(
     """Train LoRS / MTT-VL experts: the whole image encoder and a text head ``d_t -> d_f``.
 
     ``images`` are encoder inputs (already normalised) ``[N_img, 3, H, W]`` or
-    ``[V, N_img, 3, H, W]``; ``image_encoder`` maps them to pooled features ``[B, d_f]``. Every
-    expert starts from the encoder's current parameters (all of them, in ``named_parameters``
+    ``[V, N_img, 3, H, W]``; ``encoder`` (the module) maps them to pooled features ``[B, d_f]``.
+    Every expert starts from the encoder's current parameters (all of them, in ``named_parameters``
     order: ``FlatSpec.from_module(encoder, trainable_only=False)``) and a fresh text head. The
     encoder runs in eval mode (batch-norm statistics frozen, no dropout), consistent with the
     student in the distillation unroll; the text head keeps dropout on. Other arguments as in
-    :func:`train_experts_symmetric` (``image_encoder_id`` is the encoder id).
+    :func:`train_experts_symmetric` (``image_encoder`` is the encoder's id string).
     """
     if images.dim() == 4:
         images = images.unsqueeze(0)
@@ -525,7 +525,7 @@ def train_experts_lors(
     if dataset_fingerprint is None:
         dataset_fingerprint = tensor_fingerprint(images, txt_feats, cap2img)
 
-    encoder = image_encoder.to(dev).eval()
+    encoder = encoder.to(dev).eval()
     ispec = FlatSpec.from_module(encoder, trainable_only=False)
     theta0 = ispec.flatten(encoder).to(dev, torch.float32)
     pix = images.to(dev, torch.float32)
@@ -582,7 +582,7 @@ def train_experts_lors(
         dim=d_f,
         d_img=d_f,
         d_txt=d_t,
-        image_encoder=image_encoder_id,
+        image_encoder=image_encoder,
         text_encoder=text_encoder,
         dataset_fingerprint=dataset_fingerprint,
         logit_scale=logit_scale,

@@ -267,13 +267,14 @@ def test_lors_experts_with_tiny_encoder(tmp_path):
         out_dir=tmp_path / "lors",
         seed=1,
         batch_size=8,
-        image_encoder_id=info.encoder_id,
+        image_encoder=info.encoder_id,
         progress=False,
     )
     store = TrajectoryStore.load(out)
     spec = FlatSpec.from_module(enc, trainable_only=False)
     d_f = info.feature_dim
     assert store.method == "lors" and store.manifest["dim"] == d_f
+    store.check_compatible(method="lors", image_encoder=info.encoder_id, d_img=d_f)
     assert store.numel("image") == spec.numel == sum(p.numel() for p in enc.parameters())
     assert store.numel("text") == HeadSpec(D_T, d_f).numel
     assert store.spec("image") == spec
