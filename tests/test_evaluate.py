@@ -59,17 +59,17 @@ def test_evaluate_distilled_report(task):
         test=test,
         val=val,
         dim=DIM,
-        num_eval=3,
-        epochs=21,
+        num_eval=2,
+        epochs=16,
         eval_every=5,
     )
-    assert len(rep["per_seed"]) == 3 and [r["seed"] for r in rep["per_seed"]] == [0, 1, 2]
+    assert len(rep["per_seed"]) == 2 and [r["seed"] for r in rep["per_seed"]] == [0, 1]
     for part in ("best", "last", "val_selected"):
         assert set(rep[part]) == {"mean", "std"}
         assert set(rep[part]["mean"]) == set(rep[part]["std"]) >= {"TR@1", "IR@10", "mean"}
         assert all(s >= 0 for s in rep[part]["std"].values())
     for r in rep["per_seed"]:
-        assert r["best_epoch"] in (0, 5, 10, 15, 20) and r["last_epoch"] == 20
+        assert r["best_epoch"] in (0, 5, 10, 15) and r["last_epoch"] == 15
         assert (
             r["best"]["mean"] >= r["last"]["mean"]
             and r["best"]["mean"] >= r["val_selected"]["mean"]
@@ -84,8 +84,8 @@ def test_evaluate_distilled_report(task):
         test=test,
         val=val,
         dim=DIM,
-        seeds=[0, 1, 2],
-        epochs=21,
+        seeds=[0, 1],
+        epochs=16,
         eval_every=5,
     )
     assert rep2["per_seed"] == rep["per_seed"]  # deterministic in the seeds
