@@ -1,8 +1,8 @@
-"""Triton kernels for the soft-target contrastive losses (SPEC.md §7) and their first-order backward.
+"""Triton kernels for the soft-target contrastive losses (SPEC.md §7) and their backward.
 
 Everything works on ``K`` independent problems: ``img``/``txt`` ``[K, B, D]`` (any strides),
-``target`` ``[K, B, B]`` (rows = images), ``scale`` ``[K]`` (the logit multiplier ``s``). Loads are cast
-to fp32 right after ``tl.load``; all accumulation is fp32.
+``target`` ``[K, B, B]`` (rows = images), ``scale`` ``[K]`` (the logit multiplier ``s``). Loads are
+cast to fp32 right after ``tl.load``; all accumulation is fp32.
 
 Forward (:func:`forward`):
 
@@ -10,21 +10,23 @@ Forward (:func:`forward`):
    loop over ``D`` chunks; also the row norms ``||img_j||`` and ``||txt_k||`` (kept unclamped, the
    clamp at 1e-12 of ``F.normalize`` is applied where they are used).
 2. ``_loss_kernel``, grid ``(K,)``: one program per problem sweeps the ``B x B`` logits in tiles.
-   Softmax losses (InfoNCE, CWCL, KL) keep online (flash-style) row and column statistics; the column
-   pass is the row pass with the strides swapped. Elementwise losses (WBCE, BCE, MSE) are one pass.
-   It stores the statistics the backward needs: per direction and row ``[lse(Z), sum(S), A, lse(10S)]``
-   (``A = sum S*Z - lse*sum S`` for InfoNCE/CWCL, the row KL for KL) and the WBCE class counts.
+   Softmax losses (InfoNCE, CWCL, KL) keep online (flash-style) row and column statistics; the
+   column pass is the row pass with the strides swapped. Elementwise losses (WBCE, BCE, MSE) are
+   one pass. It stores what the backward needs: per direction and row
+   ``[lse(Z), sum(S), A, lse(10S)]`` (``A = sum S*Z - lse*sum S`` for InfoNCE/CWCL, the row KL for
+   KL) and the WBCE class counts.
 
 Backward (:func:`backward`), given the upstream gradient ``g`` ``[K]``:
 
-3. ``_dz_kernel``, grid ``(K,)``: ``dL/dZ`` and ``dL/dS`` elementwise from the saved statistics; writes
-   ``dcos = g * s * dL/dZ`` (fp32 scratch), ``dtarget`` and ``dscale = g * sum(dL/dZ * cos)``.
+3. ``_dz_kernel``, grid ``(K,)``: ``dL/dZ`` and ``dL/dS`` elementwise from the saved statistics;
+   writes ``dcos = g * s * dL/dZ`` (fp32 scratch), ``dtarget`` and ``dscale = g * sum(dL/dZ cos)``.
 4. ``_dx_kernel``, grid ``(K, B/BM, D/BD)``, run once per side (the text side reads ``dcos``
-   transposed): ``dx_j = r_j (du_j - [||x_j|| >= 1e-12] u_j (u_j . du_j))`` with ``du = dcos @ norm(y)``;
-   ``u_j . du_j = sum_l dcos_jl cos_jl`` is a ``B``-length reduction, so no second pass over ``D``.
+   transposed): ``dx_j = r_j (du_j - [||x_j|| >= 1e-12] u_j (u_j . du_j))`` with
+   ``du = dcos @ norm(y)``; ``u_j . du_j = sum_l dcos_jl cos_jl`` is a ``B``-length reduction, so
+   there is no second pass over ``D``.
 
-The matrix products use ``tl.dot`` with IEEE fp32 unless ``torch.backends.cuda.matmul.allow_tf32`` is
-set (the same switch that governs the reference's matmul). One configuration per kernel (no
+The matrix products use ``tl.dot`` with IEEE fp32 unless ``torch.backends.cuda.matmul.allow_tf32``
+is set (the same switch that governs the reference's matmul). One configuration per kernel (no
 autotuning), so the kernels also run under ``TRITON_INTERPRET=1`` on CPU.
 """
 
@@ -40,8 +42,8 @@ MASS_EPS = 1e-6  # count regulariser of the WBCE class weights and CWCL masses (
 NORM_EPS = 1e-12  # F.normalize's clamp of the row norm
 
 _POISON = False
-"""When True, outputs and scratch buffers are NaN-filled before the kernels write them (tests use this
-to catch elements a kernel forgot to write). Production allocates with ``torch.empty``."""
+"""When True, outputs and scratch buffers are NaN-filled before the kernels write them (tests use
+this to catch elements a kernel forgot to write). Production allocates with ``torch.empty``."""
 
 
 def _new(shape, dtype, device) -> torch.Tensor:
@@ -64,9 +66,11 @@ def _precision() -> str:
 
 @triton.jit
 def _sigmoid(z):
-    # Stable in both tails: exp of a non-positive argument only.
-    e = tl.exp(-tl.abs(z))
-    return tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    # torch's formula 1 / (1 + exp(-z)), including its flush to exactly 0 where exp(-z) overflows
+    # fp32 (z < -88.72): BCE takes logs of these rounded probabilities, so the kernels must round
+    # like the reference. The clamp only avoids an overflow warning, not a different value.
+    t = -z
+    return tl.where(t > 88.72283, 0.0, 1.0 / (1.0 + tl.exp(tl.minimum(t, 88.72283))))
 
 
 @triton.jit

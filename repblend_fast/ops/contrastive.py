@@ -12,9 +12,10 @@ Three layers (DESIGN.md §3):
    gradients) is fused; grad-of-grad is exact and differentiable to any order;
 3. :func:`contrastive_loss`, which validates its arguments and dispatches.
 
-Dtypes: ``img``, ``txt`` and ``target`` share one floating dtype. The fused paths accept fp32, bf16
-and fp16 (fp32 accumulation; float64 goes to the reference under ``auto`` and is refused by an explicit
-fused ``impl``). As in the reference, the loss has the inputs' dtype and each gradient its input's.
+Dtypes: ``img``, ``txt`` and ``target`` share one floating dtype. The fused paths accept fp32,
+bf16 and fp16 (fp32 accumulation; float64 goes to the reference under ``auto`` and is refused by an
+explicit fused ``impl``). As in the reference, the loss has the inputs' dtype and each gradient its
+input's dtype.
 """
 
 from __future__ import annotations
