@@ -170,7 +170,7 @@ def initial_pairs(ds, enc: Encoders, n: int, size: int, seed: int, *, cache_dir=
         )
     g = torch.Generator().manual_seed(seed)
     img_idx = torch.randperm(ds.num_images, generator=g)[:n]
-    caps_of = ds.img2caps
+    caps_of = ds.img2caps()
     cap_idx = torch.tensor(
         [
             caps_of[int(i)][int(torch.randint(len(caps_of[int(i)]), (), generator=g))]
