@@ -1,0 +1,422 @@
+"""Per-phase time and peak memory of distillation steps (DESIGN.md §1 use 3).
+
+:class:`PhaseTimer` times named phases of a step (``with timer.phase("unroll"): ...``): CUDA events
+on a GPU (read after one synchronisation at the end of the step, so timing adds no syncs inside
+the step), ``time.perf_counter`` on a CPU. Phases may nest; each phase reports its *exclusive*
+time (its own minus its children's), so the phases of a step add up to at most the step's wall
+time, and the remainder is reported as ``other``. Peak memory per phase is the CUDA caching
+allocator's ``max_memory_allocated`` on a GPU and the process's peak resident set (``VmHWM``,
+reset per phase through ``/proc/self/clear_refs``) on a CPU.
+
+:class:`ProfiledUnroller` is an :class:`repblend_fast.unroll.Unroller` whose meta-gradient paths are
+written out piece by piece with phase markers: ``encoder_forward`` (the frozen encoder, or the
+shared one-pass features), ``unroll`` (the T student steps), ``meta_gradient`` (TESLA pass 2 or the
+reverse pass through the unroll), ``encoder_vjp`` (the one pull-back of the summed feature
+cotangents through the encoder). The results equal the plain Unroller's
+(``tests/test_profiling.py``). The outer loop adds ``io`` (plan and expert snapshots to the
+device) and ``optimiser``.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from repblend_fast.ops import trajectory_distance, trajectory_terms
+from repblend_fast.unroll import Unroller, UnrollResult
+
+__all__ = [
+    "PHASES",
+    "PhaseTimer",
+    "ProfiledUnroller",
+    "StepProfile",
+    "format_profile_table",
+    "rss_mib",
+    "rss_peak_mib",
+    "reset_rss_peak",
+    "summarise_profiles",
+]
+
+PHASES = ("io", "encoder_forward", "unroll", "meta_gradient", "encoder_vjp", "optimiser")
+
+
+# --------------------------------------------------------------------------------------------------
+# resident-set size (Linux /proc; getrusage elsewhere)
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            m = re.search(rf"^{key}:\s+(\d+)\s+kB", fh.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def rss_mib() -> float:
+    """Current resident set of this process in MiB (0 where it cannot be read)."""
+    kib = _status_kib("VmRSS")
+    return (kib or 0) / 1024
+
+
+def rss_peak_mib() -> float:
+    """Peak resident set since the last :func:`reset_rss_peak` (or process start), in MiB."""
+    kib = _status_kib("VmHWM")
+    if kib is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return kib / 1024
+
+
+def reset_rss_peak() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0). False if impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# the timer
+
+
+@dataclass
+class StepProfile:
+    """One step: exclusive ms and peak MiB per phase, the step's wall ms and peak MiB."""
+
+    step_ms: float
+    phases_ms: dict[str, float]
+    phases_peak_mib: dict[str, float]
+    peak_mib: float
+    calls: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def other_ms(self) -> float:
+        return max(0.0, self.step_ms - sum(self.phases_ms.values()))
+
+    def to_dict(self) -> dict:
+        return {
+            "step_ms": self.step_ms,
+            "phases_ms": dict(self.phases_ms),
+            "other_ms": self.other_ms,
+            "phases_peak_mib": dict(self.phases_peak_mib),
+            "peak_mib": self.peak_mib,
+            "calls": dict(self.calls),
+        }
+
+
+@dataclass
+class _Rec:
+    name: str
+    parent: int | None
+    start: object = None
+    end: object = None
+    peak: float = 0.0
+    children: list[int] = field(default_factory=list)
+
+
+class PhaseTimer:
+    """Times named, possibly nested phases of one step at a time.
+
+    Args:
+        device: where the step runs (``cuda`` uses CUDA events and allocator statistics).
+        memory: also record per-phase peak memory.
+        record_functions: mark each phase with ``torch.profiler.record_function`` (so phases show
+            in a chrome trace).
+
+    Use ``with timer.step(): ...`` around a step and ``with timer.phase(name): ...`` inside it;
+    :attr:`steps` collects one :class:`StepProfile` per step. Phases outside a step are ignored.
+    """
+
+    def __init__(
+        self, device: str | torch.device = "cpu", memory: bool = True, record_functions: bool = True
+    ):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.memory = memory
+        self.record_functions = record_functions
+        self.steps: list[StepProfile] = []
+        self._recs: list[_Rec] | None = None
+        self._stack: list[int] = []
+        self._rss_reset_ok = True
+
+    # ------------------------------------------------------------------ clock and memory
+    def _now(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def _elapsed_ms(self, a, b) -> float:
+        if self.cuda:
+            return float(a.elapsed_time(b))
+        return (b - a) * 1e3
+
+    def _mem_peak(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return rss_peak_mib()
+
+    def _mem_reset(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self._rss_reset_ok:
+            self._rss_reset_ok = reset_rss_peak()
+
+    def _fold_peak(self) -> None:
+        """Fold the peak since the last reset into every open phase, then reset the counter."""
+        if not self.memory:
+            return
+        peak = self._mem_peak()
+        self._step_peak = max(self._step_peak, peak)
+        for i in self._stack:
+            self._recs[i].peak = max(self._recs[i].peak, peak)
+        self._mem_reset()
+
+    # ------------------------------------------------------------------ context managers
+    @contextmanager
+    def step(self):
+        """Profile one step; appends a :class:`StepProfile` to :attr:`steps` on exit."""
+        if self._recs is not None:
+            raise RuntimeError("PhaseTimer.step() does not nest")
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self._recs, self._stack, self._step_peak = [], [], 0.0
+        if self.memory:
+            self._mem_reset()
+        t0 = self._now()
+        try:
+            yield self
+        finally:
+            t1 = self._now()
+            self._fold_peak()
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+            self.steps.append(self._collect(t0, t1))
+            self._recs, self._stack = None, []
+
+    @contextmanager
+    def phase(self, name: str):
+        """Time ``name`` (exclusive of nested phases) within the current step."""
+        if self._recs is None:
+            yield
+            return
+        self._fold_peak()
+        parent = self._stack[-1] if self._stack else None
+        idx = len(self._recs)
+        self._recs.append(_Rec(name, parent))
+        if parent is not None:
+            self._recs[parent].children.append(idx)
+        self._stack.append(idx)
+        rf = (
+            torch.profiler.record_function(f"repblend:{name}")
+            if self.record_functions
+            else nullcontext()
+        )
+        with rf:
+            self._recs[idx].start = self._now()
+            try:
+                yield
+            finally:
+                self._recs[idx].end = self._now()
+                self._fold_peak()
+                self._stack.pop()
+
+    # ------------------------------------------------------------------ results
+    def _collect(self, t0, t1) -> StepProfile:
+        recs = self._recs
+        incl = [self._elapsed_ms(r.start, r.end) for r in recs]
+        ms: dict[str, float] = {}
+        peak: dict[str, float] = {}
+        calls: dict[str, int] = {}
+        for i, r in enumerate(recs):
+            excl = incl[i] - sum(incl[c] for c in r.children)
+            ms[r.name] = ms.get(r.name, 0.0) + max(0.0, excl)
+            peak[r.name] = max(peak.get(r.name, 0.0), r.peak)
+            calls[r.name] = calls.get(r.name, 0) + 1
+        return StepProfile(self._elapsed_ms(t0, t1), ms, peak, self._step_peak, calls)
+
+
+def summarise_profiles(steps: list[StepProfile]) -> dict:
+    """Median over steps of the step time and of each phase's time; max of the peaks."""
+
+    def med(v: list[float]) -> float:
+        s = sorted(v)
+        n = len(s)
+        return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+    names = [p for p in PHASES if any(p in s.phases_ms for s in steps)]
+    names += sorted({k for s in steps for k in s.phases_ms} - set(names))
+    return {
+        "step_ms": med([s.step_ms for s in steps]),
+        "phases_ms": {k: med([s.phases_ms.get(k, 0.0) for s in steps]) for k in names},
+        "other_ms": med([s.other_ms for s in steps]),
+        "phases_peak_mib": {k: max(s.phases_peak_mib.get(k, 0.0) for s in steps) for k in names},
+        "peak_mib": max(s.peak_mib for s in steps),
+        "steps": len(steps),
+    }
+
+
+def format_profile_table(summary: dict, title: str = "", memory_label: str = "peak MiB") -> str:
+    """A fixed-width table of :func:`summarise_profiles` output."""
+    step = summary["step_ms"] or float("nan")
+    lines = []
+    if title:
+        lines.append(title)
+    lines.append(f"{'phase':<16} {'ms':>10} {'share':>7} {memory_label:>12}")
+    lines.append("-" * 48)
+    for name, ms in summary["phases_ms"].items():
+        mib = summary["phases_peak_mib"].get(name, 0.0)
+        lines.append(f"{name:<16} {ms:>10.1f} {100 * ms / step:>6.1f}% {mib:>12.1f}")
+    lines.append(
+        f"{'other':<16} {summary['other_ms']:>10.1f} {100 * summary['other_ms'] / step:>6.1f}%"
+    )
+    lines.append("-" * 48)
+    lines.append(
+        f"{'step':<16} {summary['step_ms']:>10.1f} {'100.0%':>7} {summary['peak_mib']:>12.1f}"
+    )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# the unroll, piece by piece
+
+
+class ProfiledUnroller(Unroller):
+    """:class:`Unroller` with phase markers (same results; see the module docstring).
+
+    Args:
+        timer: the :class:`PhaseTimer` that receives the phases (others as for Unroller).
+    """
+
+    def __init__(self, settings, encoder, img_spec, txt_spec, similarity=None, *, timer=None):
+        super().__init__(settings, encoder, img_spec, txt_spec, similarity)
+        self.timer = timer if timer is not None else PhaseTimer("cpu", memory=False)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        with self.timer.phase("encoder_forward"):
+            return super().encode(images)
+
+    # ----------------------------------------------------------------- exact
+    def _run_exact(self, x, y, sim_params, eta_img, eta_txt, start, target, plan):
+        ph = self.timer.phase
+        xl, yl, sl, el, tl = self._leaves(x, y, sim_params, eta_img, eta_txt)
+        touched, inverse, feats = self._feature_source(xl, plan, with_graph=True)
+        # The unroll's graph stops at a feature leaf; the encoder is pulled back once afterwards.
+        feats_leaf = feats.detach().requires_grad_(True) if feats is not None else None
+        th_img, th_txt = start[0].detach(), start[1].detach()
+        with torch.enable_grad():
+            with ph("unroll"):
+                for i in range(plan.steps):
+                    idx = plan.batches[i]
+                    perm, lam = self._blend_args(i, plan)
+                    img_in = self._img_input(i, xl, plan, inverse, feats_leaf, no_grad_encode=False)
+                    s_blk = self.target_block(idx, sl, y.dtype, perm, lam)
+
+                    def step(a, b, img_in, y_b, s_blk, e1, e2, perm=perm, lam=lam):
+                        _, g1, g2 = self._step_grads(a, b, img_in, y_b, s_blk, perm, lam, True)
+                        return a - e1 * g1, b - e2 * g2
+
+                    args = (th_img, th_txt, img_in, yl[idx], s_blk, el, tl)
+                    if self.s.checkpoint_steps:
+                        from torch.utils.checkpoint import checkpoint
+
+                        th_img, th_txt = checkpoint(step, *args, use_reentrant=False)
+                    else:
+                        th_img, th_txt = step(*args)
+            with ph("meta_gradient"):
+                loss_img = trajectory_distance(th_img, start[0], target[0])
+                loss_txt = trajectory_distance(th_txt, start[1], target[1])
+                if self.s.merge_loss:
+                    num = (th_img - target[0]).pow(2).sum() + (th_txt - target[1]).pow(2).sum()
+                    den = (start[0] - target[0]).pow(2).sum() + (start[1] - target[1]).pow(2).sum()
+                    loss = num / den
+                else:
+                    loss = loss_img + loss_txt
+                first = xl if feats_leaf is None else feats_leaf
+                inputs = [first, yl, el, tl, *sl.values()]
+                grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+            gx = grads[0]
+            if feats_leaf is not None:
+                with ph("encoder_vjp"):
+                    gx = None
+                    if grads[0] is not None:
+                        (gx,) = torch.autograd.grad(feats, [xl], grads[0], allow_unused=True)
+        out = self._pack(gx, grads[1], grads[2], grads[3], dict(zip(sl, grads[4:])), x, y, sl)
+        return UnrollResult(loss.detach(), loss_img.detach(), loss_txt.detach(), out)
+
+    # ----------------------------------------------------------------- tesla
+    def _run_tesla(self, x, y, sim_params, eta_img, eta_txt, start, target, plan):
+        ph = self.timer.phase
+        xl, yl, sl, el, tl = self._leaves(x, y, sim_params, eta_img, eta_txt)
+        e1, e2 = eta_img.detach(), eta_txt.detach()
+        touched, inverse, feats = self._feature_source(xl, plan, with_graph=False)
+        th_img, th_txt = start[0].detach(), start[1].detach()
+        thetas = []
+        with ph("unroll"):
+            g_sum_img = torch.zeros_like(th_img)
+            g_sum_txt = torch.zeros_like(th_txt)
+            with torch.no_grad():
+                sl_c = {k: v.detach() for k, v in sl.items()}
+                for i in range(plan.steps):
+                    idx = plan.batches[i]
+                    perm, lam = self._blend_args(i, plan)
+                    img_in = self._img_input(i, xl, plan, inverse, feats, no_grad_encode=True)
+                    s_blk = self.target_block(idx, sl_c, y.dtype, perm, lam)
+                    thetas.append((th_img, th_txt))
+                    _, g1, g2 = self._step_grads(
+                        th_img, th_txt, img_in.detach(), y[idx].detach(), s_blk, perm, lam, False
+                    )
+                    g_sum_img += g1
+                    g_sum_txt += g2
+                    th_img = th_img - e1 * g1
+                    th_txt = th_txt - e2 * g2
+        with ph("meta_gradient"):
+            t_img = trajectory_terms(start[0], target[0], g_sum_img, e1)
+            t_txt = trajectory_terms(start[1], target[1], g_sum_txt, e2)
+            loss_img = t_img.num / t_img.denom
+            loss_txt = t_txt.num / t_txt.denom
+            if self.s.merge_loss:
+                loss = (t_img.num + t_txt.num) / (t_img.denom + t_txt.denom)
+            else:
+                loss = loss_img + loss_txt
+            w_img, w_txt = self._weights(t_img.denom, t_txt.denom)
+            if self.s.parity_eta_grad:
+                ew_img, ew_txt = 1.0 / t_img.denom, 1.0 / t_txt.denom
+            else:
+                ew_img, ew_txt = w_img, w_txt
+            g_eta_img = (2 * t_img.dot * ew_img).to(eta_img.dtype)
+            g_eta_txt = (2 * t_txt.dot * ew_txt).to(eta_txt.dtype)
+            dir_img = t_img.direction * w_img.to(th_img.dtype)
+            dir_txt = t_txt.direction * w_txt.to(th_txt.dtype)
+        feats_leaf = feats_graph = None
+        if feats is not None:
+            with torch.enable_grad():
+                feats_graph = self.encode(xl[touched])
+            feats_leaf = feats_graph.detach().requires_grad_(True)
+        with ph("meta_gradient"):
+            acc = [xl, yl, *sl.values()] if feats_leaf is None else [feats_leaf, yl, *sl.values()]
+            for i in range(plan.steps):
+                idx = plan.batches[i]
+                perm, lam = self._blend_args(i, plan)
+                with torch.enable_grad():
+                    img_in = self._img_input(i, xl, plan, inverse, feats_leaf, no_grad_encode=False)
+                    s_blk = self.target_block(idx, sl, y.dtype, perm, lam)
+                    a, b = thetas[i]
+                    _, g1, g2 = self._step_grads(a, b, img_in, yl[idx], s_blk, perm, lam, True)
+                    psi = 2 * ((g1 * dir_img).sum() + (g2 * dir_txt).sum())
+                    used = [t for t in acc if t.requires_grad]
+                    torch.autograd.backward(psi, inputs=used)
+        if feats_leaf is not None and feats_leaf.grad is not None:
+            with ph("encoder_vjp"):
+                torch.autograd.backward(feats_graph, feats_leaf.grad, inputs=[xl])
+        sim_grads = {k: v.grad for k, v in sl.items()}
+        out = self._pack(xl.grad, yl.grad, g_eta_img, g_eta_txt, sim_grads, x, y, sl)
+        return UnrollResult(loss.detach(), loss_img.detach(), loss_txt.detach(), out)

@@ -1,0 +1,146 @@
+"""The step benchmark's library side (``repblend-fast bench``) on the tiny shape set."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from repblend_fast.bench import (
+    SHAPE_SETS,
+    _parse_providers,
+    format_step_table,
+    main_bench,
+    run_bench,
+)
+
+ALL = "lors-authors,repblend-authors,repblend-fast,lors-fast"
+REQUIRED = {
+    "provider",
+    "meta_grad",
+    "shapes",
+    "config",
+    "shape",
+    "ms_per_iter",
+    "ms_all",
+    "peak_mib",
+    "peak_total_mib",
+    "setup_mib",
+    "memory_method",
+    "device",
+    "torch",
+    "git_sha",
+    "cpu",
+}
+
+
+def test_run_bench_inprocess_records_and_json(tmp_path):
+    out = tmp_path / "sub" / "bench.json"
+    recs = run_bench(
+        "tiny",
+        str(out),
+        ALL,
+        iterations=2,
+        device="cpu",
+        warmup=1,
+        isolate="inprocess",
+        threads=1,
+        verbose=False,
+    )
+    keys = [(r["provider"], r["meta_grad"]) for r in recs]
+    assert keys == [
+        ("lors-authors", "tesla"),
+        ("repblend-authors", "tesla"),
+        ("repblend-fast", "exact"),
+        ("repblend-fast", "tesla"),
+        ("lors-fast", "tesla"),
+    ]
+    for r in recs:
+        assert REQUIRED <= set(r), REQUIRED - set(r)
+        assert r["device"] == "cpu" and r["shapes"] == "tiny" and r["config"] == "tiny"
+        assert len(r["ms_all"]) == 2 and r["ms_per_iter"] > 0
+        assert r["peak_total_mib"] > 0 and r["peak_mib"] >= 0
+        assert r["time_ratio_to_fast_tesla"] > 0 and r["time_ratio_to_fast_exact"] > 0
+        assert all(math.isfinite(v) for v in r["losses"]), r["losses"]
+    fast = {r["meta_grad"]: r for r in recs if r["provider"] == "repblend-fast"}
+    assert fast["tesla"]["time_ratio_to_fast_tesla"] == pytest.approx(1.0)
+    for r in recs:
+        if r["provider"].endswith("-authors"):
+            assert 0 <= r["parity_rel_err"] < 2e-3
+    assert json.loads(out.read_text()) == json.loads(json.dumps(recs))
+    table = format_step_table(recs)
+    assert "| repblend-fast | tesla |" in table and "lors-authors" in table
+
+
+def test_run_bench_subprocess_isolation(tmp_path):
+    recs = run_bench(
+        "tiny",
+        None,
+        "repblend-fast:tesla",
+        iterations=1,
+        device="cpu",
+        warmup=1,
+        isolate="subprocess",
+        threads=1,
+        verbose=False,
+    )
+    (r,) = recs
+    assert r["isolation"] == "subprocess" and r["ms_per_iter"] > 0
+    assert "VmHWM" in r["memory_method"] or "ru_maxrss" in r["memory_method"]
+    assert r["peak_total_mib"] >= r["setup_mib"] > 0
+
+
+def test_main_bench_cli(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    rc = main_bench(
+        [
+            "--shapes",
+            "tiny",
+            "--providers",
+            "repblend-fast:exact",
+            "--iterations",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--isolate",
+            "inprocess",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    assert json.loads(out.read_text())[0]["meta_grad"] == "exact"
+    assert "repblend-fast" in capsys.readouterr().out
+
+
+def test_provider_parsing_and_validation():
+    assert _parse_providers("repblend-fast") == [
+        ("repblend-fast", "exact"),
+        ("repblend-fast", "tesla"),
+    ]
+    assert _parse_providers(["lors-authors", "repblend-fast:tesla"]) == [
+        ("lors-authors", "tesla"),
+        ("repblend-fast", "tesla"),
+    ]
+    with pytest.raises(ValueError, match="unknown provider"):
+        _parse_providers("mtt")
+    with pytest.raises(ValueError, match="TESLA only"):
+        _parse_providers("repblend-authors:exact")
+    with pytest.raises(ValueError, match="shapes must be one of"):
+        run_bench("huge", verbose=False)
+    assert {"tiny", "ci", "paper", "scale"} <= set(SHAPE_SETS)
+    ci = SHAPE_SETS["ci"][0]
+    assert (ci.encoder, ci.image_size, ci.pairs, ci.batch, ci.steps, ci.d_txt, ci.dim) == (
+        "resnet18",
+        64,
+        99,
+        20,
+        8,
+        768,
+        512,
+    )

@@ -1,0 +1,159 @@
+"""The step profiler: phase timing, memory, and a phased unroll that equals the plain one."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+from repblend_fast.bench import run_profile
+from repblend_fast.models.heads import HeadSpec, init_head_flat
+from repblend_fast.profiling import (
+    PHASES,
+    PhaseTimer,
+    ProfiledUnroller,
+    format_profile_table,
+    reset_rss_peak,
+    rss_mib,
+    rss_peak_mib,
+    summarise_profiles,
+)
+from repblend_fast.unroll import StepPlan, Unroller, UnrollSettings
+
+DT = torch.float64
+N, B, T, D_F, D_T, DIM = 8, 3, 3, 5, 6, 4
+
+
+class Sim:
+    def __init__(self, g):
+        self.p = {
+            "a": 1 + 0.1 * torch.randn(N, generator=g, dtype=DT),
+            "L": torch.randn(N, 2, generator=g, dtype=DT),
+            "R": 0.3 * torch.randn(N, 2, generator=g, dtype=DT),
+        }
+
+    def params(self):
+        return self.p
+
+    def block(self, idx, params=None):
+        p = self.p if params is None else params
+        return torch.diag(p["a"][idx]) + 0.35 * p["L"][idx] @ p["R"][idx].T
+
+
+def _problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    enc = nn.Sequential(nn.Flatten(), nn.Linear(12, D_F), nn.Tanh()).double().requires_grad_(False)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=DT))
+    x = torch.randn(N, 3, 2, 2, generator=g, dtype=DT)
+    y = torch.randn(N, D_T, generator=g, dtype=DT)
+    th0 = (
+        init_head_flat(D_F, DIM, generator=g, dtype=DT),
+        init_head_flat(D_T, DIM, generator=g, dtype=DT),
+    )
+    th1 = tuple(t + 0.05 * torch.randn(t.shape, generator=g, dtype=DT) for t in th0)
+    plan = StepPlan(
+        torch.stack([torch.randperm(N, generator=g)[:B] for _ in range(T)]),
+        torch.rand(T, generator=g, dtype=DT),
+        torch.stack([torch.randperm(B, generator=g) for _ in range(T)]),
+    )
+    eta = (torch.tensor(0.07, dtype=DT), torch.tensor(0.11, dtype=DT))
+    return enc, x, y, Sim(g), th0, th1, plan, eta
+
+
+@pytest.mark.parametrize("mode", ["exact", "tesla"])
+@pytest.mark.parametrize("share", [True, False])
+def test_profiled_unroller_equals_unroller(mode, share):
+    enc, x, y, sim, th0, th1, plan, eta = _problem()
+    s = UnrollSettings(meta_grad=mode, share_encoder=share, checkpoint_steps=(mode == "exact"))
+    specs = (HeadSpec(D_F, DIM), HeadSpec(D_T, DIM))
+    want = Unroller(s, enc, *specs, sim).run(x, y, sim.params(), *eta, th0, th1, plan)
+    timer = PhaseTimer("cpu")
+    prof = ProfiledUnroller(s, enc, *specs, sim, timer=timer)
+    with timer.step():
+        got = prof.run(x, y, sim.params(), *eta, th0, th1, plan)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-12, atol=0)
+    for k, v in want.grads.items():
+        torch.testing.assert_close(got.grads[k], v, rtol=1e-9, atol=1e-12, msg=k)
+    (step,) = timer.steps
+    expected = {"encoder_forward", "unroll", "meta_gradient"} | (
+        {"encoder_vjp"} if share else set()
+    )
+    assert expected <= set(step.phases_ms)
+    assert all(v >= 0 for v in step.phases_ms.values())
+    assert sum(step.phases_ms.values()) <= step.step_ms + 1e-6
+
+
+def test_phase_timer_exclusive_times_and_memory():
+    timer = PhaseTimer("cpu")
+    with timer.phase("outside"):  # ignored: not inside a step
+        pass
+    t0 = time.perf_counter()
+    with timer.step():
+        with timer.phase("outer"):
+            a = time.perf_counter()
+            time.sleep(0.02)
+            with timer.phase("inner"):
+                b = time.perf_counter()
+                buf = torch.ones(8 * 2**20)  # 32 MiB, touched
+                time.sleep(0.03)
+                del buf
+                inner_ms = (time.perf_counter() - b) * 1e3
+            outer_ms = (time.perf_counter() - a) * 1e3
+        with timer.phase("inner"):
+            time.sleep(0.01)
+    wall = (time.perf_counter() - t0) * 1e3
+    (s,) = timer.steps
+    assert set(s.phases_ms) == {"outer", "inner"}
+    assert s.calls == {"outer": 1, "inner": 2}
+    # Exclusive: the outer phase's own time, without the nested inner one.
+    assert abs(s.phases_ms["outer"] - (outer_ms - inner_ms)) < 3.0
+    assert s.phases_ms["inner"] >= inner_ms + 9.0
+    assert sum(s.phases_ms.values()) <= s.step_ms <= wall + 1e-6
+    assert s.other_ms >= 0
+    assert s.peak_mib >= s.phases_peak_mib["inner"] > 0
+    summary = summarise_profiles(timer.steps)
+    table = format_profile_table(summary, "t")
+    assert "outer" in table and "inner" in table and "step" in table
+    with pytest.raises(RuntimeError, match="nest"):
+        with timer.step():
+            with timer.step():
+                pass
+
+
+def test_rss_helpers():
+    assert rss_mib() > 10
+    reset_rss_peak()
+    assert rss_peak_mib() >= rss_mib() * 0.9
+
+
+@pytest.mark.parametrize("mode", ["exact", "tesla"])
+def test_run_profile_reports_every_phase(tmp_path, mode):
+    out = tmp_path / "prof.json"
+    trace = tmp_path / "trace.json" if mode == "tesla" else None
+    res = run_profile(
+        "tiny",
+        meta_grad=mode,
+        iterations=2,
+        warmup=1,
+        device="cpu",
+        trace=trace,
+        json_path=str(out),
+        threads=1,
+        verbose=False,
+    )
+    (cfg,) = res["configs"]
+    for step in cfg["steps"]:
+        assert set(PHASES) <= set(step["phases_ms"]), step["phases_ms"].keys()
+        assert all(v >= 0 for v in step["phases_ms"].values())
+        assert sum(step["phases_ms"].values()) <= step["step_ms"] + 1e-6
+        assert step["peak_mib"] > 0
+    assert cfg["summary"]["steps"] == 2
+    assert json.loads(out.read_text())["configs"][0]["config"] == "tiny"
+    if trace is not None:
+        events = json.loads(trace.read_text())["traceEvents"]
+        assert any("repblend:unroll" in str(e.get("name")) for e in events)
