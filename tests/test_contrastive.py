@@ -505,7 +505,8 @@ def test_gpu_parity(impl, dtype, k, loss, eps):
         return float((a.float() - r).pow(2).mean().sqrt() / r.pow(2).mean().sqrt().clamp_min(1e-12))
 
     for a, e, r in zip(grads[:3], eager_grads, want_grads[:3]):
-        assert rel_rmse(a, r) <= max(1e-2, 2 * rel_rmse(e, r))
+        err, eager_err = rel_rmse(a, r), rel_rmse(e, r)
+        assert err <= 1e-2 and err <= 2 * eager_err, (err, eager_err)
 
 
 @pytest.mark.gpu
@@ -524,3 +525,10 @@ def test_gpu_second_order_and_vmap(impl):
     torch.testing.assert_close(vmap(grad(f), in_dims=(0, 0, 0, None))(*x, impl),
                                vmap(grad(f), in_dims=(0, 0, 0, None))(*x, "reference"),
                                **FP32_GRAD)
+
+
+def test_poisoning_is_active_for_triton_outputs():
+    from repblend_fast.kernels import contrastive as kern
+
+    assert kern._POISON  # set by the autouse fixture of this module
+    assert torch.isnan(kern._new((2, 3), torch.float32, torch.device("cpu"))).all()
