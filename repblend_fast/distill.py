@@ -331,28 +331,41 @@ class Distiller:
         t0 = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        results, picks = [], []
+        picks, starts, targets, plans = [], [], [], []
         for _ in range(cfg.num_trajectories):
             e, t, start, target = self._trajectory()
-            plan = self._plan()
             picks.append((e, t))
-            results.append(
-                self.unroller.run(
-                    self.x, self.y, self.sim_params, self.eta_img, self.eta_txt, start, target, plan
-                )
+            starts.append(start)
+            targets.append(target)
+            plans.append(self._plan())
+        args = (self.x, self.y, self.sim_params, self.eta_img, self.eta_txt)
+        if cfg.method == "repblend":
+            # The K trajectories run batched in one unroll (mean loss and gradients).
+            stack = lambda pairs, m: torch.stack([p[m] for p in pairs])  # noqa: E731
+            r = self.unroller.run(
+                *args,
+                (stack(starts, 0), stack(starts, 1)),
+                (stack(targets, 0), stack(targets, 1)),
+                StepPlan.stack(plans),
             )
-        k = len(results)
-        grads = {name: sum(r.grads[name] for r in results) / k for name in results[0].grads}
-        loss = sum(float(r.loss) for r in results) / k
-        loss_img = sum(float(r.loss_img) for r in results) / k
-        loss_txt = sum(float(r.loss_txt) for r in results) / k
+            grads, loss = r.grads, float(r.loss)
+            loss_img, loss_txt = float(r.loss_img), float(r.loss_txt)
+        else:
+            results = [
+                self.unroller.run(*args, st, tg, pl) for st, tg, pl in zip(starts, targets, plans)
+            ]
+            k = len(results)
+            grads = {name: sum(r.grads[name] for r in results) / k for name in results[0].grads}
+            loss = sum(float(r.loss) for r in results) / k
+            loss_img = sum(float(r.loss_img) for r in results) / k
+            loss_txt = sum(float(r.loss_txt) for r in results) / k
         finite = all(math.isfinite(v) for v in (loss, loss_img, loss_txt)) and all(
             bool(torch.isfinite(g).all()) for g in grads.values() if g is not None
         )
         rec = {
             "iteration": self.iteration,
-            "expert": picks[0][0],
-            "start_epoch": picks[0][1],
+            "expert": [e for e, _ in picks] if len(picks) > 1 else picks[0][0],
+            "start_epoch": [t for _, t in picks] if len(picks) > 1 else picks[0][1],
             "loss": loss,
             "loss_img": loss_img,
             "loss_txt": loss_txt,

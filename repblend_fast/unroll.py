@@ -27,7 +27,7 @@ LoRS / MTT-VL train the image encoder itself (its parameters are the image-side 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -45,9 +45,9 @@ MetaGrad = Literal["exact", "tesla"]
 class StepPlan:
     """The random draws of one iteration (everything the unroll needs besides tensors).
 
-    batches: ``[T, B]`` long, indices into the N synthetic pairs.
-    lams: ``[T]`` blending coefficients (1.0 = no blending).
-    perms: ``[T, B]`` long, the within-batch permutation of each step.
+    batches: ``[T, B]`` long indices into the N synthetic pairs (``[K, T, B]`` for K trajectories).
+    lams: ``[T]`` (or ``[K, T]``) blending coefficients (1.0 = no blending).
+    perms: ``[T, B]`` (or ``[K, T, B]``) long, the within-batch permutation of each step.
     """
 
     batches: torch.Tensor
@@ -56,22 +56,40 @@ class StepPlan:
 
     @property
     def steps(self) -> int:
-        return int(self.batches.shape[0])
+        return int(self.batches.shape[-2])
+
+    @property
+    def k(self) -> int:
+        return int(self.batches.shape[0]) if self.batches.dim() == 3 else 1
+
+    def batched(self) -> StepPlan:
+        """The same plan with a leading K dimension."""
+        if self.batches.dim() == 3:
+            return self
+        return StepPlan(self.batches[None], self.lams[None], self.perms[None])
+
+    @staticmethod
+    def stack(plans: list[StepPlan]) -> StepPlan:
+        """K single-trajectory plans as one ``[K, ...]`` plan."""
+        return StepPlan(
+            torch.stack([p.batches for p in plans]),
+            torch.stack([p.lams for p in plans]),
+            torch.stack([p.perms for p in plans]),
+        )
 
 
 @dataclass
 class UnrollResult:
-    """Losses and meta-gradients of one trajectory.
+    """Losses and meta-gradients (averaged over the K trajectories of one call).
 
-    grads: ``{"x": [N,...] or None, "y": [N, d_t], "eta_img": [], "eta_txt": [],
-    "sim.<name>": ...}`` (full-size, zeros where untouched).
+    grads: ``{"x": [N,...], "y": [N, d_t], "eta_img": [], "eta_txt": [], "sim.<name>": ...}``
+    (full-size, zeros where untouched).
     """
 
     loss: torch.Tensor
     loss_img: torch.Tensor
     loss_txt: torch.Tensor
     grads: dict[str, torch.Tensor | None]
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -92,7 +110,11 @@ class UnrollSettings:
 
 
 class Unroller:
-    """Runs the unroll of one trajectory and returns its meta-gradients.
+    """Runs the unroll of K trajectories at once and returns their meta-gradients.
+
+    Internally every flat parameter vector carries a leading K: the K students of RepBlend are
+    batched (``bmm`` heads, ``[K, B, D]`` contrastive losses, ``[K, B]`` blending). The LoRS student
+    (a whole encoder) runs one trajectory per call.
 
     Args:
         settings: the unroll options.
@@ -100,8 +122,8 @@ class Unroller:
             images ``[B, 3, H, W]`` to features ``[B, d_f]``.
         img_spec: ``HeadSpec`` of the image head (RepBlend) or ``FlatSpec`` of the encoder (LoRS).
         txt_spec: ``HeadSpec`` of the text head.
-        similarity: a similarity generator with ``params()`` and ``block(indices)``, or ``None``
-            for identity targets.
+        similarity: a similarity generator with ``params()`` and ``block(indices, params)``, or
+            ``None`` for identity targets.
     """
 
     def __init__(
@@ -124,7 +146,7 @@ class Unroller:
 
     # ----------------------------------------------------------------- pieces
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Frozen-encoder features ``[B, d_f]`` in the images' dtype (autocast when configured)."""
+        """Frozen-encoder features ``[n, d_f]`` in the images' dtype (autocast when configured)."""
         ac = self.s.encoder_autocast
         ctx = (
             torch.autocast(images.device.type, dtype=ac)
@@ -136,23 +158,31 @@ class Unroller:
         return out.to(images.dtype)
 
     def target_block(self, idx: torch.Tensor, sim_params, dtype, perm=None, lam=None):
-        """``S[I, I]`` ``[B, B]`` (identity without a similarity generator), optionally blended."""
+        """``S[I, I]`` ``[K, B, B]`` for indices ``[K, B]`` (identity without a similarity
+        generator), blended with the batch permutation when ``blend_target`` is set."""
+        k, b = idx.shape
         if self.similarity is None:
-            return torch.eye(idx.shape[-1], dtype=dtype, device=idx.device)
+            return torch.eye(b, dtype=dtype, device=idx.device).expand(k, b, b)
         s = self.similarity.block(idx, sim_params)
         if self.s.blend_target and perm is not None:
-            sp = s[perm][:, perm]
-            s = lam * s + (1 - lam) * sp
+            ar = torch.arange(k, device=idx.device)[:, None, None]
+            sp = s[ar, perm[:, :, None], perm[:, None, :]]
+            lam_v = lam.to(s.dtype)[:, None, None]
+            s = lam_v * s + (1 - lam_v) * sp
         return s
 
     def step_loss(self, th_img, th_txt, img_in, y_b, s_blk, perm, lam):
-        """Loss ``l_i`` of one step. ``img_in``: features ``[B, d_f]`` (RepBlend) or images (LoRS)."""
+        """Per-trajectory losses ``[K]`` of one step.
+
+        ``th_*``: ``[K, numel]``; ``img_in``: features ``[K, B, d_f]`` (RepBlend) or images
+        ``[K, B, 3, H, W]`` (LoRS, K = 1); ``y_b`` ``[K, B, d_t]``; ``s_blk`` ``[K, B, B]``.
+        """
         if self.s.method == "repblend":
             if perm is not None:
                 img_in, y_b = blend_pairs(img_in, y_b, perm, lam)
             e_img = head_forward(th_img, img_in, self.img_spec)
         else:
-            e_img = functional_forward(self.encoder, self.img_spec, th_img, img_in)
+            e_img = functional_forward(self.encoder, self.img_spec, th_img[0], img_in[0])[None]
         e_txt = head_forward(th_txt, y_b, self.txt_spec)
         return contrastive_loss(
             e_img, e_txt, s_blk, logit_scale=self.s.logit_scale, loss=self.s.loss, eps=self.s.eps
@@ -164,17 +194,13 @@ class Unroller:
         if not th_txt.requires_grad:
             th_txt = th_txt.detach().requires_grad_(True)
         with torch.enable_grad():
-            loss = self.step_loss(th_img, th_txt, img_in, y_b, s_blk, perm, lam)
+            # The K losses depend on disjoint parameter rows: the gradient of their sum is the
+            # stack of the per-trajectory gradients.
+            loss = self.step_loss(th_img, th_txt, img_in, y_b, s_blk, perm, lam).sum()
             g_img, g_txt = torch.autograd.grad(loss, (th_img, th_txt), create_graph=create_graph)
         return loss, g_img, g_txt
 
-    def _weights(self, d_img: torch.Tensor, d_txt: torch.Tensor):
-        if self.s.merge_loss:
-            w = 1.0 / (d_img + d_txt)
-            return w, w
-        return 1.0 / d_img, 1.0 / d_txt
-
-    # ----------------------------------------------------------------- entry point
+    # ----------------------------------------------------------------- entry points
     def run(
         self,
         x: torch.Tensor,
@@ -186,21 +212,35 @@ class Unroller:
         target: tuple[torch.Tensor, torch.Tensor],
         plan: StepPlan,
     ) -> UnrollResult:
-        """Unroll one trajectory and return its losses and meta-gradients.
+        """Unroll one trajectory, or K at once, and return losses and meta-gradients.
 
         Args:
-            x: synthetic images ``[N, 3, H, W]`` (a leaf; its gradient is returned, not accumulated).
+            x: synthetic images ``[N, 3, H, W]`` (its gradient is returned, not accumulated).
             y: synthetic texts ``[N, d_t]``.
             sim_params: the similarity generator's leaf tensors (may be empty).
-            eta_img, eta_txt: 0-d learnable student learning rates.
-            start, target: ``(theta_img, theta_txt)`` at the start and target epochs (flat, 1-D).
-            plan: batches, blending coefficients and permutations of the T steps.
+            eta_img, eta_txt: 0-d learnable student learning rates (shared by the K students).
+            start, target: ``(theta_img, theta_txt)`` at the start and target epochs: flat
+                ``[numel]`` vectors, or ``[K, numel]`` for K trajectories.
+            plan: batches, blending coefficients and permutations (``[T, ...]`` or
+                ``[K, T, ...]``).
+
+        With K trajectories the loss and every gradient are the mean over the K.
         """
-        if self.s.meta_grad == "exact":
-            return self._run_exact(x, y, sim_params, eta_img, eta_txt, start, target, plan)
-        if self.s.meta_grad == "tesla":
-            return self._run_tesla(x, y, sim_params, eta_img, eta_txt, start, target, plan)
-        raise ValueError(f"meta_grad must be 'exact' or 'tesla', got {self.s.meta_grad!r}")
+        if self.s.meta_grad not in ("exact", "tesla"):
+            raise ValueError(f"meta_grad must be 'exact' or 'tesla', got {self.s.meta_grad!r}")
+        start = tuple(t if t.dim() == 2 else t[None] for t in start)
+        target = tuple(t if t.dim() == 2 else t[None] for t in target)
+        plan = plan.batched()
+        k = plan.k
+        if start[0].shape[0] != k or start[1].shape[0] != k or target[0].shape[0] != k:
+            raise ValueError(
+                f"plan has K={k} trajectories but start/target have "
+                f"{start[0].shape[0]}/{target[0].shape[0]} rows"
+            )
+        if self.s.method == "lors" and k > 1:
+            raise ValueError("method='lors' unrolls one trajectory per call (K=1)")
+        fn = self._run_exact if self.s.meta_grad == "exact" else self._run_tesla
+        return fn(x, y, sim_params, eta_img, eta_txt, start, target, plan)
 
     # ----------------------------------------------------------------- helpers
     def _leaves(self, x, y, sim_params, eta_img, eta_txt):
@@ -211,43 +251,55 @@ class Unroller:
         tl = eta_txt.detach().requires_grad_(True)
         return xl, yl, sl, el, tl
 
-    def _feature_source(self, xl: torch.Tensor, plan: StepPlan, with_graph: bool):
-        """Features for each step: shared (one encoder pass on touched images) or per step."""
-        if self.s.method != "repblend":
-            return None, None, None
-        if not self.s.share_encoder:
+    def _touched(self, xl: torch.Tensor, plan: StepPlan, with_graph: bool):
+        """Shared features: one encoder pass over the touched images (RepBlend), else None."""
+        if self.s.method != "repblend" or not self.s.share_encoder:
             return None, None, None
         touched, inverse = torch.unique(plan.batches, return_inverse=True)
-        ctx = torch.enable_grad() if with_graph else torch.no_grad()
-        with ctx:
+        with torch.enable_grad() if with_graph else torch.no_grad():
             feats = self.encode(xl[touched])
         return touched, inverse, feats
 
-    def _img_input(self, i, xl, plan, inverse, feats_leaf, no_grad_encode: bool):
-        idx = plan.batches[i]
+    def _img_input(self, i, xl, plan, inverse, feats, no_grad_encode: bool):
+        """Step i's image-side input ``[K, B, ...]``."""
+        idx = plan.batches[:, i]
         if self.s.method == "lors":
             return xl[idx]
-        if feats_leaf is not None:
-            return feats_leaf[inverse[i]]
-        if no_grad_encode:
-            with torch.no_grad():
-                return self.encode(xl[idx])
-        return self.encode(xl[idx])
+        if feats is not None:
+            return feats[inverse[:, i]]
+        k, b = idx.shape
+        with torch.no_grad() if no_grad_encode else nullcontext():
+            return self.encode(xl[idx.reshape(-1)]).reshape(k, b, -1)
 
     def _blend_args(self, i, plan):
-        lam = plan.lams[i]
-        if self.s.method != "repblend" or float(lam) == 1.0:
+        lam = plan.lams[:, i]
+        if self.s.method != "repblend" or bool((lam == 1.0).all()):
             return None, None
-        return plan.perms[i], lam
+        return plan.perms[:, i], lam
+
+    def _matching(self, th, start, target):
+        """Per-trajectory matching losses ``[K]`` (image, text, total) of the final parameters."""
+        k = th[0].shape[0]
+        li = torch.stack(
+            [trajectory_distance(th[0][j], start[0][j], target[0][j]) for j in range(k)]
+        )
+        lt = torch.stack(
+            [trajectory_distance(th[1][j], start[1][j], target[1][j]) for j in range(k)]
+        )
+        if not self.s.merge_loss:
+            return li, lt, li + lt
+        num = (th[0] - target[0]).pow(2).sum(1) + (th[1] - target[1]).pow(2).sum(1)
+        den = (start[0] - target[0]).pow(2).sum(1) + (start[1] - target[1]).pow(2).sum(1)
+        return li, lt, num / den
 
     # ----------------------------------------------------------------- exact
     def _run_exact(self, x, y, sim_params, eta_img, eta_txt, start, target, plan):
         xl, yl, sl, el, tl = self._leaves(x, y, sim_params, eta_img, eta_txt)
-        touched, inverse, feats = self._feature_source(xl, plan, with_graph=True)
+        _, inverse, feats = self._touched(xl, plan, with_graph=True)
         th_img, th_txt = start[0].detach(), start[1].detach()
         with torch.enable_grad():
             for i in range(plan.steps):
-                idx = plan.batches[i]
+                idx = plan.batches[:, i]
                 perm, lam = self._blend_args(i, plan)
                 img_in = self._img_input(i, xl, plan, inverse, feats, no_grad_encode=False)
                 s_blk = self.target_block(idx, sl, y.dtype, perm, lam)
@@ -261,33 +313,28 @@ class Unroller:
                     th_img, th_txt = checkpoint(step, *args, use_reentrant=False)
                 else:
                     th_img, th_txt = step(*args)
-            loss_img = trajectory_distance(th_img, start[0], target[0])
-            loss_txt = trajectory_distance(th_txt, start[1], target[1])
-            if self.s.merge_loss:
-                num = (th_img - target[0]).pow(2).sum() + (th_txt - target[1]).pow(2).sum()
-                den = (start[0] - target[0]).pow(2).sum() + (start[1] - target[1]).pow(2).sum()
-                loss = num / den
-            else:
-                loss = loss_img + loss_txt
+            li, lt, total = self._matching((th_img, th_txt), start, target)
+            loss = total.mean()
             inputs = [xl, yl, el, tl, *sl.values()]
             grads = torch.autograd.grad(loss, inputs, allow_unused=True)
         out = self._pack(grads[0], grads[1], grads[2], grads[3], dict(zip(sl, grads[4:])), x, y, sl)
-        return UnrollResult(loss.detach(), loss_img.detach(), loss_txt.detach(), out)
+        return UnrollResult(loss.detach(), li.mean().detach(), lt.mean().detach(), out)
 
     # ----------------------------------------------------------------- tesla
     def _run_tesla(self, x, y, sim_params, eta_img, eta_txt, start, target, plan):
         xl, yl, sl, el, tl = self._leaves(x, y, sim_params, eta_img, eta_txt)
         e1, e2 = eta_img.detach(), eta_txt.detach()
+        k = plan.k
         # Pass 1: the unroll without a graph, keeping theta_i and G = sum_i g_i.
-        touched, inverse, feats = self._feature_source(xl, plan, with_graph=False)
+        touched, inverse, feats = self._touched(xl, plan, with_graph=False)
         th_img, th_txt = start[0].detach(), start[1].detach()
         thetas = []
         g_sum_img = torch.zeros_like(th_img)
         g_sum_txt = torch.zeros_like(th_txt)
         with torch.no_grad():
-            sl_c = {k: v.detach() for k, v in sl.items()}
+            sl_c = {name: v.detach() for name, v in sl.items()}
             for i in range(plan.steps):
-                idx = plan.batches[i]
+                idx = plan.batches[:, i]
                 perm, lam = self._blend_args(i, plan)
                 img_in = self._img_input(i, xl, plan, inverse, feats, no_grad_encode=True)
                 s_blk = self.target_block(idx, sl_c, y.dtype, perm, lam)
@@ -299,25 +346,31 @@ class Unroller:
                 g_sum_txt += g2
                 th_img = th_img - e1 * g1
                 th_txt = th_txt - e2 * g2
-        t_img = trajectory_terms(start[0], target[0], g_sum_img, e1)
-        t_txt = trajectory_terms(start[1], target[1], g_sum_txt, e2)
-        loss_img = t_img.num / t_img.denom
-        loss_txt = t_txt.num / t_txt.denom
+        # One fused pass per trajectory and modality: D, ||Delta + eta G||^2, (Delta + eta G)^T G
+        # and the pass-2 direction c = eta (Delta + eta G).
+        ti = [trajectory_terms(start[0][j], target[0][j], g_sum_img[j], e1) for j in range(k)]
+        tt = [trajectory_terms(start[1][j], target[1][j], g_sum_txt[j], e2) for j in range(k)]
+        den_i = torch.stack([t.denom for t in ti])
+        den_t = torch.stack([t.denom for t in tt])
+        num_i = torch.stack([t.num for t in ti])
+        num_t = torch.stack([t.num for t in tt])
+        dot_i = torch.stack([t.dot for t in ti])
+        dot_t = torch.stack([t.dot for t in tt])
+        loss_img, loss_txt = num_i / den_i, num_t / den_t
         if self.s.merge_loss:
-            loss = (t_img.num + t_txt.num) / (t_img.denom + t_txt.denom)
+            total = (num_i + num_t) / (den_i + den_t)
+            w_img = w_txt = 1.0 / (den_i + den_t)
         else:
-            loss = loss_img + loss_txt
-        w_img, w_txt = self._weights(t_img.denom, t_txt.denom)
-        # eta gradient, closed form: dL_m/deta_m = 2 (Delta + eta G)^T G * w_m.
-        if self.s.parity_eta_grad:
-            ew_img, ew_txt = 1.0 / t_img.denom, 1.0 / t_txt.denom
-        else:
-            ew_img, ew_txt = w_img, w_txt
-        g_eta_img = (2 * t_img.dot * ew_img).to(eta_img.dtype)
-        g_eta_txt = (2 * t_txt.dot * ew_txt).to(eta_txt.dtype)
-        dir_img = t_img.direction * w_img.to(th_img.dtype)
-        dir_txt = t_txt.direction * w_txt.to(th_txt.dtype)
-        # Pass 2: per step, d/d(data) of 2 * psi_i, accumulated.
+            total = loss_img + loss_txt
+            w_img, w_txt = 1.0 / den_i, 1.0 / den_t
+        # eta gradient, closed form: dL_m/deta_m = 2 (Delta + eta G)^T G * w_m (mean over K).
+        ew_img, ew_txt = (1.0 / den_i, 1.0 / den_t) if self.s.parity_eta_grad else (w_img, w_txt)
+        g_eta_img = (2 * dot_i * ew_img).mean().to(eta_img.dtype)
+        g_eta_txt = (2 * dot_t * ew_txt).mean().to(eta_txt.dtype)
+        # Pass-2 directions with the weights w_m / K folded in, [K, numel].
+        dir_img = torch.stack([t.direction for t in ti]) * (w_img / k).to(th_img.dtype)[:, None]
+        dir_txt = torch.stack([t.direction for t in tt]) * (w_txt / k).to(th_txt.dtype)[:, None]
+        # Pass 2: per step, d/d(data) of 2 * psi_i, accumulated into the leaves' .grad.
         feats_leaf = None
         if feats is not None:
             with torch.enable_grad():
@@ -325,7 +378,7 @@ class Unroller:
             feats_leaf = feats_graph.detach().requires_grad_(True)
         acc = [xl, yl, *sl.values()] if feats_leaf is None else [feats_leaf, yl, *sl.values()]
         for i in range(plan.steps):
-            idx = plan.batches[i]
+            idx = plan.batches[:, i]
             perm, lam = self._blend_args(i, plan)
             with torch.enable_grad():
                 img_in = self._img_input(i, xl, plan, inverse, feats_leaf, no_grad_encode=False)
@@ -333,13 +386,15 @@ class Unroller:
                 a, b = thetas[i]
                 _, g1, g2 = self._step_grads(a, b, img_in, yl[idx], s_blk, perm, lam, True)
                 psi = 2 * ((g1 * dir_img).sum() + (g2 * dir_txt).sum())
-                used = [t for t in acc if t.requires_grad]
-                torch.autograd.backward(psi, inputs=used)
+                torch.autograd.backward(psi, inputs=acc)
         if feats_leaf is not None and feats_leaf.grad is not None:
+            # One VJP through the encoder with the summed feature cotangents of all steps.
             torch.autograd.backward(feats_graph, feats_leaf.grad, inputs=[xl])
-        sim_grads = {k: v.grad for k, v in sl.items()}
+        sim_grads = {name: v.grad for name, v in sl.items()}
         out = self._pack(xl.grad, yl.grad, g_eta_img, g_eta_txt, sim_grads, x, y, sl)
-        return UnrollResult(loss.detach(), loss_img.detach(), loss_txt.detach(), out)
+        return UnrollResult(
+            total.mean().detach(), loss_img.mean().detach(), loss_txt.mean().detach(), out
+        )
 
     # ----------------------------------------------------------------- output
     @staticmethod
@@ -347,12 +402,12 @@ class Unroller:
         out: dict[str, torch.Tensor | None] = {
             "x": torch.zeros_like(x) if gx is None else gx,
             "y": torch.zeros_like(y) if gy is None else gy,
-            "eta_img": ge1 if ge1 is not None else torch.zeros(()),
-            "eta_txt": ge2 if ge2 is not None else torch.zeros(()),
+            "eta_img": ge1 if ge1 is not None else torch.zeros((), dtype=y.dtype),
+            "eta_txt": ge2 if ge2 is not None else torch.zeros((), dtype=y.dtype),
         }
-        for k, v in sl.items():
-            g = gsim.get(k)
-            out[f"sim.{k}"] = torch.zeros_like(v) if g is None else g
+        for name, v in sl.items():
+            g = gsim.get(name)
+            out[f"sim.{name}"] = torch.zeros_like(v) if g is None else g
         return out
 
 

@@ -287,3 +287,12 @@ def test_samplers_are_seeded_and_cover_the_set():
     assert abs(draws.mean() - 0.5) < 0.03
     assert abs(draws.var() - 0.125) < 0.01  # Beta(a,a) variance 1/(4(2a+1))
     assert sample_beta(0.0, g) == 1.0
+
+
+def test_several_trajectories_per_iteration_run_batched():
+    d = setup(small(num_trajectories=3, iterations=2))
+    rec = d.step()
+    assert isinstance(rec["expert"], list) and len(rec["expert"]) == 3
+    assert torch.isfinite(torch.tensor(rec["loss"]))
+    lors = setup(small(method="lors", blend=False, num_trajectories=2, iterations=1))
+    assert len(lors.step()["expert"]) == 2

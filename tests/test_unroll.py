@@ -63,7 +63,7 @@ class TinySim:
 
     def block(self, idx, params=None):
         p = self._p if params is None else params
-        return torch.diag(p["a"][idx]) + self.alpha / self.r * p["L"][idx] @ p["R"][idx].T
+        return torch.diag_embed(p["a"][idx]) + self.alpha / self.r * p["L"][idx] @ p["R"][idx].mT
 
 
 def make_problem(seed=0, steps=T, blend=True):
@@ -353,3 +353,65 @@ def test_identity_targets_without_similarity():
     r = u.run(x, y, {}, eta[0], eta[1], th0, ths, plan)
     assert torch.isfinite(r.loss) and r.grads["y"].abs().sum() > 0
     assert not any(k.startswith("sim.") for k in r.grads)
+
+
+@pytest.mark.parametrize("mode", ["exact", "tesla"])
+@pytest.mark.parametrize("merge", [False, True])
+def test_k_batched_trajectories_equal_k_separate_ones(mode, merge):
+    problems = [make_problem(seed=20 + j) for j in range(3)]
+    enc, x, y = problems[0][:3]
+    sim = TinySim(N, seed=20)
+    u = Unroller(
+        UnrollSettings(meta_grad=mode, merge_loss=merge, blend_target=True),
+        enc,
+        HeadSpec(D_F, DIM),
+        HeadSpec(D_T, DIM),
+        sim,
+    )
+    eta = problems[0][6]
+    singles = [u.run(x, y, sim.params(), eta[0], eta[1], p[3], p[4], p[5]) for p in problems]
+    start = tuple(torch.stack([p[3][m] for p in problems]) for m in range(2))
+    target = tuple(torch.stack([p[4][m] for p in problems]) for m in range(2))
+    plan = StepPlan.stack([p[5] for p in problems])
+    batched = u.run(x, y, sim.params(), eta[0], eta[1], start, target, plan)
+    torch.testing.assert_close(batched.loss, sum(r.loss for r in singles) / 3)
+    torch.testing.assert_close(batched.loss_img, sum(r.loss_img for r in singles) / 3)
+    for name in singles[0].grads:
+        want = sum(r.grads[name] for r in singles) / 3
+        torch.testing.assert_close(batched.grads[name], want, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_blend_target_matches_brute_force():
+    enc, x, y, th0, ths, plan, eta = make_problem(seed=8)
+    sim = TinySim(N, seed=8)
+
+    class BlendedSim(TinySim):
+        """Brute force: blend S[I, I] inside the block with the step's permutation."""
+
+    calls = iter(range(plan.steps))
+
+    def block(idx, params=None, _orig=sim.block):
+        s = _orig(idx, params)
+        i = next(calls)
+        lam, perm = plan.lams[i], plan.perms[i]
+        return lam * s + (1 - lam) * s[perm][:, perm]
+
+    sim_b = BlendedSim(N, seed=8)
+    sim_b.block = block
+    _, want = brute_exact(enc, x, y, sim_b, th0, ths, plan, eta)
+    got = run_unroller(
+        UnrollSettings(meta_grad="exact", blend_target=True), enc, x, y, sim, th0, ths, plan, eta
+    )
+    assert_grads_close(got.grads, want)
+    plain = run_unroller(UnrollSettings(meta_grad="exact"), enc, x, y, sim, th0, ths, plan, eta)
+    assert not torch.allclose(plain.grads["y"], got.grads["y"])
+
+
+def test_lors_rejects_several_trajectories_per_call():
+    g = torch.Generator().manual_seed(0)
+    enc = LinearEncoder(g)
+    u = make_unroller_for_lors(UnrollSettings(method="lors"), enc, HeadSpec(D_T, DIM))
+    _, x, y, _, _, plan, eta = make_problem(blend=False)
+    th = (torch.zeros(2, DIM * 19, dtype=DT), torch.zeros(2, HeadSpec(D_T, DIM).numel, dtype=DT))
+    with pytest.raises(ValueError, match="K=1"):
+        u.run(x, y, {}, eta[0], eta[1], th, th, StepPlan.stack([plan, plan]))

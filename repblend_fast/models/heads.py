@@ -33,18 +33,20 @@ class HeadSpec:
         return d * di + d + d * d + d + 2 * d
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Named views into ``flat`` ``[numel]`` (no copies)."""
-        if flat.dim() != 1 or flat.numel() != self.numel:
+        """Named views into ``flat`` ``[numel]`` or ``[K, numel]`` (no copies; a leading K is
+        kept on every view)."""
+        if flat.dim() not in (1, 2) or flat.shape[-1] != self.numel:
             raise ValueError(
-                f"flat head parameters must be 1-D with {self.numel} elements for "
+                f"flat head parameters must be [numel] or [K, numel] with numel={self.numel} for "
                 f"d_in={self.d_in}, dim={self.dim}; got shape {tuple(flat.shape)}"
             )
+        lead = tuple(flat.shape[:-1])
         out, off = {}, 0
         for name, shape in self.shapes.items():
             n = 1
             for s in shape:
                 n *= s
-            out[name] = flat[off : off + n].view(shape)
+            out[name] = flat[..., off : off + n].reshape(*lead, *shape)
             off += n
         return out
 
@@ -57,18 +59,42 @@ def head_forward(
     dropout: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Apply the head with parameters ``flat`` ``[numel]`` to ``h`` ``[..., d_in]`` -> ``[..., dim]``.
+    """Apply the head with parameters ``flat`` to ``h``.
+
+    ``flat`` ``[numel]`` with ``h`` ``[..., d_in]`` -> ``[..., dim]``; or K heads at once:
+    ``flat`` ``[K, numel]`` with ``h`` ``[K, B, d_in]`` -> ``[K, B, dim]``.
 
     ``dropout`` > 0 drops ``u`` with a mask drawn from ``generator`` (the unroll keeps it off by
     default, SPEC.md §2).
     """
     w = spec.views(flat)
+    if flat.dim() == 2:
+        return _head_forward_batched(w, h, spec, dropout, generator)
     p = F.linear(h, w["W1"], w["b1"])
     u = F.linear(F.gelu(p), w["W2"], w["b2"])
-    if dropout > 0:
-        keep = torch.rand(u.shape, generator=generator, device=u.device, dtype=u.dtype) >= dropout
-        u = u * keep.to(u.dtype) / (1 - dropout)
+    u = _dropout(u, dropout, generator)
     return F.layer_norm(u + p, (spec.dim,), w["gamma"], w["beta"], LN_EPS)
+
+
+def _dropout(u: torch.Tensor, rate: float, generator: torch.Generator | None) -> torch.Tensor:
+    if rate <= 0:
+        return u
+    keep = torch.rand(u.shape, generator=generator, device=u.device, dtype=u.dtype) >= rate
+    return u * keep.to(u.dtype) / (1 - rate)
+
+
+def _head_forward_batched(w, h, spec: HeadSpec, dropout: float, generator) -> torch.Tensor:
+    """K heads at once: parameters ``[K, ...]``, inputs ``[K, B, d_in]`` -> ``[K, B, dim]``."""
+    if h.dim() != 3 or h.shape[0] != w["b1"].shape[0]:
+        raise ValueError(
+            f"batched head parameters [K={w['b1'].shape[0]}, numel] need inputs [K, B, d_in], "
+            f"got {tuple(h.shape)}"
+        )
+    p = torch.baddbmm(w["b1"].unsqueeze(1), h, w["W1"].transpose(1, 2))
+    u = torch.baddbmm(w["b2"].unsqueeze(1), F.gelu(p), w["W2"].transpose(1, 2))
+    u = _dropout(u, dropout, generator)
+    o = F.layer_norm(u + p, (spec.dim,), None, None, LN_EPS)
+    return o * w["gamma"].unsqueeze(1) + w["beta"].unsqueeze(1)
 
 
 class ProjectionHead(nn.Module):
