@@ -4,31 +4,31 @@
 on a GPU (read after one synchronisation at the end of the step, so timing adds no syncs inside
 the step), ``time.perf_counter`` on a CPU. Phases may nest; each phase reports its *exclusive*
 time (its own minus its children's), so the phases of a step add up to at most the step's wall
-time, and the remainder is reported as ``other``. Peak memory per phase is the CUDA caching
-allocator's ``max_memory_allocated`` on a GPU and the process's peak resident set (``VmHWM``,
-reset per phase through ``/proc/self/clear_refs``) on a CPU.
+time, and the remainder is reported as ``other``. Phases can also be marked at boundaries
+(``timer.switch("unroll")``), for code instrumented through hooks. Peak memory per phase is the
+CUDA caching allocator's ``max_memory_allocated`` on a GPU and the process's peak resident set
+(``VmHWM``, reset per phase through ``/proc/self/clear_refs``) on a CPU.
 
-:class:`ProfiledUnroller` is an :class:`repblend_fast.unroll.Unroller` whose meta-gradient paths are
-written out piece by piece with phase markers: ``encoder_forward`` (the frozen encoder, or the
-shared one-pass features), ``unroll`` (the T student steps), ``meta_gradient`` (TESLA pass 2 or the
-reverse pass through the unroll), ``encoder_vjp`` (the one pull-back of the summed feature
-cotangents through the encoder). The results equal the plain Unroller's
-(``tests/test_profiling.py``). The outer loop adds ``io`` (plan and expert snapshots to the
-device) and ``optimiser``.
+:class:`ProfiledUnroller` is an :class:`repblend_fast.unroll.Unroller` that marks the phases
+``encoder_forward`` (the frozen encoder, or the shared one-pass features), ``unroll`` (the T student
+steps), ``meta_gradient`` (TESLA pass 2, or the reverse pass through the unroll) and
+``encoder_vjp`` (the pull-back of the summed feature cotangents through the encoder) from the pieces
+the Unroller calls; its results are the plain Unroller's (``tests/test_profiling.py``). The outer
+loop adds ``io`` (plan and expert snapshots to the device) and ``optimiser``.
 """
 
 from __future__ import annotations
 
 import re
 import resource
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
-from repblend_fast.ops import trajectory_distance, trajectory_terms
-from repblend_fast.unroll import Unroller, UnrollResult
+from repblend_fast.unroll import Unroller
 
 __all__ = [
     "PHASES",
@@ -144,6 +144,9 @@ class PhaseTimer:
         self.steps: list[StepProfile] = []
         self._recs: list[_Rec] | None = None
         self._stack: list[int] = []
+        self._switched: int | None = None
+        self._switched_rf = None
+        self._owner = threading.get_ident()
         self._rss_reset_ok = True
 
     # ------------------------------------------------------------------ clock and memory
@@ -189,12 +192,15 @@ class PhaseTimer:
         if self.cuda:
             torch.cuda.synchronize(self.device)
         self._recs, self._stack, self._step_peak = [], [], 0.0
+        self._switched = None
+        self._owner = threading.get_ident()
         if self.memory:
             self._mem_reset()
         t0 = self._now()
         try:
             yield self
         finally:
+            self.switch(None)
             t1 = self._now()
             self._fold_peak()
             if self.cuda:
@@ -228,6 +234,50 @@ class PhaseTimer:
                 self._recs[idx].end = self._now()
                 self._fold_peak()
                 self._stack.pop()
+
+    @property
+    def current(self) -> str | None:
+        """Name of the phase opened by :meth:`switch` (None if none is open)."""
+        if self._recs is None or self._switched is None:
+            return None
+        return self._recs[self._switched].name
+
+    def switch(self, name: str | None) -> None:
+        """End the phase opened by the previous ``switch`` and start ``name`` (``None``: none).
+
+        For code whose phases are marked at boundaries (hooks) rather than by ``with`` blocks.
+        The new phase nests in the innermost open ``phase()`` block, if any.
+        """
+        if self._recs is None:
+            return
+        # Trace ranges only from the step's own thread: on a GPU, autograd hooks run on the
+        # device thread, and a range must begin and end on one thread (there, a switch made by a
+        # hook is timed but its trace range folds into the previous one).
+        own = threading.get_ident() == self._owner
+        if self._switched is not None:
+            if self._recs[self._switched].name == name:
+                return
+            self._fold_peak()
+            self._recs[self._switched].end = self._now()
+            self._stack.remove(self._switched)
+            self._switched = None
+            if own and self._switched_rf is not None:
+                self._switched_rf.__exit__(None, None, None)
+                self._switched_rf = None
+        if name is None:
+            return
+        if own and self.record_functions and self._switched_rf is None:
+            self._switched_rf = torch.profiler.record_function(f"repblend:{name}")
+            self._switched_rf.__enter__()
+        self._fold_peak()
+        parent = self._stack[-1] if self._stack else None
+        idx = len(self._recs)
+        self._recs.append(_Rec(name, parent))
+        if parent is not None:
+            self._recs[parent].children.append(idx)
+        self._stack.append(idx)
+        self._switched = idx
+        self._recs[idx].start = self._now()
 
     # ------------------------------------------------------------------ results
     def _collect(self, t0, t1) -> StepProfile:
@@ -290,7 +340,17 @@ def format_profile_table(summary: dict, title: str = "", memory_label: str = "pe
 
 
 class ProfiledUnroller(Unroller):
-    """:class:`Unroller` with phase markers (same results; see the module docstring).
+    """:class:`Unroller` that reports its phases to a :class:`PhaseTimer` (identical results).
+
+    It does not re-implement the unroll: it marks phase boundaries from the pieces the Unroller
+    calls, so it follows the Unroller as that changes.
+
+    * ``encode`` -> ``encoder_forward`` (the shared one-pass features, or per-step encodes);
+    * ``_step_grads`` -> ``unroll`` (every exact step, TESLA pass 1) or ``meta_gradient`` (TESLA
+      pass 2, where the ``psi`` backward that follows is included);
+    * ``_matching`` (the exact mode's final loss) -> ``meta_gradient`` (the reverse pass);
+    * a gradient hook on the encoder's output -> ``encoder_vjp``: everything autograd does after
+      the features' cotangent is complete, i.e. the pull-back through the encoder.
 
     Args:
         timer: the :class:`PhaseTimer` that receives the phases (others as for Unroller).
@@ -300,123 +360,30 @@ class ProfiledUnroller(Unroller):
         super().__init__(settings, encoder, img_spec, txt_spec, similarity)
         self.timer = timer if timer is not None else PhaseTimer("cpu", memory=False)
 
+    def run(self, *args, **kwargs):
+        self.timer.switch("unroll")
+        try:
+            return super().run(*args, **kwargs)
+        finally:
+            self.timer.switch(None)
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        with self.timer.phase("encoder_forward"):
-            return super().encode(images)
+        prev = self.timer.current
+        self.timer.switch("encoder_forward")
+        out = super().encode(images)
+        if out.requires_grad:
+            out.register_hook(self._encoder_vjp_starts)
+        self.timer.switch(prev)
+        return out
 
-    # ----------------------------------------------------------------- exact
-    def _run_exact(self, x, y, sim_params, eta_img, eta_txt, start, target, plan):
-        ph = self.timer.phase
-        xl, yl, sl, el, tl = self._leaves(x, y, sim_params, eta_img, eta_txt)
-        touched, inverse, feats = self._feature_source(xl, plan, with_graph=True)
-        # The unroll's graph stops at a feature leaf; the encoder is pulled back once afterwards.
-        feats_leaf = feats.detach().requires_grad_(True) if feats is not None else None
-        th_img, th_txt = start[0].detach(), start[1].detach()
-        with torch.enable_grad():
-            with ph("unroll"):
-                for i in range(plan.steps):
-                    idx = plan.batches[i]
-                    perm, lam = self._blend_args(i, plan)
-                    img_in = self._img_input(i, xl, plan, inverse, feats_leaf, no_grad_encode=False)
-                    s_blk = self.target_block(idx, sl, y.dtype, perm, lam)
+    def _encoder_vjp_starts(self, grad):
+        self.timer.switch("encoder_vjp")
 
-                    def step(a, b, img_in, y_b, s_blk, e1, e2, perm=perm, lam=lam):
-                        _, g1, g2 = self._step_grads(a, b, img_in, y_b, s_blk, perm, lam, True)
-                        return a - e1 * g1, b - e2 * g2
+    def _step_grads(self, th_img, th_txt, img_in, y_b, s_blk, perm, lam, create_graph: bool):
+        pass2 = self.s.meta_grad == "tesla" and create_graph
+        self.timer.switch("meta_gradient" if pass2 else "unroll")
+        return super()._step_grads(th_img, th_txt, img_in, y_b, s_blk, perm, lam, create_graph)
 
-                    args = (th_img, th_txt, img_in, yl[idx], s_blk, el, tl)
-                    if self.s.checkpoint_steps:
-                        from torch.utils.checkpoint import checkpoint
-
-                        th_img, th_txt = checkpoint(step, *args, use_reentrant=False)
-                    else:
-                        th_img, th_txt = step(*args)
-            with ph("meta_gradient"):
-                loss_img = trajectory_distance(th_img, start[0], target[0])
-                loss_txt = trajectory_distance(th_txt, start[1], target[1])
-                if self.s.merge_loss:
-                    num = (th_img - target[0]).pow(2).sum() + (th_txt - target[1]).pow(2).sum()
-                    den = (start[0] - target[0]).pow(2).sum() + (start[1] - target[1]).pow(2).sum()
-                    loss = num / den
-                else:
-                    loss = loss_img + loss_txt
-                first = xl if feats_leaf is None else feats_leaf
-                inputs = [first, yl, el, tl, *sl.values()]
-                grads = torch.autograd.grad(loss, inputs, allow_unused=True)
-            gx = grads[0]
-            if feats_leaf is not None:
-                with ph("encoder_vjp"):
-                    gx = None
-                    if grads[0] is not None:
-                        (gx,) = torch.autograd.grad(feats, [xl], grads[0], allow_unused=True)
-        out = self._pack(gx, grads[1], grads[2], grads[3], dict(zip(sl, grads[4:])), x, y, sl)
-        return UnrollResult(loss.detach(), loss_img.detach(), loss_txt.detach(), out)
-
-    # ----------------------------------------------------------------- tesla
-    def _run_tesla(self, x, y, sim_params, eta_img, eta_txt, start, target, plan):
-        ph = self.timer.phase
-        xl, yl, sl, el, tl = self._leaves(x, y, sim_params, eta_img, eta_txt)
-        e1, e2 = eta_img.detach(), eta_txt.detach()
-        touched, inverse, feats = self._feature_source(xl, plan, with_graph=False)
-        th_img, th_txt = start[0].detach(), start[1].detach()
-        thetas = []
-        with ph("unroll"):
-            g_sum_img = torch.zeros_like(th_img)
-            g_sum_txt = torch.zeros_like(th_txt)
-            with torch.no_grad():
-                sl_c = {k: v.detach() for k, v in sl.items()}
-                for i in range(plan.steps):
-                    idx = plan.batches[i]
-                    perm, lam = self._blend_args(i, plan)
-                    img_in = self._img_input(i, xl, plan, inverse, feats, no_grad_encode=True)
-                    s_blk = self.target_block(idx, sl_c, y.dtype, perm, lam)
-                    thetas.append((th_img, th_txt))
-                    _, g1, g2 = self._step_grads(
-                        th_img, th_txt, img_in.detach(), y[idx].detach(), s_blk, perm, lam, False
-                    )
-                    g_sum_img += g1
-                    g_sum_txt += g2
-                    th_img = th_img - e1 * g1
-                    th_txt = th_txt - e2 * g2
-        with ph("meta_gradient"):
-            t_img = trajectory_terms(start[0], target[0], g_sum_img, e1)
-            t_txt = trajectory_terms(start[1], target[1], g_sum_txt, e2)
-            loss_img = t_img.num / t_img.denom
-            loss_txt = t_txt.num / t_txt.denom
-            if self.s.merge_loss:
-                loss = (t_img.num + t_txt.num) / (t_img.denom + t_txt.denom)
-            else:
-                loss = loss_img + loss_txt
-            w_img, w_txt = self._weights(t_img.denom, t_txt.denom)
-            if self.s.parity_eta_grad:
-                ew_img, ew_txt = 1.0 / t_img.denom, 1.0 / t_txt.denom
-            else:
-                ew_img, ew_txt = w_img, w_txt
-            g_eta_img = (2 * t_img.dot * ew_img).to(eta_img.dtype)
-            g_eta_txt = (2 * t_txt.dot * ew_txt).to(eta_txt.dtype)
-            dir_img = t_img.direction * w_img.to(th_img.dtype)
-            dir_txt = t_txt.direction * w_txt.to(th_txt.dtype)
-        feats_leaf = feats_graph = None
-        if feats is not None:
-            with torch.enable_grad():
-                feats_graph = self.encode(xl[touched])
-            feats_leaf = feats_graph.detach().requires_grad_(True)
-        with ph("meta_gradient"):
-            acc = [xl, yl, *sl.values()] if feats_leaf is None else [feats_leaf, yl, *sl.values()]
-            for i in range(plan.steps):
-                idx = plan.batches[i]
-                perm, lam = self._blend_args(i, plan)
-                with torch.enable_grad():
-                    img_in = self._img_input(i, xl, plan, inverse, feats_leaf, no_grad_encode=False)
-                    s_blk = self.target_block(idx, sl, y.dtype, perm, lam)
-                    a, b = thetas[i]
-                    _, g1, g2 = self._step_grads(a, b, img_in, yl[idx], s_blk, perm, lam, True)
-                    psi = 2 * ((g1 * dir_img).sum() + (g2 * dir_txt).sum())
-                    used = [t for t in acc if t.requires_grad]
-                    torch.autograd.backward(psi, inputs=used)
-        if feats_leaf is not None and feats_leaf.grad is not None:
-            with ph("encoder_vjp"):
-                torch.autograd.backward(feats_graph, feats_leaf.grad, inputs=[xl])
-        sim_grads = {k: v.grad for k, v in sl.items()}
-        out = self._pack(xl.grad, yl.grad, g_eta_img, g_eta_txt, sim_grads, x, y, sl)
-        return UnrollResult(loss.detach(), loss_img.detach(), loss_txt.detach(), out)
+    def _matching(self, *args, **kwargs):
+        self.timer.switch("meta_gradient")
+        return super()._matching(*args, **kwargs)

@@ -40,7 +40,8 @@ class Sim:
 
     def block(self, idx, params=None):
         p = self.p if params is None else params
-        return torch.diag(p["a"][idx]) + 0.35 * p["L"][idx] @ p["R"][idx].T
+        # idx [B] or [K, B] -> [B, B] or [K, B, B]
+        return torch.diag_embed(p["a"][idx]) + 0.35 * p["L"][idx] @ p["R"][idx].transpose(-1, -2)
 
 
 def _problem(seed=0):

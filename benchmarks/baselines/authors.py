@@ -109,8 +109,10 @@ class LowRankSim(nn.Module):
         return self
 
     def block(self, idx: torch.Tensor, params: dict[str, torch.Tensor] | None = None):
+        """``S[I, I]``: ``[B]`` -> ``[B, B]`` (``[K, B]`` -> ``[K, B, B]``)."""
         p = self.params() if params is None else params
-        return torch.diag(p["a"][idx]) + self.alpha / self.rank * p["L"][idx] @ p["R"][idx].T
+        low = p["L"][idx] @ p["R"][idx].transpose(-1, -2)
+        return torch.diag_embed(p["a"][idx]) + self.alpha / self.rank * low
 
 
 def wbce_loss(img_emb, txt_emb, target, logit_scale: float, eps: float = 1e-6):
