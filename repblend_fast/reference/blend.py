@@ -18,7 +18,8 @@ def _lam_view(lam, x: torch.Tensor) -> torch.Tensor | float:
 
 
 def blend_one(x: torch.Tensor, perm: torch.Tensor, lam) -> torch.Tensor:
-    idx = perm.unsqueeze(-1).expand(*perm.shape, x.shape[-1])
+    # A [B] perm broadcasts over the K batches of a [K, B, D] input.
+    idx = perm.unsqueeze(-1).expand(x.shape)
     xp = torch.gather(x, -2, idx)
     lam_v = _lam_view(lam, x)
     return lam_v * x + (1 - lam_v) * xp
