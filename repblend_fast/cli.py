@@ -1,6 +1,8 @@
-"""The ``repblend-fast`` command: ``buffer``, ``distill``, ``info`` (and more subcommands).
+"""repblend-fast: fast multimodal dataset distillation (RepBlend, LoRS, MTT-VL).
 
-Every subcommand validates its flags up front and fails with a message that says what to change.
+Subcommands: buffer (train experts), distill, info, and, where their modules are installed,
+demo, evaluate, report, bench, profile. Every subcommand validates its flags up front and fails
+with a message that says what to change (exit status 2).
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def _dataset(args, split: str = "train"):
             raise CLIError("--dataset generic needs --annotations <pairs.jsonl|csv>")
         kw = {"annotations": args.annotations, "n_test": 0.2}
         if args.image_root:
-            kw["root"] = args.image_root
+            kw["image_root"] = args.image_root
     try:
         return get_dataset(args.dataset, split, **kw)
     except (FileNotFoundError, ValueError) as exc:
@@ -311,7 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _mount_optional(sub) -> None:
     """Subcommands implemented in other modules (evaluation, demo, benchmarks)."""
     for mod, name, helptext in (
-        ("repblend_fast.evaluate", "evaluate", "evaluate a distilled set (SPEC §8 protocol)"),
+        (
+            "repblend_fast.demo",
+            "evaluate",
+            "evaluate a distilled set (train-on-distilled protocol)",
+        ),
         ("repblend_fast.demo", "demo", "the whole pipeline on the embedded dataset"),
         ("repblend_fast.demo", "report", "render report.md for an evaluated run"),
         ("repblend_fast.bench", "bench", "time one distillation iteration per provider"),

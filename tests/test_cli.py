@@ -1,0 +1,175 @@
+"""The repblend-fast command end to end on a tiny generic dataset (random-init encoder)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from repblend_fast.cli import main
+from repblend_fast.distill import DistilledSet
+
+
+@pytest.fixture(scope="module")
+def tiny_pairs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    rng = np.random.default_rng(0)
+    colours = ["red", "green", "blue", "yellow", "black", "white"]
+    shapes = ["square", "circle", "stripe", "dot", "cross"]
+    rows = []
+    for i in range(30):
+        arr = (rng.random((16, 16, 3)) * 255).astype("uint8")
+        Image.fromarray(arr).save(root / f"img{i:02d}.png")
+        cap = f"a {colours[i % 6]} {shapes[i % 5]} number {i}"
+        rows.append({"image": f"img{i:02d}.png", "caption": cap})
+    ann = root / "pairs.jsonl"
+    ann.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return ann
+
+
+def _common(ann, cache):
+    return [
+        "--dataset",
+        "generic",
+        "--annotations",
+        str(ann),
+        "--image-encoder",
+        "resnet18",
+        "--random-init-encoder",
+        "--image-size",
+        "16",
+        "--cache-dir",
+        str(cache),
+    ]
+
+
+def test_buffer_distill_info_end_to_end(tiny_pairs, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    experts = tmp_path / "experts"
+    rc = main(
+        [
+            "buffer",
+            *_common(tiny_pairs, cache),
+            "--experts",
+            "2",
+            "--epochs",
+            "2",
+            "--dim",
+            "16",
+            "--batch-size",
+            "8",
+            "--out",
+            str(experts),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    assert (experts / "manifest.json").exists()
+    run = tmp_path / "run"
+    args = [
+        "distill",
+        *_common(tiny_pairs, cache),
+        "--experts",
+        str(experts),
+        "--out",
+        str(run),
+        "--pairs",
+        "8",
+        "--batch-size",
+        "4",
+        "--syn-steps",
+        "2",
+        "--iterations",
+        "3",
+        "--set",
+        "sim_rank=2",
+        "--set",
+        "lr_lr=1e-4",
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    out = DistilledSet.load(run / "distilled.safetensors")
+    assert out.images.shape == (8, 3, 16, 16) and out.texts.shape[0] == 8
+    assert out.similarity.shape == (8, 8)
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["pairs"] == 8 and cfg["lr_lr"] == 1e-4 and cfg["sim_rank"] == 2
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in recs] == [0, 1, 2]
+    # Same run again without --resume refuses to mix two runs in one directory.
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    # --resume with more iterations continues from the checkpoint.
+    more = [a if a != "3" else "4" for a in args] + ["--resume"]
+    assert main(more) == 0
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in recs] == [0, 1, 2, 3]
+    capsys.readouterr()
+    assert main(["info", str(run / "distilled.safetensors")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "repblend_fast.distilled" and info["tensors"]["images"] == [8, 3, 16, 16]
+    assert main(["info", str(experts)]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "repblend"
+    # Experts of one method cannot drive another.
+    bad = [
+        "distill",
+        *_common(tiny_pairs, cache),
+        "--experts",
+        str(experts),
+        "--out",
+        str(tmp_path / "lors"),
+        "--method",
+        "lors",
+        "--pairs",
+        "8",
+        "--batch-size",
+        "4",
+        "--iterations",
+        "1",
+        "--no-progress",
+    ]
+    assert main(bad) == 2
+    assert "method" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["distill", "--experts", "/nonexistent", "--out", "x"], "manifest.json"),
+        (["distill", "--experts", ".", "--out", "x", "--set", "nope"], "key=value"),
+        (["distill", "--experts", ".", "--out", "x", "--set", "unknown_field=1"], "unknown"),
+        (["distill", "--experts", ".", "--out", "x", "--pairs", "0"], "pairs"),
+        (["buffer", "--dataset", "flickr30k", "--out", "x"], "--annotation"),
+        (["info", "/nonexistent/file.safetensors"], "does not exist"),
+    ],
+)
+def test_bad_flags_fail_with_a_message(argv, needle, capsys):
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_preset_flags_override_preset(tmp_path):
+    from repblend_fast.cli import build_parser, config_from_args
+
+    a = build_parser().parse_args(
+        [
+            "distill",
+            "--experts",
+            "e",
+            "--out",
+            "o",
+            "--preset",
+            "coco-500",
+            "--meta-grad",
+            "tesla",
+            "--syn-steps",
+            "4",
+        ]
+    )
+    cfg = config_from_args(a)
+    assert cfg.pairs == 499 and cfg.temperature == 0.1 and cfg.meta_grad == "tesla"
+    assert cfg.syn_steps == 4
+    m = build_parser().parse_args(["distill", "--experts", "e", "--out", "o", "--method", "mtt-vl"])
+    mc = config_from_args(m)
+    assert (mc.similarity, mc.loss, mc.blend) == ("none", "infonce", False)
