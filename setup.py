@@ -38,7 +38,9 @@ def _cuda_extensions():
             "REPBLEND_BUILD_CUDA=1 but nvcc was not found: set CUDA_HOME to a CUDA toolkit "
             "(e.g. /usr/local/cuda) or put nvcc on PATH"
         )
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
+    sources = sorted(
+        glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu"))
+    )
     ext = CUDAExtension(
         "repblend_fast._C",
         sources=sources,
@@ -71,7 +73,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["repblend_fast", "repblend_fast.*"]) + ["repblend_fast.kernels"],
+    packages=find_packages(include=["repblend_fast", "repblend_fast.*"])
+    + ["repblend_fast.kernels"],
     package_dir={"repblend_fast.kernels": "kernels"},
     include_package_data=False,
     install_requires=["torch>=2.4", "numpy>=1.24", "safetensors>=0.4", "tqdm>=4.60"],

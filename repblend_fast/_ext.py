@@ -23,7 +23,8 @@ CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 def csrc_sources(csrc_dir: str = CSRC) -> list[str]:
     """All C++/CUDA sources of the extension, sorted (empty when ``csrc/`` is not shipped)."""
-    return sorted(glob.glob(os.path.join(csrc_dir, "*.cpp")) + glob.glob(os.path.join(csrc_dir, "*.cu")))
+    found = glob.glob(os.path.join(csrc_dir, "*.cpp")) + glob.glob(os.path.join(csrc_dir, "*.cu"))
+    return sorted(found)
 
 
 def build_dir() -> str:
@@ -69,9 +70,13 @@ def status() -> tuple[bool, str]:
     from torch.utils.cpp_extension import CUDA_HOME
 
     if CUDA_HOME is None:
-        return False, "repblend_fast._C is not built and nvcc (CUDA_HOME) was not found for a JIT build"
+        return False, (
+            "repblend_fast._C is not built and nvcc (CUDA_HOME) was not found for a JIT build"
+        )
     if shutil.which("ninja") is None:
-        return False, "repblend_fast._C is not built and ninja is missing for a JIT build (pip install ninja)"
+        return False, (
+            "repblend_fast._C is not built and ninja is missing for a JIT build (pip install ninja)"
+        )
     try:
         logger.warning("building the repblend_fast CUDA extension with JIT (first use; ~1-2 min)")
         jit_build()

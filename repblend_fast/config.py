@@ -53,7 +53,8 @@ class DistillConfig:
         parity_eta_grad: TESLA eta gradient with the per-modality normalisation even when merged
             (the reference's behaviour).
         num_trajectories: K trajectories (experts) per iteration; their gradients are averaged.
-        encoder_autocast: autocast dtype of the frozen encoder on CUDA (``none``, ``bf16``, ``fp16``).
+        encoder_autocast: autocast dtype of the frozen encoder on CUDA (``none``, ``bf16``,
+            ``fp16``).
         seed: seeds every random draw (one explicit generator).
         checkpoint_every: save a resumable checkpoint every k iterations (0 = only at the end).
         nan_patience: consecutive non-finite iterations tolerated before the run stops.

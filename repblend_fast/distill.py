@@ -35,7 +35,7 @@ _AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised after ``nan_patience`` consecutive non-finite iterations (the last good state is kept)."""
+    """Raised after ``nan_patience`` consecutive non-finite iterations (last good state kept)."""
 
 
 # --------------------------------------------------------------------------- random draws
@@ -156,7 +156,7 @@ class DistilledSet:
 
 # --------------------------------------------------------------------------- distiller
 class Distiller:
-    """RepBlend / LoRS / MTT-VL distillation of N synthetic pairs against stored expert trajectories.
+    """RepBlend / LoRS / MTT-VL distillation of N synthetic pairs against expert trajectories.
 
     Args:
         config: the run's :class:`DistillConfig` (validated here).

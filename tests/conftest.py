@@ -14,7 +14,9 @@ import torch  # noqa: E402
 
 def pytest_collection_modifyitems(config, items):
     has_cuda = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run with REPBLEND_TEST_GPU=1 on a GPU)")
+    skip_gpu = pytest.mark.skip(
+        reason="needs a CUDA device (run with REPBLEND_TEST_GPU=1 on a GPU)"
+    )
     run_slow = "slow" in (config.getoption("-m") or "") or os.environ.get("REPBLEND_SLOW") == "1"
     skip_slow = pytest.mark.skip(reason="slow check: run with -m slow or REPBLEND_SLOW=1")
     for item in items:

@@ -1,4 +1,4 @@
-"""Meta-gradients of the unroll against independent float64 brute-force computations (SPEC.md §5)."""
+"""Meta-gradients of the unroll vs independent float64 brute-force computations (SPEC.md §5)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def naive_wbce(a, b, s):
 
 
 class TinySim:
-    """Low-rank similarity S = diag(a) + (alpha/r) L R^T (independent of repblend_fast.similarity)."""
+    """Low-rank S = diag(a) + (alpha/r) L R^T, independent of repblend_fast.similarity."""
 
     def __init__(self, n, r=2, alpha=0.7, seed=0):
         g = torch.Generator().manual_seed(seed)

@@ -1,4 +1,4 @@
-"""Projection heads (SPEC.md §2), as an ``nn.Module`` and as a function of one flat parameter vector.
+"""Projection heads (SPEC.md §2): an ``nn.Module`` and a function of one flat parameter vector.
 
 ``p = W1 h + b1; u = W2 GELU(p) + b2; o = LayerNorm(Dropout(u) + p)`` (exact erf GELU, eps 1e-5).
 Flat layout (row-major): ``W1 [D, d_in], b1 [D], W2 [D, D], b2 [D], gamma [D], beta [D]``.

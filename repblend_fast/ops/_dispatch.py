@@ -3,7 +3,8 @@
 ``auto`` picks, in order, the CUDA extension, the Triton kernel, the plain-torch reference, by what
 can run on the given tensors, and logs its reason once per (op, choice). An explicit ``impl`` that
 cannot run raises ``RuntimeError`` with the reason: there is never a silent fallback.
-``REPBLEND_IMPL`` overrides ``auto`` (not an explicit choice). Nothing here probes the GPU at import.
+``REPBLEND_IMPL`` overrides ``auto`` (not an explicit choice). Nothing here probes the GPU at
+import time.
 """
 
 from __future__ import annotations
