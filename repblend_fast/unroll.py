@@ -18,8 +18,8 @@ learning rates ``eta``. Two meta-gradients:
 
 Students: RepBlend trains two projection heads on frozen-encoder features, so with
 ``share_encoder=True`` the encoder runs once per iteration on the touched images and the whole
-unroll lives in feature space; the cotangents of all steps are summed and pulled back through the encoder
-with one VJP (blending is linear, autograd's gather backward is exactly ``lam g + (1-lam) P^T g``).
+unroll lives in feature space; the cotangents of all steps are summed and pulled back through the
+encoder with one VJP (blending is linear: the gather backward is exactly ``lam g + (1-lam) P^T g``).
 ``share_encoder=False`` re-encodes every step's batch (twice in TESLA), as the authors' code does.
 LoRS / MTT-VL train the image encoder itself (its parameters are the image-side flat vector).
 """
