@@ -50,6 +50,9 @@ class DistillConfig:
         share_encoder: encode the touched images once per iteration (RepBlend); ``False``
             re-encodes every step as the authors' code does.
         checkpoint_steps: gradient checkpointing per unroll step (exact mode).
+        unroll_dropout: dropout 0.1 in the heads inside the unroll, as the reference keeps it
+            (TESLA pass 2 then draws fresh masks, as the reference does). Off by default: the
+            unroll is deterministic and both TESLA passes see the same function.
         parity_eta_grad: TESLA eta gradient with the per-modality normalisation even when merged
             (the reference's behaviour).
         num_trajectories: K trajectories (experts) per iteration; their gradients are averaged.
@@ -88,6 +91,7 @@ class DistillConfig:
     meta_grad: str = "exact"
     share_encoder: bool = True
     checkpoint_steps: bool = False
+    unroll_dropout: bool = False
     parity_eta_grad: bool = False
     num_trajectories: int = 1
     encoder_autocast: str = "none"

@@ -307,11 +307,27 @@ class Distiller:
                 lams.append(1.0)
                 perms.append(torch.arange(cfg.batch_size))
         dev = self.device
-        return StepPlan(
+        plan = StepPlan(
             torch.stack(batches).to(dev),
             torch.tensor(lams, dtype=self.dtype).to(dev),
             torch.stack(perms).to(dev),
         )
+        if cfg.unroll_dropout:
+            plan.keep_img, plan.keep_txt = self._keep_masks()
+            if cfg.meta_grad == "tesla":
+                plan.keep_img2, plan.keep_txt2 = self._keep_masks()
+        return plan
+
+    def _keep_masks(self, rate: float = 0.1):
+        """Rescaled dropout keep-masks ``[T, B, D]`` of the image (RepBlend) and text heads."""
+        t, b = self.cfg.syn_steps, self.cfg.batch_size
+
+        def draw(dim):
+            keep = torch.rand((t, b, dim), generator=self.g) >= rate
+            return (keep.to(self.dtype) / (1 - rate)).to(self.device)
+
+        img = draw(self.img_spec.dim) if isinstance(self.img_spec, HeadSpec) else None
+        return img, draw(self.txt_spec.dim)
 
     def _trajectory(self):
         cfg = self.cfg

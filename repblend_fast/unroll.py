@@ -48,11 +48,20 @@ class StepPlan:
     batches: ``[T, B]`` long indices into the N synthetic pairs (``[K, T, B]`` for K trajectories).
     lams: ``[T]`` (or ``[K, T]``) blending coefficients (1.0 = no blending).
     perms: ``[T, B]`` (or ``[K, T, B]``) long, the within-batch permutation of each step.
+    keep_img, keep_txt: optional rescaled dropout keep-masks of the heads, ``[(K,) T, B, D]``
+        (``unroll_dropout``); ``keep_img2``/``keep_txt2`` are TESLA pass 2's masks (the
+        reference resamples dropout there; ``None`` reuses pass 1's).
     """
 
     batches: torch.Tensor
     lams: torch.Tensor
     perms: torch.Tensor
+    keep_img: torch.Tensor | None = None
+    keep_txt: torch.Tensor | None = None
+    keep_img2: torch.Tensor | None = None
+    keep_txt2: torch.Tensor | None = None
+
+    _FIELDS = ("batches", "lams", "perms", "keep_img", "keep_txt", "keep_img2", "keep_txt2")
 
     @property
     def steps(self) -> int:
@@ -66,16 +75,26 @@ class StepPlan:
         """The same plan with a leading K dimension."""
         if self.batches.dim() == 3:
             return self
-        return StepPlan(self.batches[None], self.lams[None], self.perms[None])
+        vals = [getattr(self, f) for f in self._FIELDS]
+        return StepPlan(*[None if v is None else v[None] for v in vals])
 
     @staticmethod
     def stack(plans: list[StepPlan]) -> StepPlan:
         """K single-trajectory plans as one ``[K, ...]`` plan."""
-        return StepPlan(
-            torch.stack([p.batches for p in plans]),
-            torch.stack([p.lams for p in plans]),
-            torch.stack([p.perms for p in plans]),
-        )
+        out = []
+        for f in StepPlan._FIELDS:
+            vals = [getattr(p, f) for p in plans]
+            out.append(None if vals[0] is None else torch.stack(vals))
+        return StepPlan(*out)
+
+    def keep(self, i: int, second_pass: bool = False):
+        """Step i's keep-masks ``([K, B, D] or None, [K, B, D] or None)``."""
+        ki, kt = self.keep_img, self.keep_txt
+        if second_pass and self.keep_img2 is not None:
+            ki = self.keep_img2
+        if second_pass and self.keep_txt2 is not None:
+            kt = self.keep_txt2
+        return (None if ki is None else ki[:, i]), (None if kt is None else kt[:, i])
 
 
 @dataclass
@@ -171,7 +190,7 @@ class Unroller:
             s = lam_v * s + (1 - lam_v) * sp
         return s
 
-    def step_loss(self, th_img, th_txt, img_in, y_b, s_blk, perm, lam):
+    def step_loss(self, th_img, th_txt, img_in, y_b, s_blk, perm, lam, keep=(None, None)):
         """Per-trajectory losses ``[K]`` of one step.
 
         ``th_*``: ``[K, numel]``; ``img_in``: features ``[K, B, d_f]`` (RepBlend) or images
@@ -180,15 +199,17 @@ class Unroller:
         if self.s.method == "repblend":
             if perm is not None:
                 img_in, y_b = blend_pairs(img_in, y_b, perm, lam)
-            e_img = head_forward(th_img, img_in, self.img_spec)
+            e_img = head_forward(th_img, img_in, self.img_spec, keep=keep[0])
         else:
             e_img = functional_forward(self.encoder, self.img_spec, th_img[0], img_in[0])[None]
-        e_txt = head_forward(th_txt, y_b, self.txt_spec)
+        e_txt = head_forward(th_txt, y_b, self.txt_spec, keep=keep[1])
         return contrastive_loss(
             e_img, e_txt, s_blk, logit_scale=self.s.logit_scale, loss=self.s.loss, eps=self.s.eps
         )
 
-    def _step_grads(self, th_img, th_txt, img_in, y_b, s_blk, perm, lam, create_graph: bool):
+    def _step_grads(
+        self, th_img, th_txt, img_in, y_b, s_blk, perm, lam, create_graph: bool, keep=(None, None)
+    ):
         if not th_img.requires_grad:
             th_img = th_img.detach().requires_grad_(True)
         if not th_txt.requires_grad:
@@ -196,7 +217,7 @@ class Unroller:
         with torch.enable_grad():
             # The K losses depend on disjoint parameter rows: the gradient of their sum is the
             # stack of the per-trajectory gradients.
-            loss = self.step_loss(th_img, th_txt, img_in, y_b, s_blk, perm, lam).sum()
+            loss = self.step_loss(th_img, th_txt, img_in, y_b, s_blk, perm, lam, keep).sum()
             g_img, g_txt = torch.autograd.grad(loss, (th_img, th_txt), create_graph=create_graph)
         return loss, g_img, g_txt
 
@@ -304,8 +325,8 @@ class Unroller:
                 img_in = self._img_input(i, xl, plan, inverse, feats, no_grad_encode=False)
                 s_blk = self.target_block(idx, sl, y.dtype, perm, lam)
 
-                def step(a, b, img_in, y_b, s_blk, e1, e2, perm=perm, lam=lam):
-                    _, g1, g2 = self._step_grads(a, b, img_in, y_b, s_blk, perm, lam, True)
+                def step(a, b, img_in, y_b, s_blk, e1, e2, perm=perm, lam=lam, keep=plan.keep(i)):
+                    _, g1, g2 = self._step_grads(a, b, img_in, y_b, s_blk, perm, lam, True, keep)
                     return a - e1 * g1, b - e2 * g2
 
                 args = (th_img, th_txt, img_in, yl[idx], s_blk, el, tl)
@@ -340,7 +361,15 @@ class Unroller:
                 s_blk = self.target_block(idx, sl_c, y.dtype, perm, lam)
                 thetas.append((th_img, th_txt))
                 _, g1, g2 = self._step_grads(
-                    th_img, th_txt, img_in.detach(), y[idx].detach(), s_blk, perm, lam, False
+                    th_img,
+                    th_txt,
+                    img_in.detach(),
+                    y[idx].detach(),
+                    s_blk,
+                    perm,
+                    lam,
+                    False,
+                    plan.keep(i),
                 )
                 g_sum_img += g1
                 g_sum_txt += g2
@@ -384,7 +413,8 @@ class Unroller:
                 img_in = self._img_input(i, xl, plan, inverse, feats_leaf, no_grad_encode=False)
                 s_blk = self.target_block(idx, sl, y.dtype, perm, lam)
                 a, b = thetas[i]
-                _, g1, g2 = self._step_grads(a, b, img_in, yl[idx], s_blk, perm, lam, True)
+                keep = plan.keep(i, second_pass=True)
+                _, g1, g2 = self._step_grads(a, b, img_in, yl[idx], s_blk, perm, lam, True, keep)
                 psi = 2 * ((g1 * dir_img).sum() + (g2 * dir_txt).sum())
                 torch.autograd.backward(psi, inputs=acc)
         if feats_leaf is not None and feats_leaf.grad is not None:

@@ -296,3 +296,16 @@ def test_several_trajectories_per_iteration_run_batched():
     assert torch.isfinite(torch.tensor(rec["loss"]))
     lors = setup(small(method="lors", blend=False, num_trajectories=2, iterations=1))
     assert len(lors.step()["expert"]) == 2
+
+
+@pytest.mark.parametrize("meta_grad", ["exact", "tesla"])
+def test_unroll_dropout_draws_masks_and_stays_deterministic(meta_grad):
+    cfg = small(unroll_dropout=True, meta_grad=meta_grad, iterations=2)
+    a, b = setup(cfg), setup(cfg)
+    plan = setup(cfg)._plan()
+    assert plan.keep_img.shape == (cfg.syn_steps, cfg.batch_size, DIM)
+    assert (plan.keep_img2 is not None) == (meta_grad == "tesla")
+    vals = plan.keep_txt.unique()
+    assert len(vals) == 2 and vals[0] == 0.0 and abs(float(vals[1]) - 1 / 0.9) < 1e-6
+    ra, rb = a.step(), b.step()
+    assert ra["loss"] == rb["loss"]

@@ -58,21 +58,23 @@ def head_forward(
     *,
     dropout: float = 0.0,
     generator: torch.Generator | None = None,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply the head with parameters ``flat`` to ``h``.
 
     ``flat`` ``[numel]`` with ``h`` ``[..., d_in]`` -> ``[..., dim]``; or K heads at once:
     ``flat`` ``[K, numel]`` with ``h`` ``[K, B, d_in]`` -> ``[K, B, dim]``.
 
-    ``dropout`` > 0 drops ``u`` with a mask drawn from ``generator`` (the unroll keeps it off by
-    default, SPEC.md §2).
+    ``dropout`` > 0 drops ``u`` with a mask drawn from ``generator``; alternatively ``keep`` is a
+    precomputed, already rescaled mask of ``u``'s shape (the unroll draws its masks up front so
+    that recomputation sees the same ones). The unroll keeps dropout off by default (SPEC.md §2).
     """
     w = spec.views(flat)
     if flat.dim() == 2:
-        return _head_forward_batched(w, h, spec, dropout, generator)
+        return _head_forward_batched(w, h, spec, dropout, generator, keep)
     p = F.linear(h, w["W1"], w["b1"])
     u = F.linear(F.gelu(p), w["W2"], w["b2"])
-    u = _dropout(u, dropout, generator)
+    u = _dropout(u, dropout, generator) if keep is None else u * keep
     return F.layer_norm(u + p, (spec.dim,), w["gamma"], w["beta"], LN_EPS)
 
 
@@ -83,7 +85,7 @@ def _dropout(u: torch.Tensor, rate: float, generator: torch.Generator | None) ->
     return u * keep.to(u.dtype) / (1 - rate)
 
 
-def _head_forward_batched(w, h, spec: HeadSpec, dropout: float, generator) -> torch.Tensor:
+def _head_forward_batched(w, h, spec: HeadSpec, dropout: float, generator, keep) -> torch.Tensor:
     """K heads at once: parameters ``[K, ...]``, inputs ``[K, B, d_in]`` -> ``[K, B, dim]``."""
     if h.dim() != 3 or h.shape[0] != w["b1"].shape[0]:
         raise ValueError(
@@ -92,7 +94,7 @@ def _head_forward_batched(w, h, spec: HeadSpec, dropout: float, generator) -> to
         )
     p = torch.baddbmm(w["b1"].unsqueeze(1), h, w["W1"].transpose(1, 2))
     u = torch.baddbmm(w["b2"].unsqueeze(1), F.gelu(p), w["W2"].transpose(1, 2))
-    u = _dropout(u, dropout, generator)
+    u = _dropout(u, dropout, generator) if keep is None else u * keep
     o = F.layer_norm(u + p, (spec.dim,), None, None, LN_EPS)
     return o * w["gamma"].unsqueeze(1) + w["beta"].unsqueeze(1)
 
