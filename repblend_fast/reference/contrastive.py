@@ -73,5 +73,5 @@ def loss_from_logits(z: torch.Tensor, target: torch.Tensor, loss: str = "wbce", 
 
 
 def contrastive_loss(img, txt, target, *, logit_scale, loss: str = "wbce", eps: float = 1e-6):
-    """Reference ``contrastive_loss``: returns ``[]`` for ``[B, D]`` inputs or ``[K]`` for ``[K, B, D]``."""
+    """Reference ``contrastive_loss``: ``[]`` for ``[B, D]`` inputs, ``[K]`` for ``[K, B, D]``."""
     return loss_from_logits(logits(img, txt, logit_scale), target, loss=loss, eps=eps)

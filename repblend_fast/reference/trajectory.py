@@ -15,8 +15,9 @@ class TrajectoryTerms(NamedTuple):
     """One pass over (theta0, theta*, G) with step size eta; Delta = theta* - theta0.
 
     denom: ``||Delta||^2``; num: ``||Delta + eta G||^2`` (= ``||theta_T - theta*||^2`` when
-    ``theta_T = theta0 - eta G``); dot: ``(Delta + eta G)^T G``; direction: ``c = eta (Delta + eta G)``
-    (pieces like the inputs), the pass-2 direction before the scalar weight ``1/D``.
+    ``theta_T = theta0 - eta G``); dot: ``(Delta + eta G)^T G``; direction:
+    ``c = eta (Delta + eta G)`` (pieces like the inputs), the pass-2 direction before the scalar
+    weight ``1/D``.
     """
 
     denom: torch.Tensor
@@ -43,7 +44,10 @@ def trajectory_distance(student, start, target) -> torch.Tensor:
 def trajectory_terms(start, target, grad_sum, lr) -> TrajectoryTerms:
     """Reference of the fused one-pass TESLA terms (see :class:`TrajectoryTerms`)."""
     a, t, g = as_pieces(start), as_pieces(target), as_pieces(grad_sum)
-    eta = lr.double() if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), dtype=torch.float64)
+    if isinstance(lr, torch.Tensor):
+        eta = lr.double()
+    else:
+        eta = torch.tensor(float(lr), dtype=torch.float64)
     denom = num = dot = 0
     direction = []
     for ai, ti, gi in zip(a, t, g):
