@@ -20,17 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-_POISON = False
-"""When True, outputs are NaN-filled before the kernels write them (tests use this to catch rows or
-columns a kernel forgot to write). Production allocates with ``torch.empty``."""
-
 BLOCK_D = 256
-
-
-def _new_output(like: torch.Tensor) -> torch.Tensor:
-    if _POISON:
-        return torch.full_like(like, float("nan"), memory_format=torch.contiguous_format)
-    return torch.empty_like(like, memory_format=torch.contiguous_format)
 
 
 @triton.jit
@@ -97,7 +87,9 @@ def _blend_scatter_kernel(
     tl.store(out_ptr + row * D + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(kernel, x: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+def _launch(
+    kernel, x: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor, out: torch.Tensor | None
+) -> torch.Tensor:
     if x.dim() != 3 or perm.shape != x.shape[:2]:
         raise ValueError(
             f"expected x [K, B, D] and perm [K, B], got {tuple(x.shape)}, {tuple(perm.shape)}"
@@ -107,7 +99,10 @@ def _launch(kernel, x: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor) -> t
     x = x.contiguous()
     perm = perm.contiguous()
     K, B, D = x.shape
-    out = _new_output(x)
+    if out is None:
+        out = torch.empty_like(x)
+    elif out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError("out must be a contiguous tensor with x's shape and dtype")
     if out.numel() == 0:
         return out
     lam_stride = 0 if lam.shape[0] == 1 else lam.stride(0)
@@ -116,29 +111,35 @@ def _launch(kernel, x: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor) -> t
     return out
 
 
-def blend_gather(x: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+def blend_gather(
+    x: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``lam * x + (1 - lam) * x[perm]`` per batch entry.
 
     Args:
         x: ``[K, B, D]`` float tensor.
         perm: ``[K, B]`` int64, values in ``[0, B)`` (not checked here).
         lam: ``[1]`` or ``[K]`` float tensor on ``x``'s device.
+        out: optional ``[K, B, D]`` contiguous output buffer (allocated when None).
 
     Returns:
         ``[K, B, D]`` in ``x.dtype``.
     """
-    return _launch(_blend_gather_kernel, x, perm, lam)
+    return _launch(_blend_gather_kernel, x, perm, lam, out)
 
 
-def blend_scatter(g: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+def blend_scatter(
+    g: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Transpose of :func:`blend_gather` applied to ``g``: ``lam*g + (1-lam)*scatter_add(g, perm)``.
 
     Args:
         g: ``[K, B, D]`` float tensor.
         perm: ``[K, B]`` int64, values in ``[0, B)`` (not checked here).
         lam: ``[1]`` or ``[K]`` float tensor on ``g``'s device.
+        out: optional ``[K, B, D]`` contiguous output buffer (allocated when None).
 
     Returns:
         ``[K, B, D]`` in ``g.dtype``.
     """
-    return _launch(_blend_scatter_kernel, g, perm, lam)
+    return _launch(_blend_scatter_kernel, g, perm, lam, out)

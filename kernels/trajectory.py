@@ -26,9 +26,6 @@ ITERS = 8
 CHUNK = BLOCK * ITERS
 FINAL_BLOCK = 1024
 
-_POISON = False
-"""When True, the ``direction`` output is NaN-filled before the kernels write it (tests)."""
-
 
 @triton.jit
 def _dist_partial_kernel(
@@ -203,12 +200,14 @@ def terms(
     target: Sequence[torch.Tensor],
     grad_sum: Sequence[torch.Tensor],
     lr: torch.Tensor,
+    direction: Sequence[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One pass: ``[denom, num, dot]`` and the direction pieces ``lr * (target - start + lr * G)``.
 
     Args:
         start, target, grad_sum: matching lists of contiguous 1-D pieces, one dtype.
         lr: ``[1]`` tensor on the pieces' device.
+        direction: optional output pieces (contiguous, like ``grad_sum``); allocated when None.
 
     Returns:
         ``([3] tensor in acc dtype, direction pieces in grad_sum's dtype)``.
@@ -216,11 +215,11 @@ def terms(
     part, offsets = _partials(3, start)
     P = part.shape[1]
     fp64 = start[0].dtype == torch.float64
-    direction = []
-    for a, t, g, off in zip(start, target, grad_sum, offsets):
+    if direction is None:
+        direction = [torch.empty_like(g) for g in grad_sum]
+    direction = list(direction)
+    for a, t, g, d, off in zip(start, target, grad_sum, direction, offsets):
         n = g.numel()
-        d = torch.full_like(g, float("nan")) if _POISON else torch.empty_like(g)
-        direction.append(d)
         if n == 0:
             continue
         _terms_partial_kernel[(_n_blocks(n),)](

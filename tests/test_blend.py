@@ -15,9 +15,9 @@ FUSED = ["triton"]
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
     """Fused outputs are NaN-filled before the kernels write them, so a missed element shows."""
-    from repblend_fast.kernels import blend as kb
+    from repblend_fast.ops import blend as ops_blend
 
-    monkeypatch.setattr(kb, "_POISON", True)
+    monkeypatch.setattr(ops_blend, "_POISON", True)
 
 
 def _perm(gen: torch.Generator, K: int | None, B: int) -> torch.Tensor:
@@ -263,9 +263,9 @@ def test_bit_identical_across_runs_and_no_poison_left(gen, impl):
 
 
 def test_poisoned_allocation_is_the_launcher_path():
-    from repblend_fast.kernels import blend as kb
+    from repblend_fast.ops import blend as ops_blend
 
-    out = kb._new_output(torch.zeros(2, 3, 4))
+    out = ops_blend._new_output(torch.zeros(2, 3, 4))
     assert torch.isnan(out).all()
 
 

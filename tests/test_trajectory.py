@@ -18,9 +18,9 @@ PIECE_SHAPES = [(3, 5), (17,), (1000,), (4099,), (1,)]
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
     """The direction output is NaN-filled before the kernels write it (partials always are)."""
-    from repblend_fast.kernels import trajectory as kt
+    from repblend_fast.ops import trajectory as ops_traj
 
-    monkeypatch.setattr(kt, "_POISON", True)
+    monkeypatch.setattr(ops_traj, "_POISON", True)
 
 
 def _vec(gen, shapes, dtype=torch.float32, scale=1.0):

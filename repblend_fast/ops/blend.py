@@ -22,6 +22,10 @@ __all__ = ["blend_pairs"]
 
 _CHECK_PERM = ("none", "bounds", "full")
 
+_POISON = False
+"""When True, fused outputs are NaN-filled before the kernels write them (the tests set it, so an
+element a kernel forgets to write shows up). Production allocates with ``torch.empty``."""
+
 
 # --------------------------------------------------------------------------------------------------
 # kernels (Triton or the CUDA extension) on [K, B, D] / [K, B] / [1 | K]
@@ -35,20 +39,23 @@ def _lam_tensor(lam: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.full((1,), float(lam), dtype=acc, device=x.device)
 
 
+def _new_output(x: torch.Tensor) -> torch.Tensor:
+    if _POISON:
+        return torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 def _run_kernel(which: str, impl: str, x: torch.Tensor, perm: torch.Tensor, lam) -> torch.Tensor:
     lam_t = _lam_tensor(lam, x)
+    x, perm = x.contiguous(), perm.contiguous()
+    out = _new_output(x)
     if impl == "triton":
         from repblend_fast.kernels import blend as kb
 
         fn = kb.blend_gather if which == "gather" else kb.blend_scatter
-        return fn(x, perm, lam_t)
+        return fn(x, perm, lam_t, out)
     if impl == "cuda":
-        from repblend_fast.kernels import blend as kb
-
-        x = x.contiguous()
-        out = kb._new_output(x)
-        op = getattr(torch.ops.repblend_fast, f"blend_{which}")
-        op(x, perm.contiguous(), lam_t, out)
+        getattr(torch.ops.repblend_fast, f"blend_{which}")(x, perm, lam_t, out)
         return out
     raise AssertionError(f"unexpected impl {impl!r}")
 

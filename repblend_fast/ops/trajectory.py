@@ -25,6 +25,10 @@ CUDA_CHUNK = 8192
 
 Vector = torch.Tensor | Sequence[torch.Tensor]
 
+_POISON = False
+"""When True, the fused ``direction`` output is NaN-filled before the kernels write it (the tests
+set it). Partial-sum buffers are always NaN-filled: they are small."""
+
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -141,17 +145,16 @@ def _distance_sums(impl: str, s, a, t) -> torch.Tensor:
 
 
 def _terms(impl: str, a, t, g, lr: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    if _POISON:
+        direction = [torch.full_like(gi, float("nan")) for gi in g]
+    else:
+        direction = [torch.empty_like(gi) for gi in g]
     if impl == "triton":
         from repblend_fast.kernels import trajectory as kt
 
-        return kt.terms(a, t, g, lr)
-    from repblend_fast.kernels import trajectory as kt
-
+        return kt.terms(a, t, g, lr, direction)
     part, offsets = _cuda_partials(3, a)
-    direction = []
-    for ai, ti, gi, off in zip(a, t, g, offsets):
-        d = torch.full_like(gi, float("nan")) if kt._POISON else torch.empty_like(gi)
-        direction.append(d)
+    for ai, ti, gi, d, off in zip(a, t, g, direction, offsets):
         if gi.numel():
             torch.ops.repblend_fast.trajectory_terms_partials(ai, ti, gi, lr, d, part, off)
     return torch.ops.repblend_fast.trajectory_finalize(part, False), direction
