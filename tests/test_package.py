@@ -20,3 +20,12 @@ def test_import_needs_only_torch_and_probes_no_device():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_public_api_entry_points_resolve():
+    import repblend_fast as rf
+
+    for name in rf._LAZY:
+        assert getattr(rf, name) is not None, name
+    cfg = rf.preset("demo")
+    assert isinstance(cfg, rf.DistillConfig)
