@@ -204,6 +204,23 @@ def _flat(x) -> list[torch.Tensor]:
     return out
 
 
+def _rel_errors(got, want) -> list[float]:
+    return [
+        float(
+            (a.detach().double() - b.detach().double()).norm()
+            / b.detach().double().norm().clamp_min(1e-30)
+        )
+        for a, b in zip(_flat(got), _flat(want))
+    ]
+
+
+def _max_abs(got, want) -> float:
+    return max(
+        float((a.detach().double() - b.detach().double()).abs().max())
+        for a, b in zip(_flat(got), _flat(want))
+    )
+
+
 def tolerance(dtype: torch.dtype, device: torch.device, order: int) -> dict[str, float]:
     """DESIGN.md §4: ``order`` 0 = forward, 1 = gradient, 2 = second order."""
     if dtype in (torch.bfloat16, torch.float16):
@@ -354,7 +371,26 @@ def run_case(
             )
         raise
     want = (make_ref or make_fn("reference"))()
-    parity = assert_parity(got, want, dtype, device, order, f"{op} {mode} {provider} {shape}", tol)
+    what = f"{op} {mode} {provider} {shape}"
+    if dtype in (torch.bfloat16, torch.float16) and tol is None:
+        # DESIGN.md §4, low precision: within 1e-2 of the fp32 reference AND at most 2x the error
+        # of the eager reference run in the same dtype. The eager run is that yardstick itself, so
+        # its own row only records its error. The 2x bound gets a 1e-3 floor: an eager result that
+        # happens to round almost exactly must not fail a fused kernel that rounds once more.
+        eager = make_fn("reference")() if provider != "reference" else got
+        eager_err = _rel_errors(eager, want)
+        if provider == "reference":
+            parity = {"max_abs_err": _max_abs(got, want), "rel_err": max(eager_err)}
+        else:
+            parity = assert_parity(got, want, dtype, device, order, what)
+            for e_got, e_eager in zip(_rel_errors(got, want), eager_err):
+                if e_got > max(2 * e_eager, 1e-3):
+                    raise AssertionError(
+                        f"{what}: relative error {e_got:.3g} exceeds 2x the eager "
+                        f"{dtype} reference's {e_eager:.3g} — no timing is recorded"
+                    )
+    else:
+        parity = assert_parity(got, want, dtype, device, order, what, tol)
     if deterministic and provider in ("triton", "cuda"):
         for a, b in zip(_flat(got), _flat(fn())):
             if not torch.equal(a, b):

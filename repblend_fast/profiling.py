@@ -19,6 +19,7 @@ loop adds ``io`` (plan and expert snapshots to the device) and ``optimiser``.
 
 from __future__ import annotations
 
+import inspect
 import re
 import resource
 import threading
@@ -379,10 +380,12 @@ class ProfiledUnroller(Unroller):
     def _encoder_vjp_starts(self, grad):
         self.timer.switch("encoder_vjp")
 
-    def _step_grads(self, th_img, th_txt, img_in, y_b, s_blk, perm, lam, create_graph: bool):
-        pass2 = self.s.meta_grad == "tesla" and create_graph
+    def _step_grads(self, *args, **kwargs):
+        # Passed through untouched (the Unroller's signature may grow); only create_graph is read.
+        bound = inspect.signature(super()._step_grads).bind(*args, **kwargs)
+        pass2 = self.s.meta_grad == "tesla" and bool(bound.arguments.get("create_graph"))
         self.timer.switch("meta_gradient" if pass2 else "unroll")
-        return super()._step_grads(th_img, th_txt, img_in, y_b, s_blk, perm, lam, create_graph)
+        return super()._step_grads(*args, **kwargs)
 
     def _matching(self, *args, **kwargs):
         self.timer.switch("meta_gradient")

@@ -144,3 +144,89 @@ def test_provider_parsing_and_validation():
         768,
         512,
     )
+
+
+def test_report_combines_and_renders(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    from benchmarks import report
+
+    step = tmp_path / "step.json"
+    run_bench(
+        "tiny",
+        str(step),
+        "repblend-fast",
+        iterations=1,
+        device="cpu",
+        warmup=0,
+        isolate="inprocess",
+        threads=1,
+        verbose=False,
+    )
+    ops = tmp_path / "ops.json"
+    info = {"op": "blend_pairs", "mode": "fwd", "shape": {"B": 20}, "dtype": "float32"}
+    ops.write_text(
+        json.dumps(
+            {
+                "machine_info": {"repblend_fast": {"gpu": "Test GPU", "git_sha": "abc"}},
+                "benchmarks": [
+                    {
+                        "name": "a",
+                        "extra_info": {
+                            **info,
+                            "provider": "reference",
+                            "median_ms": 2.0,
+                            "gbps": 10.0,
+                            "bw_fraction": 0.5,
+                        },
+                    },
+                    {
+                        "name": "b",
+                        "extra_info": {
+                            **info,
+                            "provider": "triton",
+                            "median_ms": 0.5,
+                            "gbps": 40.0,
+                            "bw_fraction": 0.9,
+                        },
+                    },
+                ],
+            }
+        )
+    )
+    skips = tmp_path / "ops.skips.json"
+    skips.write_text(json.dumps({"skips": [{"test": "t", "reason": "cuda: no CUDA device"}]}))
+    out_dir = tmp_path / "results"
+    md = tmp_path / "r.md"
+    rc = report.main(
+        [
+            str(step),
+            str(ops),
+            str(skips),
+            "--combine",
+            "--out",
+            f"{out_dir}/",
+            "--markdown",
+            str(md),
+        ]
+    )
+    assert rc == 0
+    (res,) = list(out_dir.glob("*.json"))
+    assert "_Test-GPU_" in res.name or "_cpu" in res.name
+    doc = json.loads(res.read_text())
+    assert len(doc["step"]) == 2 and len(doc["ops"]) == 2 and doc["skips"]
+    text = md.read_text()
+    assert "| repblend-fast | exact |" in text and "### blend_pairs" in text
+    assert "4.00×" in text  # triton vs reference speed-up
+    assert "no CUDA device" in text
+    # The GPU script parses, and its help works without running anything.
+    sh = root / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(sh)]).returncode == 0
+    assert (
+        "dry-run"
+        in subprocess.run(["bash", str(sh), "--help"], capture_output=True, text=True).stdout
+    )
