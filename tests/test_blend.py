@@ -300,7 +300,7 @@ def test_lam_endpoints_are_exact(gen):
         (lambda a: a.update(img=a["img"][None]), r"img must be \[B, D\] or \[K, B, D\]"),
         (lambda a: a.update(txt=None), "txt must be a tensor"),
         (lambda a: a.update(impl="fast"), "impl must be one of"),
-        (lambda a: a.update(check_perm="maybe"), "check_perm must be one of"),
+        (lambda a: a.update(check="maybe"), "check must be one of"),
     ],
 )
 @pytest.mark.parametrize("impl", ["reference", *FUSED])
@@ -325,10 +325,11 @@ def test_full_permutation_check(gen):
     perm[1] = torch.tensor([0, 1, 1, 2, 3])
     blend_pairs(img, txt, perm, 0.5)  # in range: the default bounds check accepts it
     with pytest.raises(ValueError, match="perm must hold a permutation"):
-        blend_pairs(img, txt, perm, 0.5, check_perm="full")
+        blend_pairs(img, txt, perm, 0.5, check="full")
+    blend_pairs(img, txt, perm, torch.tensor([0.5, 2.0]), check="none")  # no value checks at all
     perm[1, 0] = 99
     with pytest.raises(ValueError, match=r"perm must hold a permutation of 0..4"):
-        blend_pairs(img, txt, perm, 0.5, check_perm="full")
+        blend_pairs(img, txt, perm, 0.5, check="full")
 
 
 def test_device_mismatch_is_named(gen):

@@ -20,7 +20,7 @@ from repblend_fast.reference import blend as _ref
 
 __all__ = ["blend_pairs"]
 
-_CHECK_PERM = ("none", "bounds", "full")
+_CHECKS = ("none", "bounds", "full")
 
 _POISON = False
 """When True, fused outputs are NaN-filled before the kernels write them (the tests set it, so an
@@ -203,7 +203,7 @@ def _value_inspectable(t: torch.Tensor) -> bool:
     return True
 
 
-def _validate(img, txt, perm, lam, check_perm: str) -> None:
+def _validate(img, txt, perm, lam, check: str) -> None:
     for name, x in (("img", img), ("txt", txt)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"blend_pairs: {name} must be a tensor, got {type(x).__name__}")
@@ -254,18 +254,18 @@ def _validate(img, txt, perm, lam, check_perm: str) -> None:
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"blend_pairs: all tensors must be on one device, got {listing}")
-    if check_perm not in _CHECK_PERM:
-        raise ValueError(
-            f"blend_pairs: check_perm must be one of {_CHECK_PERM}, got {check_perm!r}"
-        )
-    _check_values(perm, lam, B, check_perm)
+    if check not in _CHECKS:
+        raise ValueError(f"blend_pairs: check must be one of {_CHECKS}, got {check!r}")
+    _check_values(perm, lam, B, check)
 
 
-def _check_values(perm: torch.Tensor, lam, B: int, check_perm: str) -> None:
+def _check_values(perm: torch.Tensor, lam, B: int, check: str) -> None:
     """Range checks that read tensor values: one host sync for all of them together."""
+    if check == "none":
+        return
     flags, names = [], []
-    if check_perm != "none" and perm.numel() > 0 and _value_inspectable(perm):
-        if check_perm == "full":
+    if perm.numel() > 0 and _value_inspectable(perm):
+        if check == "full":
             ar = torch.arange(B, device=perm.device)
             flags.append((torch.sort(perm, dim=-1).values != ar).any())
         else:
@@ -285,7 +285,7 @@ def _check_values(perm: torch.Tensor, lam, B: int, check_perm: str) -> None:
             raise ValueError(
                 f"blend_pairs: lam must lie in [0, 1], got {lam.detach().cpu().tolist()}"
             )
-        if check_perm == "full":
+        if check == "full":
             raise ValueError(f"blend_pairs: perm must hold a permutation of 0..{B - 1} in each row")
         raise ValueError(f"blend_pairs: perm values must lie in [0, {B}) (B={B})")
 
@@ -311,7 +311,7 @@ def blend_pairs(
     lam: float | torch.Tensor,
     *,
     impl: str = "auto",
-    check_perm: str = "bounds",
+    check: str = "bounds",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Blend image and text representations with one shared permutation and coefficient.
 
@@ -324,19 +324,19 @@ def blend_pairs(
         lam: python float in ``[0, 1]``, or a tensor ``[]`` / ``[K]`` with values in ``[0, 1]``;
             a tensor that requires grad receives a gradient.
         impl: ``auto`` | ``reference`` | ``triton`` | ``cuda`` (``repblend_fast.ops._dispatch``).
-        check_perm: value checks that need one host sync: ``bounds`` (default; perm in ``[0, B)``
-            and tensor lam in ``[0, 1]``), ``full`` (perm rows must be permutations), ``none``
-            (skip perm values, e.g. inside CUDA-graph capture; tensor lam is still checked).
-            Values of tensors batched by ``torch.func.vmap`` are never read.
+        check: value checks, together one host sync: ``bounds`` (default; perm in ``[0, B)``
+            and a tensor lam in ``[0, 1]``), ``full`` (also: each perm row is a permutation), or
+            ``none`` (no value checks and no sync: hot loops that draw perm and lam themselves,
+            CUDA-graph capture). Values of tensors batched by ``torch.func.vmap`` are never read.
 
     Returns:
         ``(img_blended, txt_blended)`` with the shapes and dtypes of ``img`` and ``txt``;
         differentiable (to any order) in img, txt and a tensor lam.
 
     The gradient is the exact transpose ``lam * g + (1 - lam) * scatter_add(g, perm)``, so it is
-    also right for an index row with repeats (which only ``check_perm="full"`` rejects).
+    also right for an index row with repeats (which only ``check="full"`` rejects).
     """
-    _validate(img, txt, perm, lam, check_perm)
+    _validate(img, txt, perm, lam, check)
     tensors = [img, txt, perm] + ([lam] if isinstance(lam, torch.Tensor) else [])
     which = resolve_impl("blend_pairs", impl, tensors)
     if which == "reference":
