@@ -378,3 +378,50 @@ def test_gpu_parity_paper_sizes(impl, dtype, K):
     )
     again = blend_pairs(img, txt, perm, lam, impl=impl)
     assert all(torch.equal(a, b) for a, b in zip(out, again))
+
+
+# --------------------------------------------------------------------------------------------------
+# The Python side of impl="cuda" (argument order, dtypes, buffers), against a CPU stand-in that
+# follows the contract of csrc/blend.cu; the kernels themselves are checked by the gpu tests.
+
+
+class _CudaBlendStandIn:
+    """CPU emulation of torch.ops.repblend_fast.blend_{gather,scatter} with their TORCH_CHECKs."""
+
+    @staticmethod
+    def _check(x, perm, lam, out):
+        assert x.dim() == 3 and x.is_contiguous()
+        assert perm.dtype == torch.long and perm.shape == x.shape[:2] and perm.is_contiguous()
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        assert lam.dtype == acc and lam.dim() == 1 and lam.shape[0] in (1, x.shape[0])
+        assert out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous()
+        return lam.reshape(-1, 1, 1), x.to(acc)
+
+    @classmethod
+    def blend_gather(cls, x, perm, lam, out):
+        lam_v, xa = cls._check(x, perm, lam, out)
+        xp = torch.gather(xa, 1, perm[..., None].expand(xa.shape))
+        out.copy_(lam_v * xa + (1 - lam_v) * xp)
+
+    @classmethod
+    def blend_scatter(cls, g, perm, lam, out):
+        lam_v, ga = cls._check(g, perm, lam, out)
+        sc = torch.zeros_like(ga).scatter_add(1, perm[..., None].expand(ga.shape), ga)
+        out.copy_(lam_v * ga + (1 - lam_v) * sc)
+
+
+def test_cuda_glue_against_a_stand_in(gen, monkeypatch):
+    from repblend_fast.ops import blend as ops_blend
+
+    monkeypatch.setattr(ops_blend, "_cuda_ops", lambda: _CudaBlendStandIn)
+    img, txt, perm, lam = _inputs(gen, 3, 7, 9, 4, torch.float64, "vector")
+    img.requires_grad_()
+    lam.requires_grad_()
+    fn = lambda i, lm: ops_blend._blend_fused(i, perm[0], lm, "cuda")  # noqa: E731
+    torch.testing.assert_close(fn(img, lam), _truth(img, perm[0], lam.detach()))
+    assert torch.autograd.gradcheck(fn, (img, lam))
+    assert torch.autograd.gradgradcheck(fn, (img, lam))
+    x = txt.float()[0]
+    torch.testing.assert_close(
+        ops_blend._blend_fused(x, perm[1], 0.25, "cuda"), _truth(x, perm[1], 0.25).float()
+    )

@@ -426,3 +426,78 @@ def test_gpu_parity_paper_sizes(impl, dtype, layout):
     for x, y in zip(terms[:3], terms2[:3]):
         assert torch.equal(x, y)
     assert all(torch.equal(x, y) for x, y in zip(terms.direction, terms2.direction))
+
+
+# --------------------------------------------------------------------------------------------------
+# The Python side of impl="cuda" (argument order, per-piece offsets, buffer sizes and dtypes),
+# against a CPU stand-in that follows the contract of csrc/trajectory.cu.
+
+
+class _CudaTrajectoryStandIn:
+    """CPU emulation of torch.ops.repblend_fast.trajectory_* with their TORCH_CHECKs."""
+
+    CHUNK = 8192
+
+    @classmethod
+    def _check(cls, vectors, part, nch, offset):
+        ref0 = vectors[0]
+        for v in vectors:
+            assert v.is_contiguous() and v.dtype == ref0.dtype and v.numel() == ref0.numel()
+        acc = torch.float64 if ref0.dtype == torch.float64 else torch.float32
+        assert part.dtype == acc and part.dim() == 2 and part.shape[0] == nch
+        blocks = -(-ref0.numel() // cls.CHUNK)
+        assert offset >= 0 and offset + blocks <= part.shape[1]
+        return acc, blocks
+
+    @classmethod
+    def trajectory_distance_partials(cls, s, a, t, part, offset):
+        acc, blocks = cls._check([s, a, t], part, 2, offset)
+        for p in range(blocks):
+            sl = slice(p * cls.CHUNK, (p + 1) * cls.CHUNK)
+            si, ai, ti = (v.reshape(-1)[sl].to(acc) for v in (s, a, t))
+            part[0, offset + p] = ((si - ti) ** 2).sum()
+            part[1, offset + p] = ((ai - ti) ** 2).sum()
+
+    @classmethod
+    def trajectory_terms_partials(cls, a, t, g, lr, d, part, offset):
+        acc, blocks = cls._check([a, t, g, d], part, 3, offset)
+        assert lr.numel() == 1 and lr.dtype == acc
+        for p in range(blocks):
+            sl = slice(p * cls.CHUNK, (p + 1) * cls.CHUNK)
+            ai, ti, gi = (v.reshape(-1)[sl].to(acc) for v in (a, t, g))
+            delta = ti - ai
+            r = delta + lr * gi
+            part[0, offset + p] = (delta * delta).sum()
+            part[1, offset + p] = (r * r).sum()
+            part[2, offset + p] = (r * gi).sum()
+            d.reshape(-1)[sl] = (lr * r).to(d.dtype)
+
+    @staticmethod
+    def trajectory_finalize(part, ratio):
+        sums = part.sum(1)
+        return torch.cat([sums, (sums[0] / sums[1]).reshape(1)]) if ratio else sums
+
+
+def test_cuda_glue_against_a_stand_in(gen, monkeypatch):
+    from repblend_fast.ops import trajectory as ops_traj
+
+    monkeypatch.setattr(ops_traj, "_cuda_ops", lambda: _CudaTrajectoryStandIn)
+    shapes = [(3, 5), (8192,), (8193,), (0,), (20_000,)]
+    s, a, t = _triple(gen, shapes)
+    sums = ops_traj._distance_sums("cuda", *(ops_traj._flat(v) for v in (s, a, t)))
+    assert not torch.isnan(sums).any()  # every partial column was written
+    assert abs(sums[2].item() - _truth_distance(s, a, t)) <= 1e-5 * _truth_distance(s, a, t)
+    # through the autograd Function, gradients included
+    s_req = [p.clone().requires_grad_() for p in s]
+    ratio, den = ops_traj._Distance.apply("cuda", True, len(s), *s_req, *a, *t)
+    torch.testing.assert_close(ratio, ref.trajectory_distance(s, a, t), rtol=1e-5, atol=0)
+    grads = torch.autograd.grad(ratio, s_req)
+    want = torch.autograd.grad(ref.trajectory_distance(s_req, a, t), s_req)
+    for x, y in zip(grads, want):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+    g = _vec(gen, shapes)
+    lr = torch.tensor([0.1])
+    sums, direction = ops_traj._terms("cuda", *(ops_traj._flat(v) for v in (a, t, g)), lr)
+    den_, num, dot, dir_truth = _truth_terms(a, t, g, 0.1)
+    torch.testing.assert_close(sums.tolist(), [den_, num, dot], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(_flat64(direction), dir_truth, rtol=1e-5, atol=1e-6)

@@ -39,6 +39,11 @@ def _lam_tensor(lam: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.full((1,), float(lam), dtype=acc, device=x.device)
 
 
+def _cuda_ops():
+    """The compiled ops (``csrc/blend.cu``); one indirection so tests can stand in for them."""
+    return torch.ops.repblend_fast
+
+
 def _new_output(x: torch.Tensor) -> torch.Tensor:
     if _POISON:
         return torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)
@@ -55,7 +60,7 @@ def _run_kernel(which: str, impl: str, x: torch.Tensor, perm: torch.Tensor, lam)
         fn = kb.blend_gather if which == "gather" else kb.blend_scatter
         return fn(x, perm, lam_t, out)
     if impl == "cuda":
-        getattr(torch.ops.repblend_fast, f"blend_{which}")(x, perm, lam_t, out)
+        getattr(_cuda_ops(), f"blend_{which}")(x, perm, lam_t, out)
         return out
     raise AssertionError(f"unexpected impl {impl!r}")
 

@@ -115,6 +115,11 @@ def _identical_error(op: str) -> ValueError:
 # fused launchers: lists of contiguous 1-D pieces in, fp32/fp64 scalars out
 
 
+def _cuda_ops():
+    """The compiled ops (``csrc/trajectory.cu``); one indirection so tests can stand in for them."""
+    return torch.ops.repblend_fast
+
+
 def _cuda_partials(nch: int, pieces: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
     offsets, total = [], 0
     for p in pieces:
@@ -140,8 +145,8 @@ def _distance_sums(impl: str, s, a, t) -> torch.Tensor:
     part, offsets = _cuda_partials(2, s)
     for si, ai, ti, off in zip(s, a, t, offsets):
         if si.numel():
-            torch.ops.repblend_fast.trajectory_distance_partials(si, ai, ti, part, off)
-    return torch.ops.repblend_fast.trajectory_finalize(part, True)
+            _cuda_ops().trajectory_distance_partials(si, ai, ti, part, off)
+    return _cuda_ops().trajectory_finalize(part, True)
 
 
 def _terms(impl: str, a, t, g, lr: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -156,8 +161,8 @@ def _terms(impl: str, a, t, g, lr: torch.Tensor) -> tuple[torch.Tensor, list[tor
     part, offsets = _cuda_partials(3, a)
     for ai, ti, gi, d, off in zip(a, t, g, direction, offsets):
         if gi.numel():
-            torch.ops.repblend_fast.trajectory_terms_partials(ai, ti, gi, lr, d, part, off)
-    return torch.ops.repblend_fast.trajectory_finalize(part, False), direction
+            _cuda_ops().trajectory_terms_partials(ai, ti, gi, lr, d, part, off)
+    return _cuda_ops().trajectory_finalize(part, False), direction
 
 
 class _Distance(torch.autograd.Function):
