@@ -5,8 +5,10 @@ from benchmarks.baselines.authors import (
     AuthorsHead,
     AuthorsSettings,
     LoRSAuthors,
+    LoRSModel,
     LowRankSim,
     RepBlendAuthors,
+    RepBlendModel,
     split_pieces,
     wbce_loss,
 )
@@ -15,8 +17,10 @@ __all__ = [
     "AuthorsHead",
     "AuthorsSettings",
     "LoRSAuthors",
+    "LoRSModel",
     "LowRankSim",
     "RepBlendAuthors",
+    "RepBlendModel",
     "split_pieces",
     "wbce_loss",
 ]

@@ -39,8 +39,10 @@ __all__ = [
     "AuthorsHead",
     "AuthorsSettings",
     "LoRSAuthors",
+    "LoRSModel",
     "LowRankSim",
     "RepBlendAuthors",
+    "RepBlendModel",
     "split_pieces",
     "wbce_loss",
 ]
