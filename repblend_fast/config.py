@@ -50,6 +50,9 @@ class DistillConfig:
         share_encoder: encode the touched images once per iteration (RepBlend); ``False``
             re-encodes every step as the authors' code does.
         checkpoint_steps: gradient checkpointing per unroll step (exact mode).
+        encoder_chunk: with ``share_encoder``, 0 keeps the frozen encoder's graph over all
+            touched images for the one VJP (fastest); k > 0 re-encodes them k at a time during
+            the VJP instead (peak memory of k images' activations, one more encoder forward).
         unroll_dropout: dropout 0.1 in the heads inside the unroll, as the reference keeps it
             (TESLA pass 2 then draws fresh masks, as the reference does). Off by default: the
             unroll is deterministic and both TESLA passes see the same function.
@@ -91,6 +94,7 @@ class DistillConfig:
     meta_grad: str = "exact"
     share_encoder: bool = True
     checkpoint_steps: bool = False
+    encoder_chunk: int = 10
     unroll_dropout: bool = False
     parity_eta_grad: bool = False
     num_trajectories: int = 1
@@ -123,6 +127,7 @@ class DistillConfig:
             (self.sim_rank >= 1, "sim_rank", ">= 1"),
             (self.num_trajectories >= 1, "num_trajectories", ">= 1"),
             (self.checkpoint_every >= 0, "checkpoint_every", ">= 0"),
+            (self.encoder_chunk >= 0, "encoder_chunk", ">= 0 (0 = keep the encoder graph)"),
             (self.nan_patience >= 1, "nan_patience", ">= 1"),
             (self.device.split(":")[0] in ("cpu", "cuda"), "device", "'cpu' or 'cuda[:i]'"),
         ]
@@ -244,7 +249,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         merge_loss=True,
         temperature=0.1,
     ),
-    # A small CPU run on the embedded dataset (minutes, not hours).
+    # A small CPU run on the embedded dataset (minutes, not hours): flickr-100's settings with a
+    # slower, clamped lr_lr. At lr_lr=1e-2 the learned lrs go negative within a few iterations on
+    # emoji, whose experts move little per epoch; see docs/demo.md for what was tried.
     "demo": dict(
         _SHARED,
         pairs=99,
@@ -252,6 +259,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_start_epoch=2,
         lr_img=100,
         lr_txt=100,
+        lr_lr=1e-3,
+        clamp_lr=5e-3,
         lr_sim=10,
         sim_rank=10,
         sim_alpha=3.0,
