@@ -292,6 +292,7 @@ class FastRunner:
             meta_grad=meta_grad,
             share_encoder=True,
             encoder_autocast=autocast,
+            encoder_chunk=encoder_chunk(),
         )
         sim = LowRankSimilarity(sh.pairs, sh.rank, sh.alpha, device=device)
         if method == "repblend":
@@ -597,6 +598,15 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
 # run_bench
 
 
+def encoder_chunk() -> int:
+    """The fast path's ``encoder_chunk``: the DistillConfig default, or
+    ``REPBLEND_BENCH_ENCODER_CHUNK`` (0 keeps the encoder graph over all touched images)."""
+    from repblend_fast.config import DistillConfig
+
+    default = DistillConfig.__dataclass_fields__["encoder_chunk"].default
+    return int(os.environ.get("REPBLEND_BENCH_ENCODER_CHUNK", default))
+
+
 def _run_one(
     shape: StepShape,
     provider: str,
@@ -612,6 +622,8 @@ def _run_one(
     del inputs
     out = measure(runner, warmup, iterations, device)
     out["autocast"] = "bf16" if (provider.endswith("-fast") and device.type == "cuda") else "none"
+    if provider == "repblend-fast":
+        out["encoder_chunk"] = encoder_chunk()
     del runner
     gc.collect()
     if device.type == "cuda":

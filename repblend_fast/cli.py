@@ -332,18 +332,24 @@ def _mount_optional(sub) -> None:
         main = getattr(m, f"main_{name}", None)
         if main is None:
             continue
+        # The module parses its own flags (main() hands it everything after the name).
         p = sub.add_parser(name, help=helptext, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=lambda a, main=main: main(a.rest))
+        p.set_defaults(func=None, forward=main)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
-    args = ap.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = ap.parse_known_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    forward = getattr(args, "forward", None)
+    if forward is not None:
+        return int(forward(argv[argv.index(args.command) + 1 :]) or 0)
+    if extra:
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         rc = args.func(args)
     except CLIError as exc:

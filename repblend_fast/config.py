@@ -94,7 +94,7 @@ class DistillConfig:
     meta_grad: str = "exact"
     share_encoder: bool = True
     checkpoint_steps: bool = False
-    encoder_chunk: int = 10
+    encoder_chunk: int = 0
     unroll_dropout: bool = False
     parity_eta_grad: bool = False
     num_trajectories: int = 1

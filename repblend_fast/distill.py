@@ -252,6 +252,7 @@ class Distiller:
             blend_target=cfg.blend_target,
             share_encoder=cfg.share_encoder,
             checkpoint_steps=cfg.checkpoint_steps,
+            encoder_chunk=cfg.encoder_chunk,
             parity_eta_grad=cfg.parity_eta_grad,
             encoder_autocast=_AUTOCAST[cfg.encoder_autocast],
         )

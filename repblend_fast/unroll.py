@@ -126,6 +126,19 @@ class UnrollSettings:
     checkpoint_steps: bool = False
     parity_eta_grad: bool = False
     encoder_autocast: torch.dtype | None = None
+    encoder_chunk: int = 0
+
+
+@dataclass
+class SharedFeatures:
+    """The touched images' features: ``touched`` ``[U]`` indices into x, ``inverse``
+    ``[K, T, B]`` positions into them, ``graph`` (encoder output with its graph, or None when the
+    VJP re-encodes in chunks) and ``leaf`` (the detached features the unroll differentiates)."""
+
+    touched: torch.Tensor
+    inverse: torch.Tensor
+    graph: torch.Tensor | None
+    leaf: torch.Tensor
 
 
 class Unroller:
@@ -273,14 +286,45 @@ class Unroller:
         tl = eta_txt.detach().requires_grad_(True)
         return xl, yl, sl, el, tl
 
-    def _touched(self, xl: torch.Tensor, plan: StepPlan, with_graph: bool):
-        """Shared features: one encoder pass over the touched images (RepBlend), else None."""
+    def _touched(self, xl: torch.Tensor, plan: StepPlan) -> SharedFeatures | None:
+        """Shared features: one encoder pass over the touched images (RepBlend), else None.
+
+        The unroll reads a detached leaf; :meth:`_encoder_vjp` later pulls its summed cotangent
+        back to the images, through the graph kept here (``encoder_chunk=0``) or by re-encoding
+        chunks of ``encoder_chunk`` images (less memory, one more encoder forward).
+        """
         if self.s.method != "repblend" or not self.s.share_encoder:
-            return None, None, None
+            return None
         touched, inverse = torch.unique(plan.batches, return_inverse=True)
-        with torch.enable_grad() if with_graph else torch.no_grad():
-            feats = self.encode(xl[touched])
-        return touched, inverse, feats
+        chunk = self.s.encoder_chunk
+        if chunk == 0:
+            with torch.enable_grad():
+                graph = self.encode(xl[touched])
+            return SharedFeatures(touched, inverse, graph, graph.detach().requires_grad_(True))
+        with torch.no_grad():
+            feats = torch.cat(
+                [self.encode(xl[touched[lo : lo + chunk]]) for lo in range(0, len(touched), chunk)]
+            )
+        return SharedFeatures(touched, inverse, None, feats.requires_grad_(True))
+
+    def _encoder_vjp(self, xl: torch.Tensor, shared: SharedFeatures) -> torch.Tensor | None:
+        """``d loss / d x`` from the shared features' cotangent (``None`` if it has none)."""
+        cot = shared.leaf.grad
+        if cot is None:
+            return None
+        if shared.graph is not None:
+            (gx,) = torch.autograd.grad(shared.graph, xl, cot)
+            return gx
+        gx = torch.zeros_like(xl)
+        chunk = self.s.encoder_chunk
+        for lo in range(0, shared.touched.numel(), chunk):
+            rows = shared.touched[lo : lo + chunk]
+            xc = xl[rows].detach().requires_grad_(True)
+            with torch.enable_grad():
+                fc = self.encode(xc)
+            (g,) = torch.autograd.grad(fc, xc, cot[lo : lo + chunk])
+            gx.index_add_(0, rows, g)
+        return gx
 
     def _img_input(self, i, xl, plan, inverse, feats, no_grad_encode: bool):
         """Step i's image-side input ``[K, B, ...]``."""
@@ -317,7 +361,8 @@ class Unroller:
     # ----------------------------------------------------------------- exact
     def _run_exact(self, x, y, sim_params, eta_img, eta_txt, start, target, plan):
         xl, yl, sl, el, tl = self._leaves(x, y, sim_params, eta_img, eta_txt)
-        _, inverse, feats = self._touched(xl, plan, with_graph=True)
+        shared = self._touched(xl, plan)
+        inverse, feats = (shared.inverse, shared.leaf) if shared is not None else (None, None)
         th_img, th_txt = start[0].detach(), start[1].detach()
         with torch.enable_grad():
             for i in range(plan.steps):
@@ -325,8 +370,9 @@ class Unroller:
                 perm, lam = self._blend_args(i, plan)
                 img_in = self._img_input(i, xl, plan, inverse, feats, no_grad_encode=False)
                 s_blk = self.target_block(idx, sl, y.dtype, perm, lam)
+                keep_i = plan.keep(i)
 
-                def step(a, b, img_in, y_b, s_blk, e1, e2, perm=perm, lam=lam, keep=plan.keep(i)):
+                def step(a, b, img_in, y_b, s_blk, e1, e2, perm=perm, lam=lam, keep=keep_i):
                     _, g1, g2 = self._step_grads(a, b, img_in, y_b, s_blk, perm, lam, True, keep)
                     return a - e1 * g1, b - e2 * g2
 
@@ -337,8 +383,11 @@ class Unroller:
                     th_img, th_txt = step(*args)
             li, lt, total = self._matching((th_img, th_txt), start, target)
             loss = total.mean()
-            inputs = [xl, yl, el, tl, *sl.values()]
-            grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+            inputs = [feats if shared is not None else xl, yl, el, tl, *sl.values()]
+            grads = list(torch.autograd.grad(loss, inputs, allow_unused=True))
+        if shared is not None:
+            shared.leaf.grad = grads[0]
+            grads[0] = self._encoder_vjp(xl, shared)
         out = self._pack(grads[0], grads[1], grads[2], grads[3], dict(zip(sl, grads[4:])), x, y, sl)
         return UnrollResult(loss.detach(), li.mean().detach(), lt.mean().detach(), out)
 
@@ -347,8 +396,11 @@ class Unroller:
         xl, yl, sl, el, tl = self._leaves(x, y, sim_params, eta_img, eta_txt)
         e1, e2 = eta_img.detach(), eta_txt.detach()
         k = plan.k
-        # Pass 1: the unroll without a graph, keeping theta_i and G = sum_i g_i.
-        touched, inverse, feats = self._touched(xl, plan, with_graph=False)
+        # Pass 1: the unroll without a graph, keeping theta_i and G = sum_i g_i. The shared
+        # features are computed once for both passes.
+        shared = self._touched(xl, plan)
+        inverse = shared.inverse if shared is not None else None
+        feats = shared.leaf.detach() if shared is not None else None
         th_img, th_txt = start[0].detach(), start[1].detach()
         thetas = []
         g_sum_img = torch.zeros_like(th_img)
@@ -401,11 +453,7 @@ class Unroller:
         dir_img = torch.stack([t.direction for t in ti]) * (w_img / k).to(th_img.dtype)[:, None]
         dir_txt = torch.stack([t.direction for t in tt]) * (w_txt / k).to(th_txt.dtype)[:, None]
         # Pass 2: per step, d/d(data) of 2 * psi_i, accumulated into the leaves' .grad.
-        feats_leaf = None
-        if feats is not None:
-            with torch.enable_grad():
-                feats_graph = self.encode(xl[touched])
-            feats_leaf = feats_graph.detach().requires_grad_(True)
+        feats_leaf = shared.leaf if shared is not None else None
         acc = [xl, yl, *sl.values()] if feats_leaf is None else [feats_leaf, yl, *sl.values()]
         for i in range(plan.steps):
             idx = plan.batches[:, i]
@@ -418,11 +466,10 @@ class Unroller:
                 _, g1, g2 = self._step_grads(a, b, img_in, yl[idx], s_blk, perm, lam, True, keep)
                 psi = 2 * ((g1 * dir_img).sum() + (g2 * dir_txt).sum())
                 torch.autograd.backward(psi, inputs=acc)
-        if feats_leaf is not None and feats_leaf.grad is not None:
-            # One VJP through the encoder with the summed feature cotangents of all steps.
-            torch.autograd.backward(feats_graph, feats_leaf.grad, inputs=[xl])
+        # One VJP through the encoder with the summed feature cotangents of all steps.
+        gx = self._encoder_vjp(xl, shared) if shared is not None else xl.grad
         sim_grads = {name: v.grad for name, v in sl.items()}
-        out = self._pack(xl.grad, yl.grad, g_eta_img, g_eta_txt, sim_grads, x, y, sl)
+        out = self._pack(gx, yl.grad, g_eta_img, g_eta_txt, sim_grads, x, y, sl)
         return UnrollResult(
             total.mean().detach(), loss_img.mean().detach(), loss_txt.mean().detach(), out
         )

@@ -487,3 +487,15 @@ def test_unroll_dropout_tesla_pass_two_masks_are_used():
     with_ones = run_unroller(UnrollSettings(meta_grad="tesla"), enc, x, y, sim, th0, ths, plan, eta)
     _, want = brute_tesla(enc, x, y, sim, th0, ths, plan, eta)
     assert_grads_close(with_ones.grads, want)
+
+
+@pytest.mark.parametrize("mode", ["exact", "tesla"])
+@pytest.mark.parametrize("chunk", [1, 2, 100])
+def test_chunked_encoder_vjp_equals_brute_force(mode, chunk):
+    enc, x, y, th0, ths, plan, eta = make_problem(seed=13)
+    sim = TinySim(N, seed=13)
+    brute = brute_exact if mode == "exact" else brute_tesla
+    _, want = brute(enc, x, y, sim, th0, ths, plan, eta)
+    s = UnrollSettings(meta_grad=mode, encoder_chunk=chunk)
+    got = run_unroller(s, enc, x, y, sim, th0, ths, plan, eta)
+    assert_grads_close(got.grads, want)
