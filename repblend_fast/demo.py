@@ -261,6 +261,7 @@ def run_demo(
     train_ds=None,
     test_ds=None,
     encoders=None,
+    loader: Callable[[], tuple[Any, Any, Any]] | None = None,
     cache_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -274,6 +275,8 @@ def run_demo(
             (LoRS then applies ``settings.lors_overrides``).
         train_ds, test_ds, encoders: data splits and :class:`repblend_fast.pipeline.Encoders`
             (default: ``settings.dataset`` and the packaged EfficientNet-Lite0 + MiniLM).
+        loader: instead of those three, a callable returning ``(train, test, encoders)``, run
+            as the first (timed) stage.
         cache_dir: feature and expert cache (default ``$REPBLEND_CACHE_DIR`` or
             ``~/.cache/repblend_fast``).
         overwrite: replace an earlier demo run in ``out_dir`` (only the files the demo writes).
@@ -298,6 +301,8 @@ def run_demo(
 
     # 1. data and encoders ------------------------------------------------------------------
     def load_all():
+        if loader is not None:
+            return loader()
         from repblend_fast.data import get_dataset
         from repblend_fast.pipeline import load_encoders
 
@@ -757,6 +762,16 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- CLI: demo
+def _guarded(name: str, fn: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
+    """Run a subcommand; a user error (``CLIError``) is printed without a traceback, status 2."""
+    cli = _cli()
+    try:
+        return int(fn(argv) or 0)
+    except cli.CLIError as exc:
+        print(f"repblend-fast {name}: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def _cli():
     from repblend_fast import cli
 
@@ -830,6 +845,10 @@ def demo_parser() -> argparse.ArgumentParser:
 
 def main_demo(argv: list[str] | None = None) -> int:
     """``repblend-fast demo``."""
+    return _guarded("demo", _main_demo, argv)
+
+
+def _main_demo(argv: list[str] | None) -> int:
     cli = _cli()
     args = demo_parser().parse_args(argv)
     threads = _set_threads(args.threads)
@@ -871,17 +890,16 @@ def main_demo(argv: list[str] | None = None) -> int:
         check_out(Path(args.out), args.overwrite)
     except (TypeError, ValueError, ImportError, FileExistsError) as exc:
         raise cli.CLIError(str(exc)) from exc
-    train = cli._dataset(args, "train")
-    test = cli._dataset(args, "test")
-    enc = cli._encoders(args)
+
+    def loader():
+        return cli._dataset(args, "train"), cli._dataset(args, "test"), cli._encoders(args)
+
     try:
         metrics = run_demo(
             args.out,
             settings,
             overrides=over,
-            train_ds=train,
-            test_ds=test,
-            encoders=enc,
+            loader=loader,
             cache_dir=args.cache_dir,
             overwrite=args.overwrite,
             progress=not args.no_progress,
@@ -903,6 +921,10 @@ def main_demo(argv: list[str] | None = None) -> int:
 # ----------------------------------------------------------------------------- CLI: report
 def main_report(argv: list[str] | None = None) -> int:
     """``repblend-fast report --run DIR``: re-render report.md and the figures of a demo run."""
+    return _guarded("report", _main_report, argv)
+
+
+def _main_report(argv: list[str] | None) -> int:
     cli = _cli()
     p = argparse.ArgumentParser(
         prog="repblend-fast report",
@@ -952,6 +974,10 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 def main_evaluate(argv: list[str] | None = None) -> int:
     """``repblend-fast evaluate --distilled FILE``."""
+    return _guarded("evaluate", _main_evaluate, argv)
+
+
+def _main_evaluate(argv: list[str] | None) -> int:
     cli = _cli()
     args = evaluate_parser().parse_args(argv)
     _set_threads(args.threads)

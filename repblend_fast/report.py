@@ -363,9 +363,10 @@ def plot_distilled_grid(
         )
         text = "\n".join(textwrap.wrap(captions[k], 16)[:3])
         ax.set_title(text, fontsize=6, pad=2)
+    height = fig.get_size_inches()[1]
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout(pad=0.3)
+    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 1 - (0.45 / height if title else 0)))
     path = Path(path)
     fig.savefig(path, dpi=80)
     plt.close(fig)
