@@ -983,8 +983,16 @@ def profile_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Ar
         description="Per-phase time and memory of a distillation step.",
     )
     p.add_argument("--shapes", choices=sorted(SHAPE_SETS), default="ci")
-    p.add_argument("--meta-grad", choices=("exact", "tesla"), default="tesla")
-    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument(
+        "--config",
+        default=None,
+        help="a DistillConfig JSON (e.g. a run's config.json): its pairs, batch size, unroll "
+        "steps, similarity rank/alpha, meta-gradient and encoder_chunk replace the shape set's",
+    )
+    p.add_argument("--meta-grad", choices=("exact", "tesla"), default=None, help="default tesla")
+    p.add_argument(
+        "--iterations", "--steps", dest="iterations", type=int, default=3, help="profiled steps"
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--trace", default=None, help="write a torch.profiler chrome trace here")
@@ -1011,20 +1019,61 @@ def main_bench(argv: list[str] | None = None) -> int:
     return 0
 
 
+def shapes_from_config(shapes: str, config_path: str) -> tuple[str, str]:
+    """Register the shape set ``shapes`` with a DistillConfig file's sizes applied; returns the
+    new set's name and the config's meta-gradient (its ``encoder_chunk`` goes to the env)."""
+    import dataclasses
+
+    from repblend_fast.config import DistillConfig
+
+    with open(config_path, encoding="utf-8") as fh:
+        cfg = DistillConfig.from_dict(json.load(fh)).validate()
+    name = f"{shapes}+config"
+    SHAPE_SETS[name] = [
+        dataclasses.replace(
+            sh,
+            name=f"{sh.name}+config",
+            pairs=cfg.pairs,
+            batch=cfg.batch_size,
+            steps=cfg.syn_steps,
+            rank=cfg.sim_rank,
+            alpha=cfg.sim_alpha,
+        )
+        for sh in SHAPE_SETS[shapes]
+    ]
+    os.environ["REPBLEND_BENCH_ENCODER_CHUNK"] = str(cfg.encoder_chunk)
+    return name, cfg.meta_grad
+
+
 def main_profile(argv: list[str] | None = None) -> int:
     a = profile_parser().parse_args(argv)
-    run_profile(
-        a.shapes,
-        "repblend-fast",
-        a.meta_grad,
-        a.iterations,
-        a.device,
-        warmup=a.warmup,
-        trace=a.trace,
-        json_path=a.json_path,
-        seed=a.seed,
-        threads=a.threads,
-    )
+    shapes, meta_grad = a.shapes, a.meta_grad
+    saved_chunk = os.environ.get("REPBLEND_BENCH_ENCODER_CHUNK")
+    try:
+        if a.config is not None:
+            try:
+                shapes, cfg_meta = shapes_from_config(a.shapes, a.config)
+            except (OSError, ValueError, TypeError) as exc:
+                print(f"repblend-fast profile: error: --config {a.config}: {exc}", file=sys.stderr)
+                return 2
+            meta_grad = meta_grad or cfg_meta
+        run_profile(
+            shapes,
+            "repblend-fast",
+            meta_grad or "tesla",
+            a.iterations,
+            a.device,
+            warmup=a.warmup,
+            trace=a.trace,
+            json_path=a.json_path,
+            seed=a.seed,
+            threads=a.threads,
+        )
+    finally:
+        if saved_chunk is None:
+            os.environ.pop("REPBLEND_BENCH_ENCODER_CHUNK", None)
+        else:
+            os.environ["REPBLEND_BENCH_ENCODER_CHUNK"] = saved_chunk
     return 0
 
 

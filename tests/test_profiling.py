@@ -158,3 +158,21 @@ def test_run_profile_reports_every_phase(tmp_path, mode):
     if trace is not None:
         events = json.loads(trace.read_text())["traceEvents"]
         assert any("repblend:unroll" in str(e.get("name")) for e in events)
+
+
+def test_profile_cli_takes_a_distill_config(tmp_path, capsys):
+    from repblend_fast.bench import main_profile
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"pairs": 11, "batch_size": 4, "syn_steps": 2, "sim_rank": 2,
+                               "sim_alpha": 1.0, "meta_grad": "exact", "encoder_chunk": 3}))
+    out = tmp_path / "profile.json"
+    assert main_profile(["--shapes", "tiny", "--config", str(cfg), "--steps", "1",
+                         "--warmup", "0", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "N=11, B=4, T=2" in text and "(exact)" in text
+    assert out.exists()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"pairs": 0}))
+    assert main_profile(["--shapes", "tiny", "--config", str(bad)]) == 2
+    assert "pairs" in capsys.readouterr().err
