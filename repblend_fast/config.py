@@ -43,6 +43,10 @@ class DistillConfig:
         eps: the log epsilon of WBCE (``0`` = exact log-sigmoid form).
         temperature: tau; logits are scaled by ``1/tau``.
         blend: representation blending on/off (RepBlend only).
+        symmetric: RepBlend's symmetric projection trajectory matching: both projection heads are
+            the students, on frozen-encoder features. ``False`` is the asymmetric ablation: the
+            image encoder itself is the image-side student (as in LoRS; needs LoRS-style experts)
+            and blending mixes its outputs with the texts. LoRS and MTT-VL are always asymmetric.
         blend_alpha: alpha of ``Beta(alpha, alpha)`` for the blending coefficient (``<= 0`` = off).
         blend_target: also blend the target block ``S[I, I]`` (not the reference behaviour).
         merge_loss: one normalisation ``(||.||_I^2 + ||.||_T^2) / (D_I + D_T)`` (COCO scripts).
@@ -88,6 +92,7 @@ class DistillConfig:
     eps: float = 1e-6
     temperature: float = 0.07
     blend: bool = True
+    symmetric: bool = True
     blend_alpha: float = 1.0
     blend_target: bool = False
     merge_loss: bool = False
@@ -146,6 +151,11 @@ class DistillConfig:
         if self.method == "mtt-vl" and self.similarity != "none":
             raise ValueError("method='mtt-vl' uses identity targets: set similarity='none'")
         return self
+
+    @property
+    def student(self) -> str:
+        """``heads`` (symmetric RepBlend) or ``encoder`` (LoRS, MTT-VL, asymmetric ablation)."""
+        return "heads" if self.method == "repblend" and self.symmetric else "encoder"
 
     @property
     def logit_scale(self) -> float:

@@ -241,7 +241,7 @@ class Distiller:
 
     def _make_unroller(self, d_txt: int) -> Unroller:
         cfg = self.cfg
-        method = "repblend" if cfg.method == "repblend" else "lors"
+        method = "repblend" if cfg.student == "heads" else "lors"
         settings = UnrollSettings(
             method=method,
             meta_grad=cfg.meta_grad,
@@ -271,12 +271,13 @@ class Distiller:
 
     def _check_store(self) -> None:
         man = self._manifest()
-        want = "repblend" if self.cfg.method == "repblend" else "lors"
+        want = "repblend" if self.cfg.student == "heads" else "lors"
         got = man.get("method")
         if got is not None and got != want:
             raise ValueError(
-                f"the expert store was trained with method={got!r} but DistillConfig.method="
-                f"{self.cfg.method!r} needs {want!r} experts: train matching experts with "
+                f"the expert store was trained with method={got!r} but DistillConfig(method="
+                f"{self.cfg.method!r}, symmetric={self.cfg.symmetric}) needs {want!r} experts: "
+                "train matching experts with "
                 f"`repblend-fast buffer --method {want}`"
             )
         need = self.cfg.max_start_epoch - 1 + self.cfg.expert_epochs
@@ -356,7 +357,7 @@ class Distiller:
             targets.append(target)
             plans.append(self._plan())
         args = (self.x, self.y, self.sim_params, self.eta_img, self.eta_txt)
-        if cfg.method == "repblend":
+        if cfg.student == "heads":
             # The K trajectories run batched in one unroll (mean loss and gradients).
             stack = lambda pairs, m: torch.stack([p[m] for p in pairs])  # noqa: E731
             r = self.unroller.run(

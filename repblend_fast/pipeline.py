@@ -200,7 +200,7 @@ def distill(
 
     config.validate()
     store = TrajectoryStore.load(experts_dir, device=config.device)
-    want = "repblend" if config.method == "repblend" else "lors"
+    want = "repblend" if config.student == "heads" else "lors"
     store.check_compatible(method=want, image_encoder=enc.image_id, text_encoder=enc.text_id)
     size = image_size_for(ds.name, image_size, enc.image_info)
     images, texts, _ = initial_pairs(ds, enc, config.pairs, size, config.seed, cache_dir=cache_dir)

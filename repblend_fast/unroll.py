@@ -216,6 +216,9 @@ class Unroller:
             e_img = head_forward(th_img, img_in, self.img_spec, keep=keep[0])
         else:
             e_img = functional_forward(self.encoder, self.img_spec, th_img[0], img_in[0])[None]
+            if perm is not None:
+                # Asymmetric ablation: blend the student encoder's outputs with the texts.
+                e_img, y_b = blend_pairs(e_img, y_b, perm, lam, check="none")
         e_txt = head_forward(th_txt, y_b, self.txt_spec, keep=keep[1])
         return contrastive_loss(
             e_img, e_txt, s_blk, logit_scale=self.s.logit_scale, loss=self.s.loss, eps=self.s.eps
@@ -339,7 +342,7 @@ class Unroller:
 
     def _blend_args(self, i, plan):
         lam = plan.lams[:, i]
-        if self.s.method != "repblend" or bool((lam == 1.0).all()):
+        if bool((lam == 1.0).all()):
             return None, None
         return plan.perms[:, i], lam
 

@@ -309,3 +309,19 @@ def test_unroll_dropout_draws_masks_and_stays_deterministic(meta_grad):
     assert len(vals) == 2 and vals[0] == 0.0 and abs(float(vals[1]) - 1 / 0.9) < 1e-6
     ra, rb = a.step(), b.step()
     assert ra["loss"] == rb["loss"]
+
+
+def test_asymmetric_ablation_uses_the_encoder_student_with_blending():
+    enc = tiny_encoder()
+    spec = FlatSpec.from_module(enc, trainable_only=False)
+    store = make_store(lambda g: spec.flatten(enc), method="lors", enc=enc)
+    cfg = small(symmetric=False, iterations=2)
+    assert cfg.student == "encoder" and small().student == "heads"
+    d = setup(cfg, store=store)
+    assert d.unroller.s.method == "lors"
+    plan = setup(cfg, store=store)._plan()
+    assert bool((plan.lams < 1).any())  # blending stays on
+    rec = d.step()
+    assert torch.isfinite(torch.tensor(rec["loss"]))
+    with pytest.raises(ValueError, match="symmetric=False"):
+        setup(cfg)  # RepBlend (head) experts cannot drive the encoder student

@@ -499,3 +499,37 @@ def test_chunked_encoder_vjp_equals_brute_force(mode, chunk):
     s = UnrollSettings(meta_grad=mode, encoder_chunk=chunk)
     got = run_unroller(s, enc, x, y, sim, th0, ths, plan, eta)
     assert_grads_close(got.grads, want)
+
+
+def test_asymmetric_blending_through_the_encoder_student_matches_brute_force():
+    """symmetric=False: the encoder is the student and its outputs are blended with the texts."""
+    g = torch.Generator().manual_seed(14)
+    enc = LinearEncoder(g)
+    for p in enc.parameters():
+        p.requires_grad_(False)
+    _, x, y, _, _, plan, eta = make_problem(seed=14)  # with blending
+    th0 = (
+        torch.cat([enc.fc.weight.reshape(-1), enc.fc.bias]).clone(),
+        init_head_flat(D_T, DIM, generator=g, dtype=DT),
+    )
+    ths = tuple(t + 0.05 * torch.randn(t.shape, generator=g, dtype=DT) for t in th0)
+    sim = TinySim(N, seed=14)
+    xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
+    a, b = th0[0].clone().requires_grad_(), th0[1].clone().requires_grad_()
+    for i in range(plan.steps):
+        idx, lam, perm = plan.batches[i], plan.lams[i], plan.perms[i]
+        w, bias = a[: DIM * 18].reshape(DIM, 18), a[DIM * 18 :]
+        f = torch.tanh(xg[idx].flatten(1) @ w.T + bias)
+        f = lam * f + (1 - lam) * f[perm]
+        t = yg[idx]
+        t = lam * t + (1 - lam) * t[perm]
+        ell = naive_wbce(f, naive_head(b, t, D_T, DIM), sim.block(idx))
+        ga, gb = torch.autograd.grad(ell, (a, b), create_graph=True)
+        a, b = a - eta[0] * ga, b - eta[1] * gb
+    loss = (a - ths[0]).pow(2).sum() / (th0[0] - ths[0]).pow(2).sum()
+    loss = loss + (b - ths[1]).pow(2).sum() / (th0[1] - ths[1]).pow(2).sum()
+    want_x, want_y = torch.autograd.grad(loss, [xg, yg])
+    u = make_unroller_for_lors(UnrollSettings(method="lors"), enc, HeadSpec(D_T, DIM), sim)
+    got = u.run(x, y, sim.params(), eta[0], eta[1], th0, ths, plan)
+    torch.testing.assert_close(got.grads["x"], want_x, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(got.grads["y"], want_y, rtol=1e-8, atol=1e-10)
