@@ -91,6 +91,7 @@ def _brute_one(img, txt, tgt, s, loss, eps):
                 counts[t > 0.5] += 1
         return 0.5 * (sums[True] / (counts[True] + 1e-6) + sums[False] / (counts[False] + 1e-6))
     if loss in ("infonce", "cwcl"):
+
         def direction(zz, ss):
             total = 0.0
             for j in range(b):
@@ -103,13 +104,18 @@ def _brute_one(img, txt, tgt, s, loss, eps):
 
         return 0.5 * (direction(z, S) + direction(zt, St))
     if loss == "bce":
-        return sum(
-            -(S[j][k] * math.log(sig(z[j][k])) + (1 - S[j][k]) * math.log(1 - sig(z[j][k])))
-            for j in range(b) for k in range(b)
-        ) / b**2
+        return (
+            sum(
+                -(S[j][k] * math.log(sig(z[j][k])) + (1 - S[j][k]) * math.log(1 - sig(z[j][k])))
+                for j in range(b)
+                for k in range(b)
+            )
+            / b**2
+        )
     if loss == "mse":
         return sum((sig(z[j][k]) - S[j][k]) ** 2 for j in range(b) for k in range(b)) / b**2
     if loss == "kl":
+
         def direction(zz, ss):
             total = 0.0
             for j in range(b):
@@ -127,8 +133,9 @@ def _brute_one(img, txt, tgt, s, loss, eps):
 def test_reference_matches_independent_formulas(gen, loss, eps):
     img, txt, tgt = _inputs(gen, 4, 5, k=2)
     got = ref.contrastive_loss(img, txt, tgt, logit_scale=3.0, loss=loss, eps=eps)
-    want = torch.tensor([_brute_one(img[i], txt[i], tgt[i], 3.0, loss, eps) for i in range(2)],
-                        dtype=torch.float64)
+    want = torch.tensor(
+        [_brute_one(img[i], txt[i], tgt[i], 3.0, loss, eps) for i in range(2)], dtype=torch.float64
+    )
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
 
 
@@ -157,8 +164,9 @@ def test_triton_values_and_grads(gen, loss, eps, b, d, k):
     scale = torch.tensor(S_PAPER, requires_grad=True)
     inputs = (img, txt, tgt, scale)
     g = torch.randn(() if k is None else (k,), generator=gen)
-    fused = lambda i, t, s, c: contrastive_loss(i, t, s, logit_scale=c, loss=loss, eps=eps,
-                                                impl="triton")
+    fused = lambda i, t, s, c: contrastive_loss(
+        i, t, s, logit_scale=c, loss=loss, eps=eps, impl="triton"
+    )
     plain = lambda i, t, s, c: ref.contrastive_loss(i, t, s, logit_scale=c, loss=loss, eps=eps)
     out_f, grads_f = _grads(fused, inputs, g)
     out_r, grads_r = _grads(plain, inputs, g)
@@ -197,8 +205,9 @@ def test_triton_under_torch_func(gen, loss, eps):
         return [fn("triton"), fn("reference")]
 
     # grad over all three inputs, vmapped over K (each sample is a [B, D] problem)
-    a, r = both(lambda impl: vmap(grad(f, argnums=(0, 1, 2)), in_dims=(0, 0, 0, None))(
-        img, txt, tgt, impl))
+    a, r = both(
+        lambda impl: vmap(grad(f, argnums=(0, 1, 2)), in_dims=(0, 0, 0, None))(img, txt, tgt, impl)
+    )
     for x, y in zip(a, r):
         torch.testing.assert_close(x, y, **FP32_GRAD)
     # vmap of the forward, with the target shared (not batched)
@@ -212,20 +221,25 @@ def test_triton_under_torch_func(gen, loss, eps):
     tan = torch.randn(img.shape, generator=gen)
     a, r = both(lambda impl: jvp(lambda i: f(i, txt, tgt, impl), (img,), (tan,))[1])
     torch.testing.assert_close(a, r, **FP32_GRAD)
-    a, r = both(lambda impl: grad(
-        lambda t: jvp(lambda i: f(i, t, tgt, impl).sum(), (img,), (tan,))[1])(txt))
+    a, r = both(
+        lambda impl: grad(lambda t: jvp(lambda i: f(i, t, tgt, impl).sum(), (img,), (tan,))[1])(txt)
+    )
     torch.testing.assert_close(a, r, **FP32_GRAD2)
     # grad of grad
-    a, r = both(lambda impl: grad(
-        lambda t: (grad(lambda i: f(i, t, tgt, impl).sum())(img) * tan).sum())(txt))
+    a, r = both(
+        lambda impl: grad(lambda t: (grad(lambda i: f(i, t, tgt, impl).sum())(img) * tan).sum())(
+            txt
+        )
+    )
     torch.testing.assert_close(a, r, **FP32_GRAD2)
 
 
 @pytest.mark.parametrize("loss,eps", CASES, ids=CASE_IDS)
 def test_triton_batched_equals_loop(gen, loss, eps):
     img, txt, tgt = _inputs(gen, 7, 24, k=4, dtype=torch.float32)
-    f = lambda i, t, s: contrastive_loss(i, t, s, logit_scale=S_PAPER, loss=loss, eps=eps,
-                                         impl="triton")
+    f = lambda i, t, s: contrastive_loss(
+        i, t, s, logit_scale=S_PAPER, loss=loss, eps=eps, impl="triton"
+    )
     batched = f(img, txt, tgt)
     looped = torch.stack([f(img[i], txt[i], tgt[i]) for i in range(4)])
     torch.testing.assert_close(batched, looped, atol=1e-6, rtol=1e-6)
@@ -240,8 +254,9 @@ def test_triton_strided_inputs(gen):
         t.requires_grad_(True)
     inputs = (img_s, txt_s, tgt_s)
     g = torch.randn(2, generator=gen)
-    fused = lambda i, t, s: contrastive_loss(i, t, s, logit_scale=S_PAPER, loss="cwcl",
-                                             impl="triton")
+    fused = lambda i, t, s: contrastive_loss(
+        i, t, s, logit_scale=S_PAPER, loss="cwcl", impl="triton"
+    )
     plain = lambda i, t, s: ref.contrastive_loss(i, t, s, logit_scale=S_PAPER, loss="cwcl")
     out_f, grads_f = _grads(fused, inputs, g)
     out_r, grads_r = _grads(plain, inputs, g)
@@ -260,8 +275,9 @@ def test_triton_extreme_logits_stay_finite(gen, loss, eps, sign):
     txt = (sign * base + 1e-4 * torch.randn(b, d, generator=gen)).requires_grad_(True)
     tgt = torch.rand(b, b, generator=gen).requires_grad_(True)
     inputs = (img, txt, tgt)
-    fused = lambda i, t, s: contrastive_loss(i, t, s, logit_scale=100.0, loss=loss, eps=eps,
-                                             impl="triton")
+    fused = lambda i, t, s: contrastive_loss(
+        i, t, s, logit_scale=100.0, loss=loss, eps=eps, impl="triton"
+    )
     plain = lambda i, t, s: ref.contrastive_loss(i, t, s, logit_scale=100.0, loss=loss, eps=eps)
     out_f, grads_f = _grads(fused, inputs, torch.tensor(1.0))
     out_r, grads_r = _grads(plain, inputs, torch.tensor(1.0))
@@ -375,24 +391,39 @@ def _bad_calls():
         ("txt has B=", dict(txt=torch.randn(b + 1, d)), ValueError),
         ("txt has D=", dict(txt=torch.randn(b, d + 1)), ValueError),
         ("target must be", dict(target=torch.rand(b, b + 1)), ValueError),
-        ("txt has K=", dict(img=img.expand(2, b, d), txt=txt.expand(3, b, d),
-                            target=tgt.expand(2, b, b)), ValueError),
-        ("target has K=", dict(img=img.expand(2, b, d), txt=txt.expand(2, b, d),
-                               target=tgt.expand(3, b, b)), ValueError),
-        ("img must have a floating dtype", dict(img=torch.ones(b, d, dtype=torch.int64)),
-         TypeError),
+        (
+            "txt has K=",
+            dict(img=img.expand(2, b, d), txt=txt.expand(3, b, d), target=tgt.expand(2, b, b)),
+            ValueError,
+        ),
+        (
+            "target has K=",
+            dict(img=img.expand(2, b, d), txt=txt.expand(2, b, d), target=tgt.expand(3, b, b)),
+            ValueError,
+        ),
+        (
+            "img must have a floating dtype",
+            dict(img=torch.ones(b, d, dtype=torch.int64)),
+            TypeError,
+        ),
         ("txt has dtype", dict(txt=txt.double()), TypeError),
         ("target has dtype", dict(target=tgt.half()), TypeError),
-        ("B >= 1", dict(img=torch.randn(0, d), txt=torch.randn(0, d),
-                        target=torch.rand(0, 0)), ValueError),
+        (
+            "B >= 1",
+            dict(img=torch.randn(0, d), txt=torch.randn(0, d), target=torch.rand(0, 0)),
+            ValueError,
+        ),
         ("on one device", dict(txt=txt.to("meta")), ValueError),
         ("loss must be one of", dict(loss="clip"), ValueError),
         ("eps must be finite and >= 0", dict(eps=-1e-6), ValueError),
         ("eps must be a python float", dict(eps="0"), TypeError),
         ("logit_scale must be finite", dict(logit_scale=float("inf")), ValueError),
         ("logit_scale must be finite", dict(logit_scale=torch.tensor(float("nan"))), ValueError),
-        ("logit_scale must be a python float or a 0-d", dict(logit_scale=torch.ones(1)),
-         ValueError),
+        (
+            "logit_scale must be a python float or a 0-d",
+            dict(logit_scale=torch.ones(1)),
+            ValueError,
+        ),
         ("logit_scale tensor must have a floating", dict(logit_scale=torch.tensor(3)), TypeError),
         ("logit_scale must be a python float", dict(logit_scale="14"), TypeError),
         ("impl must be one of", dict(impl="fast"), ValueError),
@@ -402,8 +433,15 @@ def _bad_calls():
 @pytest.mark.parametrize("match,change,exc", _bad_calls(), ids=lambda x: None)
 def test_bad_inputs_raise_with_the_argument_named(match, change, exc):
     b, d = 3, 4
-    kwargs = dict(img=torch.randn(b, d), txt=torch.randn(b, d), target=torch.rand(b, b),
-                  logit_scale=2.0, loss="wbce", eps=1e-6, impl="triton")
+    kwargs = dict(
+        img=torch.randn(b, d),
+        txt=torch.randn(b, d),
+        target=torch.rand(b, b),
+        logit_scale=2.0,
+        loss="wbce",
+        eps=1e-6,
+        impl="triton",
+    )
     kwargs.update(change)
     with pytest.raises(exc, match=match):
         contrastive_loss(kwargs.pop("img"), kwargs.pop("txt"), kwargs.pop("target"), **kwargs)
@@ -421,10 +459,18 @@ def _cuda_home() -> str | None:
     candidates = [os.environ.get("CUDA_HOME"), CUDA_HOME, "/usr/local/cuda"]
     if nvcc:
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    candidates += sorted(
-        (os.path.join("/usr/local", n) for n in os.listdir("/usr/local") if n.startswith("cuda-")),
-        reverse=True,
-    ) if os.path.isdir("/usr/local") else []
+    candidates += (
+        sorted(
+            (
+                os.path.join("/usr/local", n)
+                for n in os.listdir("/usr/local")
+                if n.startswith("cuda-")
+            ),
+            reverse=True,
+        )
+        if os.path.isdir("/usr/local")
+        else []
+    )
     for home in candidates:
         if not home or not os.path.isfile(os.path.join(home, "bin", "nvcc")):
             continue
@@ -451,16 +497,23 @@ def test_cuda_extension_compiles():
     home = _cuda_home()
     if home is None or shutil.which("ninja") is None:
         pytest.skip("nvcc with a linkable libcudart, or ninja, is missing")
-    sources = [os.path.join(ROOT, "csrc", "contrastive.cu"), os.path.join(ROOT, "csrc",
-                                                                           "module.cpp")]
+    sources = [
+        os.path.join(ROOT, "csrc", "contrastive.cu"),
+        os.path.join(ROOT, "csrc", "module.cpp"),
+    ]
     env = dict(os.environ, CUDA_HOME=home)
     # Compile for one architecture only (no GPU here to pick one; sm_90 is the H100/H200 target).
     env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     with tempfile.TemporaryDirectory() as tmp:
         # A child process: loading registers torch.ops.repblend_fast.*, which must not collide with
         # a full build of csrc/ loaded by another test in this process.
-        proc = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, tmp, *sources], env=env,
-                              capture_output=True, text=True, timeout=1200)
+        proc = subprocess.run(
+            [sys.executable, "-c", _BUILD_SCRIPT, tmp, *sources],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "repblend_fast::contrastive_fwd(Tensor img" in proc.stdout
     assert "repblend_fast::contrastive_bwd(Tensor grad" in proc.stdout
@@ -518,13 +571,18 @@ def test_gpu_second_order_and_vmap(impl):
     ga = torch.autograd.grad(a, img, gout, create_graph=True)[0]
     gr = torch.autograd.grad(r, img, gout, create_graph=True)[0]
     d = torch.randn_like(img)
-    torch.testing.assert_close(torch.autograd.grad((ga * d).sum(), txt)[0],
-                               torch.autograd.grad((gr * d).sum(), txt)[0], **FP32_GRAD2)
+    torch.testing.assert_close(
+        torch.autograd.grad((ga * d).sum(), txt)[0],
+        torch.autograd.grad((gr * d).sum(), txt)[0],
+        **FP32_GRAD2,
+    )
     f = lambda i, t, s, im: contrastive_loss(i, t, s, logit_scale=S_PAPER, impl=im)
     x = [t.detach() for t in (img, txt, tgt)]
-    torch.testing.assert_close(vmap(grad(f), in_dims=(0, 0, 0, None))(*x, impl),
-                               vmap(grad(f), in_dims=(0, 0, 0, None))(*x, "reference"),
-                               **FP32_GRAD)
+    torch.testing.assert_close(
+        vmap(grad(f), in_dims=(0, 0, 0, None))(*x, impl),
+        vmap(grad(f), in_dims=(0, 0, 0, None))(*x, "reference"),
+        **FP32_GRAD,
+    )
 
 
 def test_poisoning_is_active_for_triton_outputs():

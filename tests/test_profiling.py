@@ -164,11 +164,37 @@ def test_profile_cli_takes_a_distill_config(tmp_path, capsys):
     from repblend_fast.bench import main_profile
 
     cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({"pairs": 11, "batch_size": 4, "syn_steps": 2, "sim_rank": 2,
-                               "sim_alpha": 1.0, "meta_grad": "exact", "encoder_chunk": 3}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "pairs": 11,
+                "batch_size": 4,
+                "syn_steps": 2,
+                "sim_rank": 2,
+                "sim_alpha": 1.0,
+                "meta_grad": "exact",
+                "encoder_chunk": 3,
+            }
+        )
+    )
     out = tmp_path / "profile.json"
-    assert main_profile(["--shapes", "tiny", "--config", str(cfg), "--steps", "1",
-                         "--warmup", "0", "--json", str(out)]) == 0
+    assert (
+        main_profile(
+            [
+                "--shapes",
+                "tiny",
+                "--config",
+                str(cfg),
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "N=11, B=4, T=2" in text and "(exact)" in text
     assert out.exists()

@@ -56,7 +56,13 @@ def _fused_backward(backend: str, g, img, txt, target, scale, aux, loss: str, ep
 
         return _tk.backward(g, img, txt, target, scale, *aux, loss, eps)
     out = torch.ops.repblend_fast.contrastive_bwd(
-        g.to(torch.float32), img, txt, target, scale.to(torch.float32), *aux, LOSS_IDS[loss],
+        g.to(torch.float32),
+        img,
+        txt,
+        target,
+        scale.to(torch.float32),
+        *aux,
+        LOSS_IDS[loss],
         float(eps),
     )
     return tuple(out)
@@ -169,9 +175,7 @@ class _ContrastiveBwdFn(torch.autograd.Function):
             for c, p in zip((gg_img, gg_txt, gg_tgt, gg_scale), primals)
         )
         loss, eps = ctx.loss, ctx.eps
-        _, vjp_fn = torch.func.vjp(
-            lambda *a: _ref_grads(*a, loss, eps), g, img, txt, target, scale
-        )
+        _, vjp_fn = torch.func.vjp(lambda *a: _ref_grads(*a, loss, eps), g, img, txt, target, scale)
         return tuple(vjp_fn(cot)) + (None,) * 9
 
     @staticmethod
@@ -256,8 +260,7 @@ def _validate(img, txt, target, logit_scale, loss, eps) -> None:
         raise TypeError(f"{_OP}: eps must be a python float, got {type(eps).__name__}")
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(
-            f"{_OP}: eps must be finite and >= 0 (0 selects the exact log-sigmoid WBCE), "
-            f"got {eps}"
+            f"{_OP}: eps must be finite and >= 0 (0 selects the exact log-sigmoid WBCE), got {eps}"
         )
     if isinstance(logit_scale, torch.Tensor):
         if logit_scale.ndim != 0:

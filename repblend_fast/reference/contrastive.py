@@ -63,6 +63,7 @@ def loss_from_logits(z: torch.Tensor, target: torch.Tensor, loss: str = "wbce", 
     if loss == "mse":
         return (torch.sigmoid(z) - target).pow(2).mean((-1, -2))
     if loss == "kl":
+
         def _kl(zz, tt, dim):
             p = torch.softmax(10 * tt, dim=dim)
             logp = torch.log_softmax(10 * tt, dim=dim)
