@@ -16,8 +16,9 @@ S_SCALE = 1 / 0.07
 
 
 # ----------------------------------------------------------------------------- brute force
-def naive_head(theta, h, d_in, dim):
-    """The projection head written out independently of repblend_fast.models.heads."""
+def naive_head(theta, h, d_in, dim, mask=None):
+    """The projection head written out independently of repblend_fast.models.heads (``mask``:
+    a dropout keep-mask on the second linear layer's output)."""
     o = 0
     w1 = theta[o : o + dim * d_in].reshape(dim, d_in)
     o += dim * d_in
@@ -30,6 +31,8 @@ def naive_head(theta, h, d_in, dim):
     gamma, beta = theta[o : o + dim], theta[o + dim : o + 2 * dim]
     p = h @ w1.T + b1
     u = (0.5 * p * (1 + torch.erf(p / 2**0.5))) @ w2.T + b2
+    if mask is not None:
+        u = u * mask
     r = u + p
     mu = r.mean(-1, keepdim=True)
     var = ((r - mu) ** 2).mean(-1, keepdim=True)
@@ -433,25 +436,8 @@ def test_unroll_dropout_masks_match_brute_force_exact():
     orig = naive_head
 
     def masked_head(theta, h, d_in, dim):
-        # naive_head with the step's mask on u: rebuild u + p from the unmasked pieces.
         i = current[0]
-        mask = ki[i] if d_in == D_F else kt[i]
-        o = 0
-        w1 = theta[o : o + dim * d_in].reshape(dim, d_in)
-        o += dim * d_in
-        b1 = theta[o : o + dim]
-        o += dim
-        w2 = theta[o : o + dim * dim].reshape(dim, dim)
-        o += dim * dim
-        b2 = theta[o : o + dim]
-        o += dim
-        gamma, beta = theta[o : o + dim], theta[o + dim : o + 2 * dim]
-        p = h @ w1.T + b1
-        u = ((0.5 * p * (1 + torch.erf(p / 2**0.5))) @ w2.T + b2) * mask
-        r = u + p
-        mu = r.mean(-1, keepdim=True)
-        var = ((r - mu) ** 2).mean(-1, keepdim=True)
-        return (r - mu) / torch.sqrt(var + 1e-5) * gamma + beta
+        return orig(theta, h, d_in, dim, mask=ki[i] if d_in == D_F else kt[i])
 
     current = [0]
 
