@@ -15,6 +15,7 @@
 #   $OUT/step.json, profile.json   step benchmark records and step profile
 #   $OUT/trace/step_trace.json     torch.profiler chrome trace of the profiled steps
 #   $OUT/results/<date>_<gpu>_<sha>.json and results.md   everything combined (benchmarks/report.py)
+# At the end all but results/ and summary.txt are packed into $OUT/raw.tar.gz (4 files in all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -133,5 +134,15 @@ phase report 20 "$PY" benchmarks/report.py --combine "${files[@]}" --out "$OUT/r
   --markdown "$OUT/results/results.md"
 
 echo "total $(( $(date +%s) - START ))s" | tee -a "$SUMMARY"
-echo "results: $OUT/results/"
+# Everything except the combined results and the summary also goes into one archive
+# ($OUT/raw.tar.gz), so that a handful of files carries the whole run.
+RAW=$(mktemp)
+if tar czf "$RAW" -C "$OUT" --exclude=./results --exclude=./summary.txt --exclude=./raw.tar.gz .; then
+  find "$OUT" -mindepth 1 -maxdepth 1 ! -name results ! -name summary.txt -exec rm -rf {} +
+  mv "$RAW" "$OUT/raw.tar.gz"
+else
+  echo "packing raw outputs failed; they are left as they are" | tee -a "$SUMMARY"
+  rm -f "$RAW"
+fi
+echo "results: $OUT/results/ (raw outputs: $OUT/raw.tar.gz)"
 ls "$OUT/results/"
