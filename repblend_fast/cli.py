@@ -95,6 +95,13 @@ def _dataset(args, split: str = "train"):
         raise CLIError(str(exc)) from exc
 
 
+def _check_device(args) -> None:
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda but no CUDA device is available here: use --device cpu")
+
+
 def _encoders(args):
     from repblend_fast.pipeline import load_encoders
 
@@ -114,6 +121,7 @@ def _encoders(args):
 def cmd_buffer(args) -> int:
     from repblend_fast.pipeline import train_experts
 
+    _check_device(args)
     if args.experts < 1 or args.epochs < 1:
         raise CLIError("--experts and --epochs must be >= 1")
     ds = _dataset(args)
@@ -184,6 +192,7 @@ def config_from_args(args) -> DistillConfig:
 def cmd_distill(args) -> int:
     from repblend_fast.pipeline import distill
 
+    _check_device(args)
     cfg = config_from_args(args)
     if not Path(args.experts, "manifest.json").exists():
         raise CLIError(

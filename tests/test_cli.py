@@ -173,3 +173,11 @@ def test_preset_flags_override_preset(tmp_path):
     m = build_parser().parse_args(["distill", "--experts", "e", "--out", "o", "--method", "mtt-vl"])
     mc = config_from_args(m)
     assert (mc.similarity, mc.loss, mc.blend) == ("none", "infonce", False)
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["distill", "--experts", ".", "--out", "x", "--device", "cuda"]) == 2
+    assert "--device cpu" in capsys.readouterr().err
