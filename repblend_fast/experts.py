@@ -381,7 +381,6 @@ def train_experts_symmetric(
     _check_pairs(img_feats.shape[1], txt_feats, cap2img)
     _check_hparams(num_experts, batch_size, lr, dropout)
     keep = _resolve_epochs(epochs, keep_epochs)
-    last = max(keep)
     dev = torch.device(device) if device is not None else img_feats.device
     num_views, n_img, d_f = img_feats.shape
     d_t = txt_feats.shape[1]
@@ -400,10 +399,75 @@ def train_experts_symmetric(
     def embed_txt(flat, caps, gen):
         return head_forward(flat, texts[caps], tspec, dropout=dropout, generator=gen)
 
+    def init_img(init_gen: torch.Generator) -> torch.Tensor:
+        return init_head_flat(d_f, dim, generator=init_gen)
+
+    return _train_experts(
+        method="repblend",
+        layouts={"image": _head_layout(ispec), "text": _head_layout(tspec)},
+        init_img=init_img,
+        txt_shape=(d_t, dim),
+        embed_img=embed_img,
+        embed_txt=embed_txt,
+        dims=(dim, d_f, d_t),
+        encoder_tag="frozen",
+        n_img=n_img,
+        num_views=num_views,
+        c2i=c2i,
+        dev=dev,
+        keep=keep,
+        hparams=dict(batch_size=batch_size, lr=lr, lr_txt=lr_t, dropout=dropout, seed=seed),
+        num_experts=num_experts,
+        epochs=epochs,
+        image_encoder=image_encoder,
+        text_encoder=text_encoder,
+        dataset_fingerprint=dataset_fingerprint,
+        logit_scale=logit_scale,
+        loss=loss,
+        out_dir=out_dir,
+        resume=resume,
+        progress=progress,
+    )
+
+
+def _train_experts(
+    *,
+    method: str,
+    layouts: dict,
+    init_img,
+    txt_shape: tuple[int, int],
+    embed_img,
+    embed_txt,
+    dims: tuple[int, int, int],
+    encoder_tag: str,
+    n_img: int,
+    num_views: int,
+    c2i: torch.Tensor,
+    dev: torch.device,
+    keep: list[int],
+    hparams: dict,
+    num_experts: int,
+    epochs: int,
+    image_encoder: str,
+    text_encoder: str,
+    dataset_fingerprint: str,
+    logit_scale: float,
+    loss: str,
+    out_dir,
+    resume: bool,
+    progress: bool,
+) -> Path:
+    """What both expert kinds share: per-expert seeded initialisation and training, the manifest
+    and the store. ``init_img(generator)`` draws the image side's initial flat vector (drawn
+    before the text head's, from the same generator)."""
+    last = max(keep)
+    hp = hparams
+    dim, d_img, d_txt = dims
+
     def make_expert(i, es, bar):
         init_gen = torch.Generator().manual_seed(es)
-        img0 = init_head_flat(d_f, dim, generator=init_gen)
-        txt0 = init_head_flat(d_t, dim, generator=init_gen)
+        img0 = init_img(init_gen)
+        txt0 = init_head_flat(*txt_shape, generator=init_gen)
         data_gen = torch.Generator().manual_seed(es ^ 0x5DEECE66D)
         drop_gen = torch.Generator(device=dev).manual_seed(es ^ 0xB5297A4D)
         return _train_loop(
@@ -415,9 +479,9 @@ def train_experts_symmetric(
             num_views=num_views,
             last_epoch=last,
             keep=keep,
-            batch_size=batch_size,
-            lr_img=lr,
-            lr_txt=lr_t,
+            batch_size=hp["batch_size"],
+            lr_img=hp["lr"],
+            lr_txt=hp["lr_txt"],
             logit_scale=logit_scale,
             loss=loss,
             data_gen=data_gen,
@@ -426,29 +490,37 @@ def train_experts_symmetric(
         )
 
     manifest = _common_manifest(
-        method="repblend",
-        layouts={"image": _head_layout(ispec), "text": _head_layout(tspec)},
+        method=method,
+        layouts=layouts,
         num_experts=num_experts,
         epochs=epochs,
         last_epoch=last,
         keep=keep,
         dim=dim,
-        d_img=d_f,
-        d_txt=d_t,
+        d_img=d_img,
+        d_txt=d_txt,
         image_encoder=image_encoder,
         text_encoder=text_encoder,
         dataset_fingerprint=dataset_fingerprint,
         logit_scale=logit_scale,
         loss=loss,
         train=_train_meta(
-            batch_size, lr, lr_t, dropout, seed, num_views, n_img, c2i.numel(), "frozen"
+            hp["batch_size"],
+            hp["lr"],
+            hp["lr_txt"],
+            hp["dropout"],
+            hp["seed"],
+            num_views,
+            n_img,
+            c2i.numel(),
+            encoder_tag,
         ),
     )
     return _train_and_store(
         out_dir=Path(out_dir),
         manifest=manifest,
         num_experts=num_experts,
-        seed=seed,
+        seed=hp["seed"],
         resume=resume,
         progress=progress,
         make_expert=make_expert,
@@ -518,7 +590,6 @@ def train_experts_lors(
     _check_pairs(images.shape[1], txt_feats, cap2img)
     _check_hparams(num_experts, batch_size, lr, dropout)
     keep = _resolve_epochs(epochs, keep_epochs)
-    last = max(keep)
     dev = torch.device(device) if device is not None else images.device
     num_views, n_img = images.shape[:2]
     d_t = txt_feats.shape[1]
@@ -548,59 +619,31 @@ def train_experts_lors(
     def embed_txt(flat, caps, gen):
         return head_forward(flat, texts[caps], tspec, dropout=dropout, generator=gen)
 
-    def make_expert(i, es, bar):
-        init_gen = torch.Generator().manual_seed(es)
-        txt0 = init_head_flat(d_t, d_f, generator=init_gen)
-        data_gen = torch.Generator().manual_seed(es ^ 0x5DEECE66D)
-        drop_gen = torch.Generator(device=dev).manual_seed(es ^ 0xB5297A4D)
-        return _train_loop(
-            img_flat=theta0.clone(),
-            txt_flat=txt0.to(dev),
-            embed_img=embed_img,
-            embed_txt=embed_txt,
-            n_cap=c2i.numel(),
-            num_views=num_views,
-            last_epoch=last,
-            keep=keep,
-            batch_size=batch_size,
-            lr_img=lr,
-            lr_txt=lr_t,
-            logit_scale=logit_scale,
-            loss=loss,
-            data_gen=data_gen,
-            drop_gen=drop_gen,
-            bar=bar,
-        )
-
-    manifest = _common_manifest(
+    return _train_experts(
         method="lors",
         layouts={"image": _module_layout(ispec), "text": _head_layout(tspec)},
+        init_img=lambda init_gen: theta0.clone(),
+        txt_shape=(d_t, d_f),
+        embed_img=embed_img,
+        embed_txt=embed_txt,
+        dims=(d_f, d_f, d_t),
+        encoder_tag="trained-eval",
+        n_img=n_img,
+        num_views=num_views,
+        c2i=c2i,
+        dev=dev,
+        keep=keep,
+        hparams=dict(batch_size=batch_size, lr=lr, lr_txt=lr_t, dropout=dropout, seed=seed),
         num_experts=num_experts,
         epochs=epochs,
-        last_epoch=last,
-        keep=keep,
-        dim=d_f,
-        d_img=d_f,
-        d_txt=d_t,
         image_encoder=image_encoder,
         text_encoder=text_encoder,
         dataset_fingerprint=dataset_fingerprint,
         logit_scale=logit_scale,
         loss=loss,
-        train=_train_meta(
-            batch_size, lr, lr_t, dropout, seed, num_views, n_img, c2i.numel(), "trained-eval"
-        ),
-    )
-    return _train_and_store(
-        out_dir=Path(out_dir),
-        manifest=manifest,
-        num_experts=num_experts,
-        seed=seed,
+        out_dir=out_dir,
         resume=resume,
         progress=progress,
-        make_expert=make_expert,
-        last_epoch=last,
-        keep=keep,
     )
 
 
