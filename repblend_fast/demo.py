@@ -46,6 +46,8 @@ LABELS = {
     "lors": "LoRS",
     "random": "Random subset",
     "random_infonce": "Random subset (InfoNCE)",
+    "kcenter": "k-center coreset (InfoNCE)",
+    "herding": "Herding coreset (InfoNCE)",
     "full": "Full data",
 }
 
@@ -443,7 +445,13 @@ def run_demo(
     methods: dict[str, Any] = {}
 
     def evaluate_all():
-        from repblend_fast.evaluate import evaluate_distilled, evaluate_full_data, random_subset
+        from repblend_fast.evaluate import (
+            evaluate_distilled,
+            evaluate_full_data,
+            herding_subset,
+            kcenter_subset,
+            random_subset,
+        )
 
         for method, d in distilled.items():
             cfg = rb_cfg if method == "repblend" else lors_cfg
@@ -494,15 +502,19 @@ def run_demo(
         # Random subsets: a different subset per evaluation seed, so the spread includes the
         # subset's. Two protocols: the distilled sets' own (WBCE, S = I, η at its initial value),
         # and DESIGN.md §6's calibration (symmetric InfoNCE, lr 0.1).
+        # Coresets (k-center, herding) in the joint image+text feature space, with the same
+        # protocol as the InfoNCE random row.
         n = rb_cfg.pairs
-        for name, loss, lr in (
-            ("random", rb_cfg.loss, rb_cfg.lr_init),
-            ("random_infonce", "infonce", 0.1),
+        for name, loss, lr, select in (
+            ("random", rb_cfg.loss, rb_cfg.lr_init, random_subset),
+            ("random_infonce", "infonce", 0.1, random_subset),
+            ("kcenter", "infonce", 0.1, kcenter_subset),
+            ("herding", "infonce", 0.1, herding_subset),
         ):
             clock.note(f"evaluating {LABELS[name]} ({s.num_eval} subsets of {n} pairs)")
             per_seed = []
             for k in range(s.num_eval):
-                img, txt, _ = random_subset(ftrain, n, seed=s.seed + k)
+                img, txt, _ = select(ftrain, n, seed=s.seed + k)
                 if name == "random" and k == 0:
                     sets["random"] = (img, txt, None, lr, lr)
                 r = evaluate_distilled(
@@ -530,7 +542,16 @@ def run_demo(
                 "lr_img": lr,
                 "lr_txt": lr,
                 "note": (
-                    f"{n} random real pairs (distinct images, a new subset per seed), "
+                    {
+                        "random": f"{n} random real pairs (distinct images, a new subset "
+                        "per seed), ",
+                        "random_infonce": f"{n} random real pairs (distinct images, a new subset "
+                        "per seed), ",
+                        "kcenter": f"{n} real pairs chosen by greedy k-center on joint normalised "
+                        "image+text features (random start and caption draw per seed), ",
+                        "herding": f"{n} real pairs chosen by herding (greedy mean matching) on "
+                        "joint normalised image+text features (caption draw per seed), ",
+                    }[name]
                     + (
                         f"{loss.upper()} vs identity targets at lr {lr:g} (= η init): the "
                         "distilled sets' evaluation with the learned parts removed"
@@ -675,7 +696,7 @@ def verdict(methods: dict[str, Any]) -> str:
         if "best" not in methods.get(m, {}):
             continue
         a = methods[m]["best"]
-        for base in ("random", "random_infonce"):
+        for base in ("random", "random_infonce", "kcenter", "herding"):
             if "best" not in methods.get(base, {}):
                 continue
             b = methods[base]["best"]

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 RECALL_KEYS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10")
-METHOD_ORDER = ("repblend", "lors", "random", "random_infonce", "full")
+METHOD_ORDER = ("repblend", "lors", "random", "random_infonce", "kcenter", "herding", "full")
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 LOSS_PNG = "loss_curves.png"

@@ -155,7 +155,9 @@ def test_demo_writes_report_metrics_and_figures(tiny_run):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     m = json.loads((out / "metrics.json").read_text())
     assert m["kind"] == "repblend_fast.demo"
-    assert set(m["methods"]) == {"repblend", "lors", "random", "random_infonce", "full"}
+    assert set(m["methods"]) == {
+        "repblend", "lors", "random", "random_infonce", "kcenter", "herding", "full"
+    }
     for name, r in m["methods"].items():
         for which in ("best", "last"):
             for stat in ("mean", "std"):

@@ -201,3 +201,35 @@ def test_full_data_and_subset_baselines(task):
         eval_every=1,
     )
     assert full["last"]["mean"]["mean"] > sub["last"]["mean"]["mean"]
+
+
+def test_kcenter_and_herding_select_distinct_images_by_their_criteria():
+    from repblend_fast.evaluate import FeaturePairs, herding_subset, kcenter_subset
+
+    g = torch.Generator().manual_seed(0)
+    # Two tight clusters and one far outlier: k-center must take the outlier early, herding
+    # must not (it matches the mean, which the outlier pulls away from).
+    e1, e2 = torch.eye(6)[0], torch.eye(6)[1]
+    img = torch.cat(
+        [
+            e1 + 0.01 * torch.randn(30, 6, generator=g),
+            e2 + 0.01 * torch.randn(10, 6, generator=g),
+            -(e1 + e2)[None],
+        ]
+    )
+    txt = img[:, :4] * 2 + 0.01 * torch.randn(41, 4, generator=g)
+    train = FeaturePairs(img, txt, torch.arange(41))
+    ki, kt, kc = kcenter_subset(train, 3, seed=1)
+    assert len(set(kc.tolist())) == 3 and 40 in kc.tolist()
+    assert torch.equal(ki, img[kc]) and torch.equal(kt, txt[kc])
+    hi, ht, hc = herding_subset(train, 10)
+    assert len(set(hc.tolist())) == 10 and 40 not in hc.tolist()
+    # Herding's running mean is closer to the data mean than a random choice of the same size.
+    joint = torch.cat(
+        [torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(txt, dim=-1)], 1
+    )
+    err_h = (joint[hc].mean(0) - joint.mean(0)).norm()
+    err_r = (joint[torch.randperm(41, generator=g)[:10]].mean(0) - joint.mean(0)).norm()
+    assert err_h < err_r
+    with pytest.raises(ValueError, match="n must be"):
+        kcenter_subset(train, 0)
