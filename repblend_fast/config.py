@@ -14,7 +14,7 @@ from typing import Any
 METHODS = ("repblend", "lors", "mtt-vl")
 SIMILARITIES = ("lowrank", "full", "none")
 META_GRADS = ("exact", "tesla")
-AUTOCAST = ("none", "bf16", "fp16")
+AUTOCAST = ("auto", "none", "bf16", "fp16")
 
 
 @dataclass
@@ -63,8 +63,9 @@ class DistillConfig:
         parity_eta_grad: TESLA eta gradient with the per-modality normalisation even when merged
             (the reference's behaviour).
         num_trajectories: K trajectories (experts) per iteration; their gradients are averaged.
-        encoder_autocast: autocast dtype of the frozen encoder on CUDA (``none``, ``bf16``,
-            ``fp16``).
+        encoder_autocast: autocast dtype of the frozen encoder on CUDA (``auto`` = bf16 on CUDA,
+            off on a CPU; ``none``, ``bf16``, ``fp16``). Features are cast back to fp32; x, y,
+            S, eta and all flat-parameter arithmetic stay fp32.
         seed: seeds every random draw (one explicit generator).
         checkpoint_every: save a resumable checkpoint every k iterations (0 = only at the end).
         nan_patience: consecutive non-finite iterations tolerated before the run stops.
@@ -103,7 +104,7 @@ class DistillConfig:
     unroll_dropout: bool = False
     parity_eta_grad: bool = False
     num_trajectories: int = 1
-    encoder_autocast: str = "none"
+    encoder_autocast: str = "auto"
     seed: int = 0
     checkpoint_every: int = 100
     nan_patience: int = 5

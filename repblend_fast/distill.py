@@ -236,6 +236,15 @@ class Distiller:
             return LowRankSimilarity(cfg.pairs, cfg.sim_rank, cfg.sim_alpha, generator=self.g)
         return FullSimilarity(cfg.pairs)
 
+    def _autocast_dtype(self) -> torch.dtype | None:
+        """The frozen encoder's autocast dtype: ``auto`` is bf16 on CUDA (RepBlend's frozen
+        encoder only; a LoRS student encoder stays fp32) and none on a CPU."""
+        choice = self.cfg.encoder_autocast
+        if choice == "auto":
+            frozen = self.cfg.student == "heads"
+            return torch.bfloat16 if self.device.type == "cuda" and frozen else None
+        return _AUTOCAST[choice]
+
     def _manifest(self) -> dict:
         return dict(getattr(self.store, "manifest", {}) or {})
 
@@ -254,7 +263,7 @@ class Distiller:
             checkpoint_steps=cfg.checkpoint_steps,
             encoder_chunk=cfg.encoder_chunk,
             parity_eta_grad=cfg.parity_eta_grad,
-            encoder_autocast=_AUTOCAST[cfg.encoder_autocast],
+            encoder_autocast=self._autocast_dtype(),
         )
         with torch.no_grad():
             d_f = int(self.encoder(self.x[:1]).shape[-1])

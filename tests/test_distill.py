@@ -325,3 +325,11 @@ def test_asymmetric_ablation_uses_the_encoder_student_with_blending():
     assert torch.isfinite(torch.tensor(rec["loss"]))
     with pytest.raises(ValueError, match="symmetric=False"):
         setup(cfg)  # RepBlend (head) experts cannot drive the encoder student
+
+
+def test_encoder_autocast_auto_is_off_on_cpu_and_validated():
+    d = setup(small())
+    assert d.cfg.encoder_autocast == "auto" and d.unroller.s.encoder_autocast is None
+    assert setup(small(encoder_autocast="bf16")).unroller.s.encoder_autocast == torch.bfloat16
+    with pytest.raises(ValueError, match="encoder_autocast"):
+        small(encoder_autocast="fp8").validate()
