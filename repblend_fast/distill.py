@@ -289,16 +289,19 @@ class Distiller:
                 "train matching experts with "
                 f"`repblend-fast buffer --method {want}`"
             )
-        need = self.cfg.max_start_epoch - 1 + self.cfg.expert_epochs
+        e_max, m = self.cfg.max_start_epoch, self.cfg.expert_epochs
+        need = set(range(e_max)) | {t + m for t in range(e_max)}
         epochs = getattr(self.store, "epochs", None)
-        if epochs is not None and need not in set(int(e) for e in epochs):
+        have = sorted(int(e) for e in epochs) if epochs is not None else sorted(need)
+        missing = sorted(need - set(have))
+        if missing:
             raise ValueError(
-                f"max_start_epoch={self.cfg.max_start_epoch} and expert_epochs="
-                f"{self.cfg.expert_epochs} need expert snapshots up to epoch {need}, but the store "
-                f"has epochs {sorted(int(e) for e in epochs)}: train longer experts or lower them"
+                f"max_start_epoch={e_max} and expert_epochs={m} need expert snapshots of epochs "
+                f"{sorted(need)}, but the store has epochs {have} (missing {missing}): train "
+                "longer experts, store more epochs, or lower max_start_epoch/expert_epochs"
             )
         for modality, spec in (("image", self.img_spec), ("text", self.txt_spec)):
-            n = self.store.snapshot(0, 0, modality).numel()
+            n = self.store.snapshot(0, have[0], modality).numel()
             if n != spec.numel:
                 raise ValueError(
                     f"expert {modality} snapshots have {n} parameters but this encoder/text width "
@@ -595,7 +598,8 @@ class Distiller:
 
 def _infer_dim(store, d_f: int) -> int:
     """Head width D from an image-head snapshot: numel = D*d_f + D^2 + 4D."""
-    n = store.snapshot(0, 0, "image").numel()
+    epochs = getattr(store, "epochs", None) or [0]
+    n = store.snapshot(0, int(min(epochs)), "image").numel()
     b = d_f + 4
     dim = int(round((-b + math.sqrt(b * b + 4 * n)) / 2))
     if dim * d_f + dim * dim + 4 * dim != n:
