@@ -181,3 +181,67 @@ def test_cuda_without_a_gpu_is_a_clear_error(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["distill", "--experts", ".", "--out", "x", "--device", "cuda"]) == 2
     assert "--device cpu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["lors", "mtt-vl"])
+def test_lors_and_mttvl_from_the_command_line(tiny_pairs, tmp_path, method):
+    cache = tmp_path / "cache"
+    experts = tmp_path / "experts"
+    assert (
+        main(
+            [
+                "buffer",
+                *_common(tiny_pairs, cache),
+                "--method",
+                "lors",
+                "--experts",
+                "1",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "8",
+                "--out",
+                str(experts),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "distill",
+                *_common(tiny_pairs, cache),
+                "--experts",
+                str(experts),
+                "--out",
+                str(run),
+                "--method",
+                method,
+                "--pairs",
+                "8",
+                "--batch-size",
+                "4",
+                "--syn-steps",
+                "2",
+                "--iterations",
+                "2",
+                "--set",
+                "sim_rank=2",
+                "--set",
+                "lr_lr=1e-4",
+                "--set",
+                "max_start_epoch=1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["method"] == method and cfg["blend"] is False
+    assert cfg["similarity"] == ("none" if method == "mtt-vl" else "lowrank")
+    out = DistilledSet.load(run / "distilled.safetensors")
+    assert (out.similarity is None) == (method == "mtt-vl")
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and all(r["loss"] > 0 for r in recs)
