@@ -85,6 +85,7 @@ setup(
         "all": encoders + data + plots,
         "dev": encoders + data + plots + [
             "pytest>=8",
+            "hypothesis>=6",
             "pytest-benchmark>=4",
             "ruff>=0.5",
             "triton>=3.0; platform_system == 'Linux'",

@@ -1,4 +1,4 @@
-// Representation blending (SPEC.md §4 step 3) and its transpose, as torch.ops.repblend_fast.*.
+// Representation blending (docs/algorithm.md §4 step 3) and its transpose, as torch.ops.repblend_fast.*.
 //
 //   blend_gather (x, perm, lam, out):  out[k,b] = lam[k] x[k,b] + (1-lam[k]) x[k, perm[k,b]]
 //   blend_scatter(g, perm, lam, out):  out[k,j] = lam[k] g[k,j] + (1-lam[k]) sum_{i: perm[k,i]=j} g[k,i]

@@ -1,11 +1,11 @@
-// Fused soft-target contrastive losses (SPEC.md §7): forward with saved statistics and the
+// Fused soft-target contrastive losses (docs/algorithm.md §7): forward with saved statistics and the
 // first-order backward, registered as torch.ops.repblend_fast.contrastive_fwd / contrastive_bwd.
 //
 // Same algorithm and saved-statistics layout as kernels/contrastive.py (the Python autograd layer
 // in repblend_fast/ops/contrastive.py drives both and owns the double backward):
 //   forward:  row norms -> cos = norm(img) norm(txt)^T (shared-memory tiles over D) -> one block per
 //             problem computes the loss and, per direction and row, [lse(Z), sum S, A, lse(10 S)]
-//             (A = sum S Z - lse sum S for InfoNCE/CWCL, the row KL for KL) and the WBCE counts;
+//             (A = sum S (Z - lse) for InfoNCE/CWCL, the row KL for KL) and the WBCE counts;
 //   backward: one block per problem writes dcos = g s dL/dZ, dtarget and dscale; then one block per
 //             (problem, row, side) forms dx_j = r_j (du_j - [|x_j| >= 1e-12] u_j (u_j . du_j)).
 // Inputs: img, txt [K, B, D] and target [K, B, B] of one dtype (fp32, fp16 or bf16), scale [K]
@@ -31,10 +31,13 @@ constexpr int kCwcl = 2;
 constexpr int kBce = 3;
 constexpr int kMse = 4;
 constexpr int kKl = 5;
+// The loss ids and the two eps constants below are LOSS_IDS, MASS_EPS and NORM_EPS of
+// repblend_fast/reference/contrastive.py (the one definition); tests/test_contrastive.py parses
+// this file and checks that they agree.
 static_assert(kWbce == 0 && kInfonce == 1 && kCwcl == 2 && kBce == 3 && kMse == 4 && kKl == 5,
-              "loss ids are shared with LOSS_IDS in repblend_fast/ops/contrastive.py");
-constexpr float kMassEps = 1e-6f;  // WBCE class-weight / CWCL mass regulariser
-constexpr float kNormEps = 1e-12f;  // F.normalize clamp
+              "loss ids are LOSS_IDS of repblend_fast/reference/contrastive.py");
+constexpr float kMassEps = 1e-6f;  // WBCE class-weight / CWCL mass regulariser (MASS_EPS)
+constexpr float kNormEps = 1e-12f;  // F.normalize clamp (NORM_EPS)
 constexpr int kThreads = 256;
 constexpr int kTile = 16;
 
@@ -64,14 +67,16 @@ __device__ float block_sum(float v, float* sh) {
 }
 
 // torch's formula 1 / (1 + exp(-z)), flushing to 0 where exp(-z) overflows fp32: BCE takes logs of
-// these rounded probabilities, so the kernels must round like the reference.
+// these rounded probabilities, so the kernels must round like the reference. No fminf clamp: fminf
+// drops a NaN, and sigmoid(NaN) must be NaN (the branch already keeps expf from overflowing).
 __device__ __forceinline__ float sigmoid_f(float z) {
   const float t = -z;
-  return t > 88.72283f ? 0.f : 1.f / (1.f + expf(fminf(t, 88.72283f)));
+  return t > 88.72283f ? 0.f : 1.f / (1.f + expf(t));
 }
 
+// min(z, 0) as a select: fminf would turn a NaN into 0.
 __device__ __forceinline__ float logsigmoid_f(float z) {
-  return fminf(z, 0.f) - log1pf(expf(-fabsf(z)));
+  return (z > 0.f ? 0.f : z) - log1pf(expf(-fabsf(z)));
 }
 
 // F.binary_cross_entropy semantics: logs of the rounded probabilities, clamped at -100.
@@ -112,6 +117,9 @@ __device__ void elem_grads(int loss, float z, float s, float eps, float& dz, flo
     const bool mp = p > 0.f && logf(p) >= -100.f;
     const bool mq = q > 0.f && logf(q) >= -100.f;
     dz = -s * (mp ? 1.f - p : 0.f) + (1.f - s) * (mq ? p : 0.f);
+    // The masks zero a NaN probability's terms; the reference's sigmoid backward still multiplies
+    // by p (1 - p) = NaN there.
+    if (p != p) dz = p;
     ds = logq - logp;
   } else {  // kMse
     dz = 2.f * (p - s) * p * (1.f - p);
@@ -198,29 +206,33 @@ __global__ void loss_kernel(const float* __restrict__ cos, const T* __restrict__
           m = fmaxf(m, s * c[j * sr + l * sc]);
           if (loss == kKl) ms = fmaxf(ms, 10.f * static_cast<float>(t[j * sr + l * sc]));
         }
-        float lz = 0.f, ssum = 0.f, sz = 0.f, ls = 0.f, e = 0.f;
+        float lz = 0.f, ssum = 0.f, ls = 0.f;
         for (int64_t l = 0; l < B; ++l) {
           const float z = s * c[j * sr + l * sc];
           const float x = static_cast<float>(t[j * sr + l * sc]);
           lz += expf(z - m);
           ssum += x;
-          sz += x * z;
-          if (loss == kKl) {
-            const float w = expf(10.f * x - ms);
-            ls += w;
-            e += w * (10.f * x - z);
-          }
+          if (loss == kKl) ls += expf(10.f * x - ms);
         }
         const float lse = m + logf(lz);
-        float a, contrib, lse_s = 0.f;
-        if (loss == kKl) {
-          lse_s = ms + logf(ls);
-          a = e / ls - lse_s + lse;
-          contrib = a;
-        } else {
-          a = sz - lse * ssum;
-          contrib = loss == kCwcl ? a / (ssum + kMassEps) : a;
+        const float lse_s = loss == kKl ? ms + logf(ls) : 0.f;
+        // A third sweep sums the reference's own elementwise terms: S (Z - lse) (InfoNCE/CWCL),
+        // p (log p - log q) with p = softmax(10 S) (KL). The one-pass rewrites
+        // (sum S Z - lse sum S, E_p[10 S - Z] - lse(10 S) + lse) turn an infinite target into
+        // inf - inf = NaN where the reference gives the infinity, and cancel catastrophically for
+        // large targets.
+        float a = 0.f;
+        for (int64_t l = 0; l < B; ++l) {
+          const float logq = s * c[j * sr + l * sc] - lse;
+          const float x = static_cast<float>(t[j * sr + l * sc]);
+          if (loss == kKl) {
+            const float logp = 10.f * x - lse_s;
+            a += expf(logp) * (logp - logq);
+          } else {
+            a += x * logq;
+          }
         }
+        const float contrib = loss == kCwcl ? a / (ssum + kMassEps) : a;
         st[j] = lse;
         st[B + j] = ssum;
         st[2 * B + j] = a;
@@ -240,13 +252,19 @@ __global__ void loss_kernel(const float* __restrict__ cos, const T* __restrict__
       const float z = s * c[i];
       const float x = static_cast<float>(t[i]);
       const float ell = elem_loss(loss, z, x, eps);
-      if (x > 0.5f) {
-        sp += ell;
-        np += 1.f;
+      // Class masks as the reference builds them: pos = S > 0.5, neg = 1 - pos (a NaN target is
+      // negative). WBCE multiplies by the masks like the reference, so a NaN or infinite loss
+      // element poisons both class sums (inf * 0 = NaN) as it does there; BCE/MSE sum every
+      // element once.
+      const float pos = x > 0.5f ? 1.f : 0.f;
+      if (loss == kWbce) {
+        sp += ell * pos;
+        sn += ell * (1.f - pos);
       } else {
-        sn += ell;
-        nn += 1.f;
+        sp += ell;
       }
+      np += pos;
+      nn += 1.f - pos;
     }
     for (int64_t i = threadIdx.x; i < 4 * B; i += blockDim.x) {
       rs[i] = 0.f;

@@ -1,4 +1,4 @@
-// Flattened-parameter trajectory reductions (SPEC.md §4 step 4, §5, §11e), as torch.ops.repblend_fast.*.
+// Flattened-parameter trajectory reductions (docs/algorithm.md §4 step 4, §5, §11e), as torch.ops.repblend_fast.*.
 //
 // A fixed two-stage reduction, bit-identical from run to run (no atomics):
 //   1. trajectory_*_partials: block p of a piece reduces elements [p*kChunk, (p+1)*kChunk) and writes

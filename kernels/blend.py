@@ -1,4 +1,4 @@
-"""Triton kernels for representation blending (SPEC.md §4 step 3) and its transpose.
+"""Triton kernels for representation blending (docs/algorithm.md §4 step 3) and its transpose.
 
 Both kernels work on a batch of ``K`` blends of ``B`` rows each, stored row-major as ``[K, B, D]``
 (contiguous), with one index row ``perm[k]`` (``[K, B]`` int64) and one coefficient ``lam[k]`` read

@@ -1,4 +1,4 @@
-"""Triton kernels for the soft-target contrastive losses (SPEC.md §7) and their backward.
+"""Triton kernels for the soft-target contrastive losses (docs/algorithm.md §7) and their backward.
 
 Everything works on ``K`` independent problems: ``img``/``txt`` ``[K, B, D]`` (any strides),
 ``target`` ``[K, B, B]`` (rows = images), ``scale`` ``[K]`` (the logit multiplier ``s``). Loads are
@@ -10,11 +10,16 @@ Forward (:func:`forward`):
    loop over ``D`` chunks; also the row norms ``||img_j||`` and ``||txt_k||`` (kept unclamped, the
    clamp at 1e-12 of ``F.normalize`` is applied where they are used).
 2. ``_loss_kernel``, grid ``(K,)``: one program per problem sweeps the ``B x B`` logits in tiles.
-   Softmax losses (InfoNCE, CWCL, KL) keep online (flash-style) row and column statistics; the
-   column pass is the row pass with the strides swapped. Elementwise losses (WBCE, BCE, MSE) are
-   one pass. It stores what the backward needs: per direction and row
-   ``[lse(Z), sum(S), A, lse(10S)]`` (``A = sum S*Z - lse*sum S`` for InfoNCE/CWCL, the row KL for
-   KL) and the WBCE class counts.
+   Softmax losses (InfoNCE, CWCL, KL) find the row and column log-sum-exps online (flash-style),
+   then sweep the row block once more to sum the reference's elementwise terms; the column pass is
+   the row pass with the strides swapped. Elementwise losses (WBCE, BCE, MSE) are one pass. It
+   stores what the backward needs: per direction and row ``[lse(Z), sum(S), A, lse(10S)]``
+   (``A = sum S (Z - lse)`` for InfoNCE/CWCL, the row KL for KL) and the WBCE class counts.
+
+NaN and infinity propagate as in the reference: the kernels use ``tl.where`` rather than
+``tl.minimum`` / ``tl.maximum`` where a NaN operand must survive (those two return the other
+operand), build the WBCE class masks as the reference does and multiply by them, and sum the
+reference's elementwise terms rather than algebraic rewrites that turn an infinity into NaN.
 
 Backward (:func:`backward`), given the upstream gradient ``g`` ``[K]``:
 
@@ -36,20 +41,15 @@ import torch
 import triton
 import triton.language as tl
 
-LOSS_IDS = {"wbce": 0, "infonce": 1, "cwcl": 2, "bce": 3, "mse": 4, "kl": 5}
+from repblend_fast.reference.contrastive import LOSS_IDS, MASS_EPS, NORM_EPS
+
 NSTAT = 4
-MASS_EPS = 1e-6  # count regulariser of the WBCE class weights and CWCL masses (reference.MASS_EPS)
-NORM_EPS = 1e-12  # F.normalize's clamp of the row norm
+# The formula's constants as compile-time constants of the jit functions (a jit function reads only
+# globals that are ``tl.constexpr``); same values, one definition in the reference.
+_MASS_EPS = tl.constexpr(MASS_EPS)
+_NORM_EPS = tl.constexpr(NORM_EPS)
 
-_POISON = False
-"""When True, outputs and scratch buffers are NaN-filled before the kernels write them (tests use
-this to catch elements a kernel forgot to write). Production allocates with ``torch.empty``."""
-
-
-def _new(shape, dtype, device) -> torch.Tensor:
-    if _POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+__all__ = ["LOSS_IDS", "MASS_EPS", "NORM_EPS", "backward", "forward"]
 
 
 def _block(n: int, lo: int = 16, hi: int = 64) -> int:
@@ -68,14 +68,16 @@ def _precision() -> str:
 def _sigmoid(z):
     # torch's formula 1 / (1 + exp(-z)), including its flush to exactly 0 where exp(-z) overflows
     # fp32 (z < -88.72): BCE takes logs of these rounded probabilities, so the kernels must round
-    # like the reference. The clamp only avoids an overflow warning, not a different value.
+    # like the reference. The clamp only avoids an overflow warning, not a different value; it is a
+    # where, not tl.minimum, because tl.minimum drops a NaN (sigmoid(NaN) must be NaN).
     t = -z
-    return tl.where(t > 88.72283, 0.0, 1.0 / (1.0 + tl.exp(tl.minimum(t, 88.72283))))
+    return tl.where(t > 88.72283, 0.0, 1.0 / (1.0 + tl.exp(tl.where(t > 88.72283, 88.72283, t))))
 
 
 @triton.jit
 def _logsigmoid(z):
-    return tl.minimum(z, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(z)))
+    # min(z, 0) as a where: tl.minimum would turn a NaN into 0.
+    return tl.where(z > 0.0, 0.0, z) - tl.log(1.0 + tl.exp(-tl.abs(z)))
 
 
 @triton.jit
@@ -119,6 +121,9 @@ def _elem_grads(z, s, eps, LOSS: tl.constexpr, LOG_EPS: tl.constexpr):
         mp = (p > 0) & (tl.log(tl.where(p > 0, p, 1.0)) >= -100.0)
         mq = (q > 0) & (tl.log(tl.where(q > 0, q, 1.0)) >= -100.0)
         dz = -s * tl.where(mp, 1.0 - p, 0.0) + (1.0 - s) * tl.where(mq, p, 0.0)
+        # The masks zero a NaN probability's terms; the reference's sigmoid backward still
+        # multiplies by p (1 - p) = NaN there.
+        dz = tl.where(p != p, p, dz)
         ds = logq - logp
     else:
         dz = 2.0 * (p - s) * p * (1.0 - p)
@@ -132,10 +137,23 @@ def _elem_grads(z, s, eps, LOSS: tl.constexpr, LOG_EPS: tl.constexpr):
 
 @triton.jit
 def _cos_kernel(
-    img_ptr, txt_ptr, cos_ptr, ni_ptr, nt_ptr,
-    B, D,
-    s_ik, s_ib, s_id, s_tk, s_tb, s_td,
-    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+    img_ptr,
+    txt_ptr,
+    cos_ptr,
+    ni_ptr,
+    nt_ptr,
+    B,
+    D,
+    s_ik,
+    s_ib,
+    s_id,
+    s_tk,
+    s_tb,
+    s_td,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)
     pm = tl.program_id(1)
@@ -152,22 +170,25 @@ def _cos_kernel(
         md = rd < D
         a = tl.load(
             img_ptr + k * s_ik + rm[:, None] * s_ib + rd[None, :] * s_id,
-            mask=mm[:, None] & md[None, :], other=0.0,
+            mask=mm[:, None] & md[None, :],
+            other=0.0,
         ).to(tl.float32)
         b = tl.load(
             txt_ptr + k * s_tk + rn[:, None] * s_tb + rd[None, :] * s_td,
-            mask=mn[:, None] & md[None, :], other=0.0,
+            mask=mn[:, None] & md[None, :],
+            other=0.0,
         ).to(tl.float32)
         acc += tl.dot(a, tl.trans(b), input_precision=PREC)
         ssa += tl.sum(a * a, 1)
         ssb += tl.sum(b * b, 1)
     na = tl.sqrt(ssa)
     nb = tl.sqrt(ssb)
-    ra = 1.0 / tl.maximum(na, 1e-12)
-    rb = 1.0 / tl.maximum(nb, 1e-12)
+    ra = 1.0 / tl.maximum(na, _NORM_EPS)
+    rb = 1.0 / tl.maximum(nb, _NORM_EPS)
     cos = acc * ra[:, None] * rb[None, :]
-    tl.store(cos_ptr + k * B * B + rm[:, None] * B + rn[None, :], cos,
-             mask=mm[:, None] & mn[None, :])
+    tl.store(
+        cos_ptr + k * B * B + rm[:, None] * B + rn[None, :], cos, mask=mm[:, None] & mn[None, :]
+    )
     if pn == 0:
         tl.store(ni_ptr + k * B + rm, na, mask=mm)
     if pm == 0:
@@ -176,11 +197,29 @@ def _cos_kernel(
 
 @triton.jit
 def _softmax_dir(
-    cos_ptr, tgt_ptr, st_ptr, scale, B, c_sr, c_sc, t_sr, t_sc,
-    LOSS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+    cos_ptr,
+    tgt_ptr,
+    st_ptr,
+    scale,
+    B,
+    c_sr,
+    c_sc,
+    t_sr,
+    t_sc,
+    LOSS: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
 ):
     """Row statistics of one direction (columns: call with swapped strides); returns the row sum of
-    the per-row loss terms (InfoNCE/CWCL: the un-negated, un-scaled sums; KL: the row KLs)."""
+    the per-row loss terms (InfoNCE/CWCL: the un-negated, un-scaled sums; KL: the row KLs).
+
+    Two sweeps over each row block: the first finds ``lse(Z)`` (and ``lse(10 S)`` for KL) online,
+    the second sums the reference's own elementwise terms, ``A = sum S (Z - lse)`` (InfoNCE/CWCL)
+    or ``sum p (log p - log q)`` with ``p = softmax(10 S)``, ``log q = Z - lse`` (KL). The one-pass
+    rewrites (``sum S Z - lse sum S``, ``E_p[10 S - Z] - lse(10 S) + lse``) are the same numbers
+    for moderate inputs, but turn an infinite target into ``inf - inf = NaN`` where the reference
+    gives the infinity, and cancel catastrophically for large targets.
+    """
     total = tl.zeros([BR], dtype=tl.float32)
     for r0 in range(0, B, BR):
         rr = r0 + tl.arange(0, BR)
@@ -188,44 +227,53 @@ def _softmax_dir(
         m = tl.full([BR], float("-inf"), tl.float32)
         lz = tl.zeros([BR], dtype=tl.float32)
         ssum = tl.zeros([BR], dtype=tl.float32)
-        sz = tl.zeros([BR], dtype=tl.float32)
         ms = tl.full([BR], float("-inf"), tl.float32)
         ls = tl.zeros([BR], dtype=tl.float32)
-        e = tl.zeros([BR], dtype=tl.float32)
         for c0 in range(0, B, BC):
             cc = c0 + tl.arange(0, BC)
             mc = cc < B
             msk = mr[:, None] & mc[None, :]
-            z = scale * tl.load(cos_ptr + rr[:, None] * c_sr + cc[None, :] * c_sc, mask=msk,
-                                other=0.0)
-            s = tl.load(tgt_ptr + rr[:, None] * t_sr + cc[None, :] * t_sc, mask=msk,
-                        other=0.0).to(tl.float32)
+            z = scale * tl.load(
+                cos_ptr + rr[:, None] * c_sr + cc[None, :] * c_sc, mask=msk, other=0.0
+            )
+            s = tl.load(tgt_ptr + rr[:, None] * t_sr + cc[None, :] * t_sc, mask=msk, other=0.0).to(
+                tl.float32
+            )
             zm = tl.where(mc[None, :], z, float("-inf"))
             m_new = tl.maximum(m, tl.max(zm, 1))
             lz = lz * tl.exp(m - m_new) + tl.sum(tl.exp(zm - m_new[:, None]), 1)
             m = m_new
             ssum += tl.sum(s, 1)
-            sz += tl.sum(s * z, 1)
             if LOSS == 5:
                 x = tl.where(mc[None, :], 10.0 * s, float("-inf"))
                 ms_new = tl.maximum(ms, tl.max(x, 1))
-                alpha = tl.exp(ms - ms_new)
-                w = tl.exp(x - ms_new[:, None])
-                ls = ls * alpha + tl.sum(w, 1)
-                e = e * alpha + tl.sum(tl.where(mc[None, :], w * (10.0 * s - z), 0.0), 1)
+                ls = ls * tl.exp(ms - ms_new) + tl.sum(tl.exp(x - ms_new[:, None]), 1)
                 ms = ms_new
         lse = m + tl.log(lz)
         if LOSS == 5:
             lse_s = ms + tl.log(ls)
-            a_term = e / ls - lse_s + lse
-            contrib = a_term
-        elif LOSS == 2:
-            lse_s = tl.zeros([BR], dtype=tl.float32)
-            a_term = sz - lse * ssum
-            contrib = a_term / (ssum + 1e-6)
         else:
             lse_s = tl.zeros([BR], dtype=tl.float32)
-            a_term = sz - lse * ssum
+        a_term = tl.zeros([BR], dtype=tl.float32)
+        for c0 in range(0, B, BC):
+            cc = c0 + tl.arange(0, BC)
+            msk = mr[:, None] & (cc < B)[None, :]
+            z = scale * tl.load(
+                cos_ptr + rr[:, None] * c_sr + cc[None, :] * c_sc, mask=msk, other=0.0
+            )
+            s = tl.load(tgt_ptr + rr[:, None] * t_sr + cc[None, :] * t_sc, mask=msk, other=0.0).to(
+                tl.float32
+            )
+            logq = z - lse[:, None]
+            if LOSS == 5:
+                logp = 10.0 * s - lse_s[:, None]
+                term = tl.exp(logp) * (logp - logq)
+            else:
+                term = s * logq
+            a_term += tl.sum(tl.where(msk, term, 0.0), 1)
+        if LOSS == 2:
+            contrib = a_term / (ssum + _MASS_EPS)
+        else:
             contrib = a_term
         total += tl.where(mr, contrib, 0.0)
         tl.store(st_ptr + rr, lse, mask=mr)
@@ -237,9 +285,22 @@ def _softmax_dir(
 
 @triton.jit
 def _loss_kernel(
-    cos_ptr, tgt_ptr, scale_ptr, loss_ptr, rst_ptr, cst_ptr, cnt_ptr,
-    B, eps, s_gk, s_gr, s_gc,
-    LOSS: tl.constexpr, LOG_EPS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+    cos_ptr,
+    tgt_ptr,
+    scale_ptr,
+    loss_ptr,
+    rst_ptr,
+    cst_ptr,
+    cnt_ptr,
+    B,
+    eps,
+    s_gk,
+    s_gr,
+    s_gc,
+    LOSS: tl.constexpr,
+    LOG_EPS: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)
     scale = tl.load(scale_ptr + k).to(tl.float32)
@@ -269,15 +330,25 @@ def _loss_kernel(
                 cc = c0 + tl.arange(0, BC)
                 msk = mr[:, None] & (cc < B)[None, :]
                 z = scale * tl.load(cos_k + rr[:, None] * B + cc[None, :], mask=msk, other=0.0)
-                s = tl.load(tgt_k + rr[:, None] * s_gr + cc[None, :] * s_gc, mask=msk,
-                            other=0.0).to(tl.float32)
+                s = tl.load(
+                    tgt_k + rr[:, None] * s_gr + cc[None, :] * s_gc, mask=msk, other=0.0
+                ).to(tl.float32)
                 ell = tl.where(msk, _elem_loss(z, s, eps, LOSS, LOG_EPS), 0.0)
-                pos = (s > 0.5) & msk
-                neg = (s <= 0.5) & msk
-                acc_p += tl.sum(tl.where(pos, ell, 0.0), 1)
-                acc_n += tl.sum(tl.where(neg, ell, 0.0), 1)
-                cnt_p += tl.sum(pos.to(tl.float32), 1)
-                cnt_n += tl.sum(neg.to(tl.float32), 1)
+                # Class masks as the reference builds them: pos = S > 0.5, neg = 1 - pos (a NaN
+                # target is negative). WBCE multiplies by the masks like the reference, so a NaN or
+                # infinite loss element poisons both class sums (inf * 0 = NaN) as it does there
+                # (ell is already 0 outside the tile); BCE/MSE sum every element once. Two selects
+                # on one comparison: negf = mask - posf crashes Triton 3.8's sm_90 lowering.
+                pos = s > 0.5
+                posf = tl.where(pos, 1.0, 0.0)
+                negf = tl.where(pos, 0.0, 1.0)
+                if LOSS == 0:
+                    acc_p += tl.sum(ell * posf, 1)
+                    acc_n += tl.sum(ell * negf, 1)
+                else:
+                    acc_p += tl.sum(ell, 1)
+                cnt_p += tl.sum(tl.where(msk, posf, 0.0), 1)
+                cnt_n += tl.sum(tl.where(msk, negf, 0.0), 1)
             zero = tl.zeros([BR], dtype=tl.float32)
             for j in range(4):
                 tl.store(rst_k + j * B + rr, zero, mask=mr)
@@ -287,7 +358,7 @@ def _loss_kernel(
         n_p = tl.sum(cnt_p, 0)
         n_n = tl.sum(cnt_n, 0)
         if LOSS == 0:
-            val = 0.5 * (sp / (n_p + 1e-6) + sn / (n_n + 1e-6))
+            val = 0.5 * (sp / (n_p + _MASS_EPS) + sn / (n_n + _MASS_EPS))
         else:
             val = (sp + sn) / (bf * bf)
         tl.store(cnt_ptr + k * 2, n_p)
@@ -301,10 +372,25 @@ def _loss_kernel(
 
 @triton.jit
 def _dz_kernel(
-    gout_ptr, cos_ptr, tgt_ptr, scale_ptr, rst_ptr, cst_ptr, cnt_ptr,
-    dcos_ptr, dtgt_ptr, dscale_ptr,
-    B, eps, s_gk, s_gr, s_gc,
-    LOSS: tl.constexpr, LOG_EPS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+    gout_ptr,
+    cos_ptr,
+    tgt_ptr,
+    scale_ptr,
+    rst_ptr,
+    cst_ptr,
+    cnt_ptr,
+    dcos_ptr,
+    dtgt_ptr,
+    dscale_ptr,
+    B,
+    eps,
+    s_gk,
+    s_gr,
+    s_gc,
+    LOSS: tl.constexpr,
+    LOG_EPS: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)
     g = tl.load(gout_ptr + k).to(tl.float32)
@@ -314,8 +400,8 @@ def _dz_kernel(
     rst_k = rst_ptr + k * 4 * B
     cst_k = cst_ptr + k * 4 * B
     bf = B * 1.0
-    w_p = 0.5 / (tl.load(cnt_ptr + k * 2) + 1e-6)
-    w_n = 0.5 / (tl.load(cnt_ptr + k * 2 + 1) + 1e-6)
+    w_p = 0.5 / (tl.load(cnt_ptr + k * 2) + _MASS_EPS)
+    w_n = 0.5 / (tl.load(cnt_ptr + k * 2 + 1) + _MASS_EPS)
     ds_acc = tl.zeros([BR], dtype=tl.float32)
     for r0 in range(0, B, BR):
         rr = r0 + tl.arange(0, BR)
@@ -330,8 +416,9 @@ def _dz_kernel(
             msk = mr[:, None] & mc[None, :]
             cs = tl.load(cos_k + rr[:, None] * B + cc[None, :], mask=msk, other=0.0)
             z = scale * cs
-            s = tl.load(tgt_k + rr[:, None] * s_gr + cc[None, :] * s_gc, mask=msk,
-                        other=0.0).to(tl.float32)
+            s = tl.load(tgt_k + rr[:, None] * s_gr + cc[None, :] * s_gc, mask=msk, other=0.0).to(
+                tl.float32
+            )
             if (LOSS == 1) or (LOSS == 2) or (LOSS == 5):
                 c_lse = tl.load(cst_k + cc, mask=mc, other=0.0)
                 c_sum = tl.load(cst_k + B + cc, mask=mc, other=0.0)
@@ -349,12 +436,16 @@ def _dz_kernel(
                     dsv = c0f * 10.0 * (t_r * a_r + t_c * a_c)
                 elif LOSS == 2:
                     c0f = -0.5 / bf
-                    w_r = 1.0 / (r_sum + 1e-6)
-                    w_c = 1.0 / (c_sum + 1e-6)
-                    dz = c0f * (w_r[:, None] * (s - r_sum[:, None] * p_r)
-                                + w_c[None, :] * (s - c_sum[None, :] * p_c))
-                    dsv = c0f * (w_r[:, None] * ((z - r_lse[:, None]) - (r_a * w_r)[:, None])
-                                 + w_c[None, :] * ((z - c_lse[None, :]) - (c_a * w_c)[None, :]))
+                    w_r = 1.0 / (r_sum + _MASS_EPS)
+                    w_c = 1.0 / (c_sum + _MASS_EPS)
+                    dz = c0f * (
+                        w_r[:, None] * (s - r_sum[:, None] * p_r)
+                        + w_c[None, :] * (s - c_sum[None, :] * p_c)
+                    )
+                    dsv = c0f * (
+                        w_r[:, None] * ((z - r_lse[:, None]) - (r_a * w_r)[:, None])
+                        + w_c[None, :] * ((z - c_lse[None, :]) - (c_a * w_c)[None, :])
+                    )
                 else:
                     c0f = -0.5 / bf
                     dz = c0f * ((s - r_sum[:, None] * p_r) + (s - c_sum[None, :] * p_c))
@@ -369,18 +460,38 @@ def _dz_kernel(
                 dsv = w * dsv
             dz = tl.where(msk, dz, 0.0)
             ds_acc += tl.sum(dz * cs, 1)
-            tl.store(dcos_ptr + k * B * B + rr[:, None] * B + cc[None, :], g * scale * dz,
-                     mask=msk)
-            tl.store(dtgt_ptr + k * B * B + rr[:, None] * B + cc[None, :],
-                     (g * dsv).to(dtgt_ptr.dtype.element_ty), mask=msk)
+            tl.store(dcos_ptr + k * B * B + rr[:, None] * B + cc[None, :], g * scale * dz, mask=msk)
+            tl.store(
+                dtgt_ptr + k * B * B + rr[:, None] * B + cc[None, :],
+                (g * dsv).to(dtgt_ptr.dtype.element_ty),
+                mask=msk,
+            )
     tl.store(dscale_ptr + k, g * tl.sum(ds_acc, 0))
 
 
 @triton.jit
 def _dx_kernel(
-    dcos_ptr, cos_ptr, x_ptr, nx_ptr, y_ptr, ny_ptr, dx_ptr,
-    B, D, c_sr, c_sc, s_xk, s_xb, s_xd, s_yk, s_yb, s_yd,
-    BM: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
+    dcos_ptr,
+    cos_ptr,
+    x_ptr,
+    nx_ptr,
+    y_ptr,
+    ny_ptr,
+    dx_ptr,
+    B,
+    D,
+    c_sr,
+    c_sc,
+    s_xk,
+    s_xb,
+    s_xd,
+    s_yk,
+    s_yb,
+    s_yd,
+    BM: tl.constexpr,
+    BL: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
@@ -398,27 +509,42 @@ def _dx_kernel(
         cs = tl.load(cos_ptr + off, mask=msk, other=0.0)
         proj += tl.sum(dc * cs, 1)
         ny = tl.load(ny_ptr + k * B + rl, mask=ml, other=1.0)
-        y = tl.load(y_ptr + k * s_yk + rl[:, None] * s_yb + rd[None, :] * s_yd,
-                    mask=ml[:, None] & md[None, :], other=0.0).to(tl.float32)
-        y = y * (1.0 / tl.maximum(ny, 1e-12))[:, None]
+        y = tl.load(
+            y_ptr + k * s_yk + rl[:, None] * s_yb + rd[None, :] * s_yd,
+            mask=ml[:, None] & md[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        y = y * (1.0 / tl.maximum(ny, _NORM_EPS))[:, None]
         acc += tl.dot(dc, y, input_precision=PREC)
     nx = tl.load(nx_ptr + k * B + rm, mask=mm, other=1.0)
-    rx = 1.0 / tl.maximum(nx, 1e-12)
-    x = tl.load(x_ptr + k * s_xk + rm[:, None] * s_xb + rd[None, :] * s_xd,
-                mask=mm[:, None] & md[None, :], other=0.0).to(tl.float32)
+    rx = 1.0 / tl.maximum(nx, _NORM_EPS)
+    x = tl.load(
+        x_ptr + k * s_xk + rm[:, None] * s_xb + rd[None, :] * s_xd,
+        mask=mm[:, None] & md[None, :],
+        other=0.0,
+    ).to(tl.float32)
     u = x * rx[:, None]
-    proj = tl.where(nx >= 1e-12, proj, 0.0)
+    proj = tl.where(nx >= _NORM_EPS, proj, 0.0)
     dx = rx[:, None] * (acc - u * proj[:, None])
-    tl.store(dx_ptr + k * B * D + rm[:, None] * D + rd[None, :], dx.to(dx_ptr.dtype.element_ty),
-             mask=mm[:, None] & md[None, :])
+    tl.store(
+        dx_ptr + k * B * D + rm[:, None] * D + rd[None, :],
+        dx.to(dx_ptr.dtype.element_ty),
+        mask=mm[:, None] & md[None, :],
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # launchers
 
 
-def forward(img: torch.Tensor, txt: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
-            loss: str, eps: float):
+def forward(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    target: torch.Tensor,
+    scale: torch.Tensor,
+    loss: str,
+    eps: float,
+):
     """Loss and saved statistics.
 
     Args:
@@ -433,30 +559,65 @@ def forward(img: torch.Tensor, txt: torch.Tensor, target: torch.Tensor, scale: t
     dev = img.device
     f32 = torch.float32
     scale = scale.to(f32).contiguous()
-    cos = _new((K, B, B), f32, dev)
-    n_i = _new((K, B), f32, dev)
-    n_t = _new((K, B), f32, dev)
-    out = _new((K,), f32, dev)
-    rst = _new((K, NSTAT, B), f32, dev)
-    cst = _new((K, NSTAT, B), f32, dev)
-    cnt = _new((K, 2), f32, dev)
+    cos = torch.empty((K, B, B), dtype=f32, device=dev)
+    n_i = torch.empty((K, B), dtype=f32, device=dev)
+    n_t = torch.empty((K, B), dtype=f32, device=dev)
+    out = torch.empty((K,), dtype=f32, device=dev)
+    rst = torch.empty((K, NSTAT, B), dtype=f32, device=dev)
+    cst = torch.empty((K, NSTAT, B), dtype=f32, device=dev)
+    cnt = torch.empty((K, 2), dtype=f32, device=dev)
     bm = _block(B)
     bd = _block(D, 16, 64)
     grid = (K, triton.cdiv(B, bm), triton.cdiv(B, bm))
     _cos_kernel[grid](
-        img, txt, cos, n_i, n_t, B, D, *img.stride(), *txt.stride(),
-        BM=bm, BN=bm, BD=bd, PREC=_precision(),
+        img,
+        txt,
+        cos,
+        n_i,
+        n_t,
+        B,
+        D,
+        *img.stride(),
+        *txt.stride(),
+        BM=bm,
+        BN=bm,
+        BD=bd,
+        PREC=_precision(),
     )
     _loss_kernel[(K,)](
-        cos, target, scale, out, rst, cst, cnt, B, float(eps), *target.stride(),
-        LOSS=LOSS_IDS[loss], LOG_EPS=eps > 0, BR=bm, BC=bm,
+        cos,
+        target,
+        scale,
+        out,
+        rst,
+        cst,
+        cnt,
+        B,
+        float(eps),
+        *target.stride(),
+        LOSS=LOSS_IDS[loss],
+        LOG_EPS=eps > 0,
+        BR=bm,
+        BC=bm,
     )
     return out, cos, n_i, n_t, rst, cst, cnt
 
 
-def backward(gout: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, target: torch.Tensor,
-             scale: torch.Tensor, cos: torch.Tensor, n_i: torch.Tensor, n_t: torch.Tensor,
-             rst: torch.Tensor, cst: torch.Tensor, cnt: torch.Tensor, loss: str, eps: float):
+def backward(
+    gout: torch.Tensor,
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    target: torch.Tensor,
+    scale: torch.Tensor,
+    cos: torch.Tensor,
+    n_i: torch.Tensor,
+    n_t: torch.Tensor,
+    rst: torch.Tensor,
+    cst: torch.Tensor,
+    cnt: torch.Tensor,
+    loss: str,
+    eps: float,
+):
     """First-order gradients for upstream ``gout`` ``[K]``.
 
     Returns ``(d_img [K, B, D] img.dtype, d_txt [K, B, D] txt.dtype, d_target [K, B, B]
@@ -467,25 +628,70 @@ def backward(gout: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, target: t
     f32 = torch.float32
     gout = gout.to(f32).contiguous()
     scale = scale.to(f32).contiguous()
-    dcos = _new((K, B, B), f32, dev)
-    dtgt = _new((K, B, B), target.dtype, dev)
-    dscale = _new((K,), f32, dev)
-    d_img = _new((K, B, D), img.dtype, dev)
-    d_txt = _new((K, B, D), txt.dtype, dev)
+    dcos = torch.empty((K, B, B), dtype=f32, device=dev)
+    dtgt = torch.empty((K, B, B), dtype=target.dtype, device=dev)
+    dscale = torch.empty((K,), dtype=f32, device=dev)
+    d_img = torch.empty((K, B, D), dtype=img.dtype, device=dev)
+    d_txt = torch.empty((K, B, D), dtype=txt.dtype, device=dev)
     bm = _block(B)
     bd = _block(D, 16, 64)
     _dz_kernel[(K,)](
-        gout, cos, target, scale, rst, cst, cnt, dcos, dtgt, dscale, B, float(eps),
-        *target.stride(), LOSS=LOSS_IDS[loss], LOG_EPS=eps > 0, BR=bm, BC=bm,
+        gout,
+        cos,
+        target,
+        scale,
+        rst,
+        cst,
+        cnt,
+        dcos,
+        dtgt,
+        dscale,
+        B,
+        float(eps),
+        *target.stride(),
+        LOSS=LOSS_IDS[loss],
+        LOG_EPS=eps > 0,
+        BR=bm,
+        BC=bm,
     )
     grid = (K, triton.cdiv(B, bm), triton.cdiv(D, bd))
     prec = _precision()
     _dx_kernel[grid](
-        dcos, cos, img, n_i, txt, n_t, d_img, B, D, B, 1, *img.stride(), *txt.stride(),
-        BM=bm, BL=bm, BD=bd, PREC=prec,
+        dcos,
+        cos,
+        img,
+        n_i,
+        txt,
+        n_t,
+        d_img,
+        B,
+        D,
+        B,
+        1,
+        *img.stride(),
+        *txt.stride(),
+        BM=bm,
+        BL=bm,
+        BD=bd,
+        PREC=prec,
     )
     _dx_kernel[grid](
-        dcos, cos, txt, n_t, img, n_i, d_txt, B, D, 1, B, *txt.stride(), *img.stride(),
-        BM=bm, BL=bm, BD=bd, PREC=prec,
+        dcos,
+        cos,
+        txt,
+        n_t,
+        img,
+        n_i,
+        d_txt,
+        B,
+        D,
+        1,
+        B,
+        *txt.stride(),
+        *img.stride(),
+        BM=bm,
+        BL=bm,
+        BD=bd,
+        PREC=prec,
     )
     return d_img, d_txt, dtgt, dscale

@@ -1,4 +1,5 @@
-"""Triton kernels for the flattened-parameter trajectory reductions (SPEC.md §4 step 4, §11e).
+"""Triton kernels for the flattened-parameter trajectory reductions (docs/algorithm.md §4 step 4,
+§11e).
 
 A parameter vector is a list of pieces (1-D views of one flattened vector). Every reduction is a
 fixed two-stage sum, so results are bit-identical from run to run (no atomics):
@@ -9,8 +10,8 @@ fixed two-stage sum, so results are bit-identical from run to run (no atomics):
 2. one launch of a single program that sums the ``[C, P]`` buffer in a fixed order.
 
 Loads are cast to fp32 right after ``tl.load`` (fp64 for fp64 inputs) and all accumulation happens
-in that type. Partials are NaN-filled before the kernels run, so a block that is never written shows
-up as a NaN result instead of stale memory.
+in that type. Outputs and partials are allocated with ``torch.empty``: every column of the partials
+is written by exactly one block (the tests NaN-fill every ``torch.empty`` to check that).
 """
 
 from __future__ import annotations
@@ -146,19 +147,15 @@ def _partials(nch: int, pieces: Sequence[torch.Tensor]) -> tuple[torch.Tensor, l
     for p in pieces:
         offsets.append(total)
         total += _n_blocks(p.numel())
-    buf = torch.full(
-        (nch, max(total, 1)),
-        float("nan"),
-        dtype=acc_dtype(pieces[0].dtype),
-        device=pieces[0].device,
-    )
-    if total == 0:  # every piece is empty: the sums are zero
-        buf.zero_()
-    return buf, offsets
+    shape = (nch, max(total, 1))
+    dtype, device = acc_dtype(pieces[0].dtype), pieces[0].device
+    if total == 0:  # every piece is empty: no partial kernel runs and the sums are zero
+        return torch.zeros(shape, dtype=dtype, device=device), offsets
+    return torch.empty(shape, dtype=dtype, device=device), offsets
 
 
 def _finalize(part: torch.Tensor, nch: int, ratio: bool) -> torch.Tensor:
-    out = torch.full((nch + int(ratio),), float("nan"), dtype=part.dtype, device=part.device)
+    out = torch.empty((nch + int(ratio),), dtype=part.dtype, device=part.device)
     _final_kernel[(1,)](
         part,
         out,

@@ -1,11 +1,12 @@
-"""Learned soft similarity targets S (LoRS, SPEC.md §6): low-rank and full generators.
+"""Learned soft similarity targets S (LoRS, docs/algorithm.md §6): low-rank and full generators.
 
 Rows of S index synthetic images, columns synthetic texts. The distillation step only ever needs
 the batch block ``S[I, I]``; autograd through the gather scatter-adds its gradient into rows ``I``
 of the low-rank factors (or into the block ``[I, I]`` of the full matrix), so one step never
 touches more than the touched rows. Evaluation uses :meth:`full`.
 
-Both generators keep their parameters as fp32 leaf tensors (DESIGN.md §3) that the outer optimiser
+Both generators keep their parameters as fp32 leaf tensors (docs/design.md §3) that the outer
+optimiser
 updates in place; :meth:`block` and :meth:`full` also accept a ``params`` dict, so they compose
 with ``torch.func`` transforms (pass the functional copies instead of the leaves).
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from repblend_fast.ops._dispatch import values_readable
+
 __all__ = [
     "FullSimilarity",
     "LowRankSimilarity",
@@ -21,12 +24,6 @@ __all__ = [
     "make_similarity",
     "similarity_from_state",
 ]
-
-
-def _is_wrapped(t: torch.Tensor) -> bool:
-    """True under torch.func transforms, where data-dependent checks are not allowed."""
-    fn = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return bool(fn(t)) if fn is not None else False
 
 
 class SimilarityGenerator:
@@ -73,7 +70,7 @@ class SimilarityGenerator:
             raise ValueError("indices must select at least one item")
         # A range check reads the values (one device sync on GPU); pass check=False in hot loops
         # whose indices come from a validated permutation.
-        if check and not _is_wrapped(indices):
+        if check and values_readable(indices):
             lo, hi = int(indices.min()), int(indices.max())
             if lo < 0 or hi >= self.n:
                 raise ValueError(f"indices must lie in [0, {self.n}); got values in [{lo}, {hi}]")

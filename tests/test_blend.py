@@ -1,5 +1,5 @@
 """blend_pairs: reference vs an independent float64 loop, fused (Triton interpreter) vs reference,
-autograd to second order, torch.func transforms, validation and dispatch (DESIGN.md §4)."""
+autograd to second order, torch.func transforms, validation and dispatch (docs/design.md §4)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,9 @@ from repblend_fast.reference import blend as ref
 FUSED = ["triton"] if triton_interpret() else []
 
 
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    """Fused outputs are NaN-filled before the kernels write them, so a missed element shows."""
-    from repblend_fast.ops import blend as ops_blend
-
-    monkeypatch.setattr(ops_blend, "_POISON", True)
+# Fused outputs are NaN-filled before the kernels write them (every float torch.empty / empty_like
+# is, through the ``poison`` fixture of tests/conftest.py), so a missed element shows.
+pytestmark = pytest.mark.usefixtures("poison")
 
 
 def _perm(gen: torch.Generator, K: int | None, B: int) -> torch.Tensor:
@@ -266,11 +263,19 @@ def test_bit_identical_across_runs_and_no_poison_left(gen, impl):
         assert torch.equal(x, y)
 
 
-def test_poisoned_allocation_is_the_launcher_path():
-    from repblend_fast.ops import blend as ops_blend
+@pytest.mark.parametrize("impl", FUSED)
+def test_poisoned_allocation_is_the_launcher_path(gen, impl, monkeypatch):
+    """With the gather kernel skipped, the launcher's output is all NaN: the fixture reaches it."""
+    from repblend_fast.kernels import blend as kb
 
-    out = ops_blend._new_output(torch.zeros(2, 3, 4))
-    assert torch.isnan(out).all()
+    class _Skip:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(kb, "_blend_gather_kernel", _Skip())
+    img, txt, perm, lam = _inputs(gen, 2, 5, 6, 3, torch.float32, "vector")
+    out_i, out_t = blend_pairs(img, txt, perm, lam, impl=impl)
+    assert torch.isnan(out_i).all() and torch.isnan(out_t).all()
 
 
 def test_lam_endpoints_are_exact(gen):

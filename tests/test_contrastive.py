@@ -1,18 +1,22 @@
 """contrastive_loss: reference vs independent formulas, fused (Triton, CUDA) vs reference.
 
-Tolerances are DESIGN.md §4. Triton runs through the CPU interpreter here (tests/conftest.py sets
-TRITON_INTERPRET=1), and every Triton output is NaN-poisoned before the kernels write it.
+Tolerances are docs/design.md §4. Triton runs through the CPU interpreter here (tests/conftest.py
+sets
+TRITON_INTERPRET=1), and every Triton output is NaN-poisoned before the kernels write it (the
+``poison`` fixture of tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 from torch.func import grad, jvp, vjp, vmap
@@ -34,14 +38,9 @@ FP32_GRAD2 = dict(atol=1e-5, rtol=1e-3)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _poison_triton_outputs(monkeypatch):
-    """Every Triton output and scratch buffer starts NaN-filled (catches unwritten elements)."""
-    try:
-        from repblend_fast.kernels import contrastive as kern
-    except ImportError:  # pragma: no cover - triton missing
-        return
-    monkeypatch.setattr(kern, "_POISON", True)
+# Every float torch.empty / empty_like is NaN-filled (tests/conftest.py), so an output or scratch
+# element that a kernel forgets to write shows up as NaN.
+pytestmark = pytest.mark.usefixtures("poison")
 
 
 def _inputs(gen, b, d, k=None, dtype=torch.float64, grad_=False, target="rand"):
@@ -350,6 +349,36 @@ def test_triton_zero_row_matches_reference(gen):
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4)
 
 
+def _check_non_finite_like_reference(gen, impl, device, loss, eps):
+    """A NaN or an infinity in img, txt or target: the same loss value (NaN, inf, -inf or the same
+    finite number) as the reference, and gradients non-finite exactly where the reference's are."""
+    b, d = 3, 4
+    base = [t.to(device) for t in _inputs(gen, b, d, dtype=torch.float32)]
+    for where in range(3):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            inputs = [t.clone() for t in base]
+            inputs[where][b - 1, 1] = bad
+            results = []
+            for fn in (
+                lambda *x: contrastive_loss(*x, logit_scale=3.0, loss=loss, eps=eps, impl=impl),
+                lambda *x: ref.contrastive_loss(*x, logit_scale=3.0, loss=loss, eps=eps),
+            ):
+                x = [t.clone().requires_grad_(True) for t in inputs]
+                out = fn(*x)
+                results.append((out, torch.autograd.grad(out, x)))
+            (out_f, grads_f), (out_r, grads_r) = results
+            case = f"{impl}: {['img', 'txt', 'target'][where]}={bad}"
+            torch.testing.assert_close(out_f, out_r, equal_nan=True, **FP32_FWD, msg=case)
+            for a, r in zip(grads_f, grads_r):
+                assert torch.equal(torch.isfinite(a), torch.isfinite(r)), case
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter
+@pytest.mark.parametrize("loss,eps", CASES, ids=CASE_IDS)
+def test_triton_non_finite_inputs_propagate_like_the_reference(gen, loss, eps):
+    _check_non_finite_like_reference(gen, "triton", "cpu", loss, eps)
+
+
 # --------------------------------------------------------------------------------------------------
 # dispatch and validation
 
@@ -372,12 +401,67 @@ def test_explicit_impls_that_cannot_run_raise(gen, monkeypatch):
         contrastive_loss(img, txt, tgt, logit_scale=2.0, impl="triton")
 
 
-def test_loss_ids_agree_between_layers():
+def test_loss_ids_and_constants_have_one_definition():
+    triton = pytest.importorskip("triton")
     from repblend_fast.kernels import contrastive as kern
 
-    assert kern.LOSS_IDS == ops.LOSS_IDS
-    assert tuple(ops.LOSS_IDS) == LOSSES
-    assert kern.MASS_EPS == ref.MASS_EPS
+    assert tuple(ref.LOSS_IDS) == LOSSES
+    assert [ref.LOSS_IDS[name] for name in LOSSES] == list(range(len(LOSSES)))
+    # The kernels and the ops use the reference's objects, not copies.
+    assert kern.LOSS_IDS is ref.LOSS_IDS and ops.LOSS_IDS is ref.LOSS_IDS
+    assert kern.MASS_EPS is ref.MASS_EPS and kern.NORM_EPS is ref.NORM_EPS
+    assert kern._MASS_EPS.value == ref.MASS_EPS and kern._NORM_EPS.value == ref.NORM_EPS
+    # No jit function spells the constants out as literals.
+    for name in dir(kern):
+        fn = getattr(kern, name)
+        if isinstance(fn, triton.runtime.jit.JITFunction):
+            code = "\n".join(
+                line.split("#")[0]
+                for line in fn.src.splitlines()
+                if not line.strip().startswith("#")
+            )
+            assert "1e-6" not in code and "1e-12" not in code, name
+
+
+def _cu_source(name: str) -> str:
+    with open(os.path.join(ROOT, "csrc", name)) as f:
+        return f.read()
+
+
+def _strip_cpp_comments(src: str) -> str:
+    src = re.sub(r"/\*.*?\*/", "", src, flags=re.S)
+    return re.sub(r"//[^\n]*", "", src)
+
+
+def test_cuda_loss_ids_and_constants_match_the_python_definitions():
+    """csrc/contrastive.cu cannot import Python: its loss constants and eps values are parsed here
+    and compared with repblend_fast.reference.contrastive (the one definition)."""
+    src = _strip_cpp_comments(_cu_source("contrastive.cu"))
+    ids = {
+        m.group(1).lower(): int(m.group(2))
+        for m in re.finditer(r"constexpr\s+int\s+k([A-Z][a-z]+)\s*=\s*(\d+)\s*;", src)
+        if m.group(1).lower() in ref.LOSS_IDS
+    }
+    assert ids == dict(ref.LOSS_IDS)
+    # The host-side range check of the loss id covers exactly the ids.
+    first, last = LOSSES[0].capitalize(), LOSSES[-1].capitalize()
+    assert re.search(rf"loss >= k{first} && loss <= k{last}\b", src)
+    assert f"loss id must be in [0, {len(LOSSES) - 1}]" in src
+
+    def constant(name: str) -> str:
+        m = re.search(rf"constexpr\s+float\s+{name}\s*=\s*([0-9.eE+-]+)f\s*;", src)
+        assert m is not None, name
+        return m.group(1)
+
+    for name, value in (("kMassEps", ref.MASS_EPS), ("kNormEps", ref.NORM_EPS)):
+        literal = constant(name)
+        assert float(literal) == value, (name, literal, value)
+        # Same float32 bits as the value the Triton kernels use.
+        assert np.float32(literal) == np.float32(value), name
+    # The kernels use the named constants, never the literals.
+    body = re.sub(r"constexpr\s+float\s+k(MassEps|NormEps)\s*=[^;]*;", "", src)
+    for literal in ("1e-6f", "1e-12f", "1e-6", "1e-12"):
+        assert literal not in body, literal
 
 
 def _bad_calls():
@@ -548,7 +632,7 @@ def test_gpu_parity(impl, dtype, k, loss, eps):
             torch.testing.assert_close(a, r, **FP32_GRAD)
         return
     # bf16: fp32 accumulation vs the fp32 reference on the same rounded inputs, and no worse than
-    # twice the error of eager bf16 (DESIGN.md §4).
+    # twice the error of eager bf16 (docs/design.md §4).
     torch.testing.assert_close(out.float(), want, atol=1e-2, rtol=1e-2)
     xb = [t.detach().requires_grad_(True) for t in inputs[:3]]
     eager = ref.contrastive_loss(*xb, logit_scale=S_PAPER, loss=loss, eps=eps)
@@ -560,6 +644,13 @@ def test_gpu_parity(impl, dtype, k, loss, eps):
     for a, e, r in zip(grads[:3], eager_grads, want_grads[:3]):
         err, eager_err = rel_rmse(a, r), rel_rmse(e, r)
         assert err <= 1e-2 and err <= 2 * eager_err, (err, eager_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+@pytest.mark.parametrize("loss,eps", CASES, ids=CASE_IDS)
+def test_gpu_non_finite_inputs_propagate_like_the_reference(gen, impl, loss, eps):
+    _check_non_finite_like_reference(gen, impl, "cuda", loss, eps)
 
 
 @pytest.mark.gpu
@@ -585,8 +676,17 @@ def test_gpu_second_order_and_vmap(impl):
     )
 
 
-def test_poisoning_is_active_for_triton_outputs():
+def test_poisoning_is_active_for_triton_outputs(monkeypatch):
+    """With the kernel that writes the loss skipped, the outputs it owns stay NaN."""
     from repblend_fast.kernels import contrastive as kern
 
-    assert kern._POISON  # set by the autouse fixture of this module
-    assert torch.isnan(kern._new((2, 3), torch.float32, torch.device("cpu"))).all()
+    class _Skip:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(kern, "_loss_kernel", _Skip())
+    img, txt, tgt = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.rand(2, 3, 3)
+    out, cos, *_, rst, cst, cnt = kern.forward(img, txt, tgt, torch.ones(2), "wbce", 1e-6)
+    assert torch.isfinite(cos).all()  # written by the cosine kernel
+    for t in (out, rst, cst, cnt):
+        assert torch.isnan(t).all()

@@ -1,4 +1,5 @@
-"""Similarity generators (SPEC.md §6): identity at init, batch blocks, scatter-add gradients."""
+"""Similarity generators (docs/algorithm.md §6): identity at init, batch blocks, scatter-add
+gradients."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """trajectory_distance / trajectory_terms: reference vs independent float64 sums, fused (Triton
 interpreter) vs reference, fp32 accumulation for low-precision inputs, determinism, autograd,
-torch.func, validation and dispatch (DESIGN.md §4)."""
+torch.func, validation and dispatch (docs/design.md §4)."""
 
 from __future__ import annotations
 
@@ -18,12 +18,9 @@ FUSED = ["triton"] if triton_interpret() else []
 PIECE_SHAPES = [(3, 5), (17,), (1000,), (4099,), (1,)]
 
 
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    """The direction output is NaN-filled before the kernels write it (partials always are)."""
-    from repblend_fast.ops import trajectory as ops_traj
-
-    monkeypatch.setattr(ops_traj, "_POISON", True)
+# The direction output and the partial-sum buffers are NaN-filled before the kernels write them
+# (every float torch.empty / empty_like is, through the ``poison`` fixture of tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("poison")
 
 
 def _vec(gen, shapes, dtype=torch.float32, scale=1.0):
@@ -230,7 +227,7 @@ def test_bit_identical_across_runs(gen, impl):
 
 
 @pytest.mark.skipif(not triton_interpret(), reason="runs Triton on CPU tensors (interpreter)")
-def test_partials_are_poisoned_before_the_kernels_write_them():
+def test_partials_are_poisoned_before_the_kernels_write_them(monkeypatch):
     from repblend_fast.kernels import trajectory as kt
 
     pieces = [torch.randn(kt.CHUNK + 1), torch.randn(5)]
@@ -239,6 +236,70 @@ def test_partials_are_poisoned_before_the_kernels_write_them():
     assert torch.isnan(buf).all()
     # A block that is never written shows up as NaN in the result, not as stale memory.
     assert torch.isnan(kt._finalize(buf, 3, ratio=False)).all()
+
+    # With the partial kernel skipped, the op's sums and direction stay NaN.
+    class _Skip:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(kt, "_terms_partial_kernel", _Skip())
+    out = trajectory_terms(pieces, pieces, pieces, 0.1, impl="triton")
+    assert torch.isnan(out.denom) and torch.isnan(out.num) and torch.isnan(out.dot)
+    assert all(torch.isnan(d).all() for d in out.direction)
+
+
+def test_all_empty_partials_are_zero_not_poison():
+    from repblend_fast.ops import trajectory as ops_traj
+
+    buf, offsets = ops_traj._cuda_partials(2, [torch.empty(0), torch.empty(0)])
+    assert buf.shape == (2, 1) and offsets == [0, 0] and torch.equal(buf, torch.zeros(2, 1))
+
+
+@pytest.mark.parametrize("impl", ["reference", *FUSED])
+@pytest.mark.parametrize("check", [True, False])
+@pytest.mark.parametrize("shapes", [[(0,)], [(0, 3), (0,)]])
+def test_empty_vectors_are_refused_by_the_distance(impl, check, shapes):
+    # 0 / 0 is undefined: a ValueError that names the arguments, not "start and target are
+    # identical" (the two are empty, not equal expert epochs), whatever check says.
+    s, a, t = ([torch.empty(sh) for sh in shapes] for _ in range(3))
+    pack = (lambda v: v[0]) if len(shapes) == 1 else (lambda v: v)
+    with pytest.raises(ValueError, match="student, start and target have no elements"):
+        trajectory_distance(pack(s), pack(a), pack(t), impl=impl, check=check)
+
+
+@pytest.mark.parametrize("impl", ["reference", *FUSED])
+def test_empty_vectors_give_zero_terms(impl):
+    # The terms are sums with nothing divided: zeros and an empty direction, as in the reference.
+    a, t, g = (torch.empty(0) for _ in range(3))
+    got = trajectory_terms(a, t, g, 0.1, impl=impl)
+    want = ref.trajectory_terms(a, t, g, 0.1)
+    for name in ("denom", "num", "dot"):
+        x, y = getattr(got, name), getattr(want, name)
+        assert x.dtype == y.dtype == torch.float32 and x.item() == y.item() == 0.0
+    assert got.direction.shape == (0,)
+
+
+@pytest.mark.parametrize("impl", ["reference", *FUSED])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_tensor_lr_is_refused(gen, impl, bad):
+    _, a, t = _triple(gen, [(6,)])
+    with pytest.raises(ValueError, match="lr must be finite"):
+        trajectory_terms(a, t, a, torch.tensor(bad), impl=impl)
+    with pytest.raises(ValueError, match="lr must be finite"):
+        trajectory_terms(a, t, a, torch.tensor([bad], requires_grad=True), impl=impl)
+
+
+def test_tensor_lr_values_are_not_read_under_vmap_or_off_the_cpu():
+    a, t, g = torch.zeros(3), torch.ones(3), torch.ones(3)
+    # Under vmap the value cannot be read: a NaN lr propagates instead of raising.
+    num = torch.func.vmap(lambda lr: trajectory_terms(a, t, g, lr, impl="reference").num)(
+        torch.tensor([0.5, float("nan")])
+    )
+    assert num[0].item() == pytest.approx(3 * 1.5**2) and torch.isnan(num[1])
+    # Off the CPU no value is read (on CUDA that would be a sync): a meta lr, whose value cannot
+    # be read at all, goes through.
+    out = trajectory_terms(*(x.to("meta") for x in (a, t, g)), torch.tensor(0.5, device="meta"))
+    assert out.num.device.type == "meta"
 
 
 def test_empty_pieces_contribute_zero(gen):
@@ -329,6 +390,14 @@ def test_identical_start_and_target_raise(gen, impl):
         (lambda s, a, t: trajectory_terms(a, t, s, "0.1"), "lr must be a float or a 0-d"),
         (lambda s, a, t: trajectory_terms(a, t, s, float("inf")), "lr must be finite"),
         (
+            lambda s, a, t: trajectory_terms(a, t, s, torch.tensor(float("nan"))),
+            "lr must be finite",
+        ),
+        (
+            lambda s, a, t: trajectory_terms(a, t, s, torch.tensor([-float("inf")])),
+            "lr must be finite",
+        ),
+        (
             lambda s, a, t: trajectory_terms(a, t, s, torch.tensor(0.1, device="meta")),
             "lr is on meta",
         ),
@@ -376,7 +445,8 @@ def test_cuda_chunk_matches_the_kernel_source():
 # --------------------------------------------------------------------------------------------------
 # GPU parity at the paper's sizes, skipped without a CUDA device
 
-# Both heads of SPEC.md §1 (D = 2304, d_f = 2304, d_t = 768): W1, b1, W2, b2, gamma, beta each.
+# Both heads of docs/algorithm.md §1 (D = 2304, d_f = 2304, d_t = 768): W1, b1, W2, b2, gamma, beta
+# each.
 HEAD_PIECES = [(2304, 2304), (2304,), (2304, 2304), (2304,), (2304,), (2304,)] + [
     (2304, 768),
     (2304,),

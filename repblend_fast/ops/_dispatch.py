@@ -65,6 +65,30 @@ def cuda_status(device: torch.device) -> tuple[bool, str]:
     return _ext.status()
 
 
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether host code may read ``t``'s values here (``.item()``, ``bool(t)``, ``.tolist()``).
+
+    False inside ``torch.func.vmap`` when ``t`` is batched at any level (a BatchedTensor holds one
+    value per mapped sample, so there is no single value to read, and reading raises). True for
+    plain tensors and for tensors wrapped only by ``torch.func.grad`` / ``vjp`` / ``jvp`` layers:
+    those wrappers are peeled off and the value underneath is an ordinary tensor. Says nothing about
+    the device: callers that must not synchronise a CUDA stream check ``t.device`` themselves.
+    """
+    try:
+        from torch._C import _functorch
+
+        wrapped = _functorch.is_functorch_wrapped_tensor
+        batched = _functorch.is_batchedtensor
+        unwrap = _functorch.get_unwrapped
+    except (ImportError, AttributeError):  # pragma: no cover - torch without functorch
+        return True
+    while wrapped(t):
+        if batched(t):
+            return False
+        t = unwrap(t)
+    return True
+
+
 def _common_device(tensors: Iterable[torch.Tensor], op: str) -> torch.device:
     devices = {t.device for t in tensors if isinstance(t, torch.Tensor)}
     if len(devices) > 1:

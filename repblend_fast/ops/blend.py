@@ -1,4 +1,4 @@
-"""Representation blending with implementation dispatch (SPEC.md §4 step 3, §11a).
+"""Representation blending with implementation dispatch (docs/algorithm.md §4 step 3, §11a).
 
 ``blend_pairs`` mixes each row with another row of the same batch, with one permutation and one
 coefficient shared by both modalities: ``lam * x + (1 - lam) * x[perm]``. The op is linear in
@@ -15,17 +15,12 @@ import math
 
 import torch
 
-from repblend_fast.ops._dispatch import resolve_impl
+from repblend_fast.ops._dispatch import resolve_impl, values_readable
 from repblend_fast.reference import blend as _ref
 
 __all__ = ["blend_pairs"]
 
 _CHECKS = ("none", "bounds", "full")
-
-_POISON = False
-"""When True, fused outputs are NaN-filled before the kernels write them (the tests set it, so an
-element a kernel forgets to write shows up). Production allocates with ``torch.empty``."""
-
 
 # --------------------------------------------------------------------------------------------------
 # kernels (Triton or the CUDA extension) on [K, B, D] / [K, B] / [1 | K]
@@ -44,16 +39,11 @@ def _cuda_ops():
     return torch.ops.repblend_fast
 
 
-def _new_output(x: torch.Tensor) -> torch.Tensor:
-    if _POISON:
-        return torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-
 def _run_kernel(which: str, impl: str, x: torch.Tensor, perm: torch.Tensor, lam) -> torch.Tensor:
     lam_t = _lam_tensor(lam, x)
     x, perm = x.contiguous(), perm.contiguous()
-    out = _new_output(x)
+    # Every element is written by the kernel (the tests' ``poison`` fixture checks that).
+    out = torch.empty_like(x)
     if impl == "triton":
         from repblend_fast.kernels import blend as kb
 
@@ -197,17 +187,6 @@ class _Scatter(torch.autograd.Function):
 # validation
 
 
-def _value_inspectable(t: torch.Tensor) -> bool:
-    """False for tensors batched by ``torch.func.vmap`` (their values cannot be read on host)."""
-    from torch._C import _functorch
-
-    while _functorch.is_functorch_wrapped_tensor(t):
-        if _functorch.is_batchedtensor(t):
-            return False
-        t = _functorch.get_unwrapped(t)
-    return True
-
-
 def _validate(img, txt, perm, lam, check: str) -> None:
     for name, x in (("img", img), ("txt", txt)):
         if not isinstance(x, torch.Tensor):
@@ -269,14 +248,14 @@ def _check_values(perm: torch.Tensor, lam, B: int, check: str) -> None:
     if check == "none":
         return
     flags, names = [], []
-    if perm.numel() > 0 and _value_inspectable(perm):
+    if perm.numel() > 0 and values_readable(perm):
         if check == "full":
             ar = torch.arange(B, device=perm.device)
             flags.append((torch.sort(perm, dim=-1).values != ar).any())
         else:
             flags.append((perm.min() < 0) | (perm.max() >= B))
         names.append("perm")
-    if isinstance(lam, torch.Tensor) and lam.numel() > 0 and _value_inspectable(lam):
+    if isinstance(lam, torch.Tensor) and lam.numel() > 0 and values_readable(lam):
         lam_d = lam.detach()
         flags.append(~((lam_d >= 0) & (lam_d <= 1)).all())
         names.append("lam")

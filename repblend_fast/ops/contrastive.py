@@ -1,6 +1,7 @@
-"""Soft-target contrastive losses (SPEC.md §7) with ``impl = auto | reference | triton | cuda``.
+"""Soft-target contrastive losses (docs/algorithm.md §7) with ``impl = auto | reference | triton |
+cuda``.
 
-Three layers (DESIGN.md §3):
+Three layers (docs/design.md §3):
 
 1. kernels: ``repblend_fast.kernels.contrastive`` (Triton) and ``csrc/contrastive.cu`` (CUDA,
    ``torch.ops.repblend_fast.contrastive_fwd`` / ``contrastive_bwd``); both compute the loss with
@@ -24,11 +25,11 @@ import math
 
 import torch
 
-from repblend_fast.ops._dispatch import resolve_impl
+from repblend_fast.ops._dispatch import resolve_impl, values_readable
 from repblend_fast.reference import contrastive as _ref
 
 LOSSES = _ref.LOSSES
-LOSS_IDS = {"wbce": 0, "infonce": 1, "cwcl": 2, "bce": 3, "mse": 4, "kl": 5}
+LOSS_IDS = _ref.LOSS_IDS
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _OP = "contrastive_loss"
 
@@ -190,13 +191,6 @@ class _ContrastiveBwdFn(torch.autograd.Function):
 # functional API
 
 
-def _is_wrapped(t: torch.Tensor) -> bool:
-    try:
-        return torch._C._functorch.is_functorch_wrapped_tensor(t)
-    except AttributeError:  # pragma: no cover - older torch
-        return False
-
-
 def _validate(img, txt, target, logit_scale, loss, eps) -> None:
     for name, t in (("img", img), ("txt", txt), ("target", target)):
         if not isinstance(t, torch.Tensor):
@@ -274,7 +268,7 @@ def _validate(img, txt, target, logit_scale, loss, eps) -> None:
                 f"{_OP}: logit_scale tensor must have a floating dtype, got {logit_scale.dtype}"
             )
         # A finiteness check on a CUDA tensor would synchronise the device every call.
-        if logit_scale.device.type == "cpu" and not _is_wrapped(logit_scale):
+        if logit_scale.device.type == "cpu" and values_readable(logit_scale):
             if not bool(torch.isfinite(logit_scale)):
                 raise ValueError(f"{_OP}: logit_scale must be finite, got {logit_scale.item()}")
     elif isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool):
@@ -305,14 +299,17 @@ def contrastive_loss(
         target: ``[B, B]`` or ``[K, B, B]`` soft similarity targets (rows = images).
         logit_scale: the multiplier ``s = 1/tau``, a python float or a 0-d tensor (may require
             grad).
-        loss: ``wbce`` | ``infonce`` | ``cwcl`` | ``bce`` | ``mse`` | ``kl`` (SPEC.md §7).
+        loss: ``wbce`` | ``infonce`` | ``cwcl`` | ``bce`` | ``mse`` | ``kl`` (docs/algorithm.md §7).
         eps: WBCE log epsilon; ``1e-6`` is the paper's formula, ``0`` the exact log-sigmoid form.
         impl: ``auto`` | ``reference`` | ``triton`` | ``cuda`` (see ``ops._dispatch``).
 
     Returns:
         ``[]`` for ``[B, D]`` inputs, ``[K]`` for ``[K, B, D]``, in the inputs' dtype. Twice (and
         more) differentiable w.r.t. ``img``, ``txt``, ``target`` and a tensor ``logit_scale``;
-        works under ``torch.func.grad`` / ``vjp`` / ``jvp`` / ``vmap``.
+        works under ``torch.func.grad`` / ``vjp`` / ``jvp`` / ``vmap``. NaN or infinite entries
+        in ``img``, ``txt`` or ``target`` are not refused: every implementation returns what the
+        reference returns for them (NaN, +-inf, or the same finite value), never a finite loss
+        where the reference's is NaN or infinite.
     """
     _validate(img, txt, target, logit_scale, loss, eps)
     tensors = [img, txt, target]

@@ -1,4 +1,5 @@
-"""Trajectory distance and the fused TESLA terms, with impl dispatch (SPEC.md §4.4, §5, §11e).
+"""Trajectory distance and the fused TESLA terms, with impl dispatch (docs/algorithm.md §4.4, §5,
+§11e).
 
 A parameter vector is one tensor or a sequence of pieces (e.g. a head's W1, b1, W2, b2, gamma, beta)
 that together form one flattened vector; the pieces are reduced in place, never concatenated.
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from repblend_fast.ops._dispatch import resolve_impl
+from repblend_fast.ops._dispatch import resolve_impl, values_readable
 from repblend_fast.reference import trajectory as _ref
 from repblend_fast.reference.trajectory import TrajectoryTerms
 
@@ -24,10 +25,6 @@ CUDA_CHUNK = 8192
 """Elements per thread block of the CUDA partial-sum kernels (``kChunk`` in csrc/trajectory.cu)."""
 
 Vector = torch.Tensor | Sequence[torch.Tensor]
-
-_POISON = False
-"""When True, the fused ``direction`` output is NaN-filled before the kernels write it (the tests
-set it). Partial-sum buffers are always NaN-filled: they are small."""
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -94,16 +91,6 @@ def _flat(pieces: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [p.detach().reshape(-1).contiguous() for p in pieces]
 
 
-def _value_inspectable(t: torch.Tensor) -> bool:
-    from torch._C import _functorch
-
-    while _functorch.is_functorch_wrapped_tensor(t):
-        if _functorch.is_batchedtensor(t):
-            return False
-        t = _functorch.get_unwrapped(t)
-    return True
-
-
 def _identical_error(op: str) -> ValueError:
     return ValueError(
         f"{op}: start and target are identical (||start - target||^2 = 0), so the normalised "
@@ -125,15 +112,13 @@ def _cuda_partials(nch: int, pieces: Sequence[torch.Tensor]) -> tuple[torch.Tens
     for p in pieces:
         offsets.append(total)
         total += -(-p.numel() // CUDA_CHUNK)
-    buf = torch.full(
-        (nch, max(total, 1)),
-        float("nan"),
-        dtype=_acc_dtype(pieces[0].dtype),
-        device=pieces[0].device,
-    )
-    if total == 0:
-        buf.zero_()
-    return buf, offsets
+    shape = (nch, max(total, 1))
+    dtype, device = _acc_dtype(pieces[0].dtype), pieces[0].device
+    if total == 0:  # every piece is empty: no kernel runs and the sums are zero
+        return torch.zeros(shape, dtype=dtype, device=device), offsets
+    # Every column is written by one block of the partial kernels (the tests' ``poison`` fixture
+    # checks that).
+    return torch.empty(shape, dtype=dtype, device=device), offsets
 
 
 def _distance_sums(impl: str, s, a, t) -> torch.Tensor:
@@ -150,10 +135,7 @@ def _distance_sums(impl: str, s, a, t) -> torch.Tensor:
 
 
 def _terms(impl: str, a, t, g, lr: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    if _POISON:
-        direction = [torch.full_like(gi, float("nan")) for gi in g]
-    else:
-        direction = [torch.empty_like(gi) for gi in g]
+    direction = [torch.empty_like(gi) for gi in g]
     if impl == "triton":
         from repblend_fast.kernels import trajectory as kt
 
@@ -223,7 +205,8 @@ def trajectory_distance(
     impl: str = "auto",
     check: bool = True,
 ) -> torch.Tensor:
-    """Normalised matching loss ``||student - target||^2 / ||start - target||^2`` (SPEC.md §4.4).
+    """Normalised matching loss ``||student - target||^2 / ||start - target||^2`` (docs/algorithm.md
+    §4.4).
 
     Args:
         student: the unrolled student parameters: a tensor (usually 1-D ``[P]``) or a sequence of
@@ -238,13 +221,27 @@ def trajectory_distance(
         0-d tensor: float32 for bf16/fp16/fp32 inputs (fp32 accumulation), float64 for float64.
         Differentiable (twice) w.r.t. ``student``; ``start`` and ``target`` are constants (the fused
         paths raise if they require grad; use ``impl="reference"`` to differentiate through them).
+
+    Raises:
+        ValueError: for vectors with no elements at all (every piece empty), whatever ``check``
+            says: the ratio is ``0 / 0``, undefined, and no expert epochs are that short. It is a
+            shape check, so it costs no sync. Individual empty pieces are fine (they add zero).
+            NaN or infinite inputs are not refused: they propagate into the result as in the
+            reference.
     """
     op = "trajectory_distance"
     s, a, t = _validate(op, {"student": student, "start": start, "target": target})
+    if sum(p.numel() for p in s) == 0:
+        shapes = ", ".join(str(tuple(p.shape)) for p in s)
+        raise ValueError(
+            f"{op}: student, start and target have no elements (piece shapes {shapes}), so the "
+            "normalised distance ||student - target||^2 / ||start - target||^2 = 0 / 0 is "
+            "undefined; pass non-empty parameter vectors"
+        )
     which = resolve_impl(op, impl, s + a + t)
     if which == "reference":
         out = _ref.trajectory_distance(s, a, t)
-        if check and _value_inspectable(out) and not torch.isfinite(out).item():
+        if check and values_readable(out) and not torch.isfinite(out).item():
             den = sum(((ai.double() - ti.double()) ** 2).sum() for ai, ti in zip(a, t))
             if den.item() == 0:
                 raise _identical_error(op)
@@ -267,7 +264,7 @@ def trajectory_terms(
     *,
     impl: str = "auto",
 ) -> TrajectoryTerms:
-    """One pass over (theta0, theta*, G) for the TESLA meta-gradient (SPEC.md §5, §11e).
+    """One pass over (theta0, theta*, G) for the TESLA meta-gradient (docs/algorithm.md §5, §11e).
 
     With ``Delta = target - start`` and ``r = Delta + lr * G``: ``denom = ||Delta||^2``,
     ``num = ||r||^2`` (the unnormalised matching loss of ``theta_T = theta0 - lr G``),
@@ -277,7 +274,11 @@ def trajectory_terms(
         start: ``theta0``: a tensor (usually 1-D ``[P]``) or a sequence of pieces of one vector.
         target: ``theta*``, same structure, shapes and dtype as ``start``.
         grad_sum: ``G``, the sum of the unroll's parameter gradients, same structure.
-        lr: the student learning rate: a python float or a 0-d (or one-element) tensor.
+        lr: the student learning rate: a python float or a 0-d (or one-element) tensor. It must be
+            finite: a non-finite float is refused, and so is a non-finite CPU tensor (outside
+            ``vmap``, where its value can be read). A CUDA tensor is not checked, since reading
+            it would synchronise the device every call: a NaN or infinite CUDA ``lr`` turns the
+            results into NaN / inf instead.
         impl: ``auto`` | ``reference`` | ``triton`` | ``cuda``.
 
     Returns:
@@ -286,6 +287,8 @@ def trajectory_terms(
         ``grad_sum``'s dtype with its structure (one tensor, or a list of pieces).
         Nothing is differentiable: the op runs under ``torch.no_grad`` (the TESLA pass 2 uses the
         direction as a constant; the η gradient ``2 dot / denom`` is formed by the caller).
+        Vectors with no elements are fine here (unlike :func:`trajectory_distance`, nothing is
+        divided): the three sums are 0 and the direction is empty, as in the reference.
     """
     op = "trajectory_terms"
     a, t, g = _validate(op, {"start": start, "target": target, "grad_sum": grad_sum})
@@ -296,6 +299,10 @@ def trajectory_terms(
             )
         if lr.device != a[0].device:
             raise ValueError(f"{op}: lr is on {lr.device} but start is on {a[0].device}")
+        # No finiteness check on CUDA: reading the value would synchronise the device.
+        if lr.device.type == "cpu" and values_readable(lr):
+            if not bool(torch.isfinite(lr.detach()).all()):
+                raise ValueError(f"{op}: lr must be finite, got {lr.detach().reshape(()).item()}")
     elif isinstance(lr, (int, float)) and not isinstance(lr, bool):
         if not math.isfinite(lr):
             raise ValueError(f"{op}: lr must be finite, got {lr}")

@@ -1,4 +1,4 @@
-"""Plain-torch representation blending (SPEC.md §4 step 3): ``lam*x + (1-lam)*x[perm]``.
+"""Plain-torch representation blending (docs/algorithm.md §4 step 3): ``lam*x + (1-lam)*x[perm]``.
 
 ``img`` ``[(K,) B, Di]``, ``txt`` ``[(K,) B, Dt]``, ``perm`` ``[(K,) B]`` long, ``lam`` float or
 tensor ``[]`` / ``[K]``. The same permutation and coefficient blend both modalities.

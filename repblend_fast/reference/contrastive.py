@@ -1,4 +1,4 @@
-"""Plain-torch soft-target contrastive losses (SPEC.md §7): the specification in code.
+"""Plain-torch soft-target contrastive losses (docs/algorithm.md §7): the specification in code.
 
 Every fused implementation is tested against these. All functions are built from differentiable
 torch ops only, so they are twice differentiable and work under ``torch.func.grad`` / ``vmap``.
@@ -9,19 +9,27 @@ Shapes: ``img`` ``[..., B, D]``, ``txt`` ``[..., B, D]`` (projection-head output
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 import torch.nn.functional as F
 
 LOSSES = ("wbce", "infonce", "cwcl", "bce", "mse", "kl")
+LOSS_IDS = MappingProxyType({name: i for i, name in enumerate(LOSSES)})
+"""Loss name -> the integer id the fused kernels take (the position in :data:`LOSSES`). The one
+definition: the Triton kernels and the ops import it; ``csrc/contrastive.cu`` repeats it as
+constants, which a test parses and compares with this table."""
 # Count regulariser of the WBCE class weights and the CWCL row masses (a constant of the formula,
 # independent of the log epsilon).
 MASS_EPS = 1e-6
+# F.normalize's clamp of the row norm: ``x / max(||x||, NORM_EPS)``.
+NORM_EPS = 1e-12
 
 
 def logits(img: torch.Tensor, txt: torch.Tensor, logit_scale) -> torch.Tensor:
     """``Z = s * norm(img) @ norm(txt)^T`` -> ``[..., B, B]``."""
-    u = F.normalize(img, dim=-1)
-    v = F.normalize(txt, dim=-1)
+    u = F.normalize(img, dim=-1, eps=NORM_EPS)
+    v = F.normalize(txt, dim=-1, eps=NORM_EPS)
     return logit_scale * (u @ v.transpose(-1, -2))
 
 

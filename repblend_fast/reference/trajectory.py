@@ -1,4 +1,4 @@
-"""Plain-torch trajectory distance and its TESLA terms (SPEC.md §4 step 4, §5, §11e).
+"""Plain-torch trajectory distance and its TESLA terms (docs/algorithm.md §4 step 4, §5, §11e).
 
 A parameter vector is a 1-D tensor or a sequence of tensors (pieces of one flattened vector).
 All reductions accumulate in float64 here (the reference is the accuracy yardstick).
