@@ -1,4 +1,5 @@
-"""blend_pairs (SPEC.md §4 step 3): forward and forward+backward of ``lam·x + (1−lam)·x[perm]``.
+"""blend_pairs (docs/algorithm.md §4 step 3): forward and forward+backward of ``lam·x +
+(1−lam)·x[perm]``.
 
 Byte model (memory-bound; the gathered rows are re-read from cache, counted once): forward reads
 both inputs and writes both outputs, ``2·(|img| + |txt|)`` elements; forward+backward adds the

@@ -1,4 +1,4 @@
-"""contrastive_loss (SPEC.md §7, WBCE): forward, forward+backward and double backward.
+"""contrastive_loss (docs/algorithm.md §7, WBCE): forward, forward+backward and double backward.
 
 FLOP model (matmuls only; the elementwise loss is O(B²) and the normalisation O(BD)):
 forward ``2·K·B²·D`` (the logits), forward+backward ``3×`` that (two more ``B×B×D`` products),

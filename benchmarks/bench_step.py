@@ -1,9 +1,9 @@
 """One distillation iteration per provider and meta-gradient mode, as pytest-benchmark records.
 
-The same runners, inputs and parity check as ``repblend_fast.bench.run_bench`` (see that module and
-benchmarks/README.md), run in this process: on a GPU the memory figures are exact
+The same runners, inputs and parity check as ``repblend_fast.bench.run_bench`` (see that package
+and benchmarks/README.md), run in this process: on a GPU the memory figures are exact
 (``max_memory_allocated``); on a CPU the resident-set figures share the process with earlier
-benchmarks, so use ``python -m repblend_fast.bench`` (a fresh process per provider) for CPU memory.
+benchmarks, so use ``repblend-fast bench`` (a fresh process per provider) for CPU memory.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from benchmarks.common import git_sha, sync
 from repblend_fast.bench import SHAPE_SETS, build_step_inputs, check_parity, make_runner
+from repblend_fast.stats import median, quantile
 
 RUNS = [
     ("lors-authors", "tesla"),
@@ -71,9 +72,9 @@ def test_step(benchmark, device, case, run):
             "device": device.type,
             "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
             "shape": asdict(shape),
-            "median_ms": st.median * 1e3,
-            "p20_ms": float(sorted(st.data)[int(0.2 * (len(st.data) - 1))]) * 1e3,
-            "p80_ms": float(sorted(st.data)[int(0.8 * (len(st.data) - 1) + 0.5)]) * 1e3,
+            "median_ms": median(st.data) * 1e3,
+            "p20_ms": quantile(st.data, 0.2) * 1e3,
+            "p80_ms": quantile(st.data, 0.8) * 1e3,
             "peak_mib": max(0.0, peak - before),
             "peak_total_mib": peak,
             "memory": "cuda max_memory_allocated" if cuda else "in-process RSS (approximate)",

@@ -1,4 +1,5 @@
-"""trajectory_distance and trajectory_terms (SPEC.md §4 step 4, §5, §11e) on flat parameters.
+"""trajectory_distance and trajectory_terms (docs/algorithm.md §4 step 4, §5, §11e) on flat
+parameters.
 
 Sizes: 17,713,152 elements is RepBlend's θ^I + θ^T at paper settings (10,626,048 + 7,087,104);
 39.9M is the LoRS student's (NFNet-L0 encoder + text head). Memory-bound; byte model in fp32:
@@ -7,7 +8,8 @@ also reads student and target again and writes the gradient (24 B/element); ``tr
 reads start, target and G and writes the pass-2 direction (16 B/element). GB/s are compared with
 this machine's measured ``copy_`` bandwidth (``bw_fraction``).
 
-Parity: rtol 1e-5 against the float64-accumulating reference (DESIGN.md §4, N ≥ 1e6), and a fused
+Parity: rtol 1e-5 against the float64-accumulating reference (docs/design.md §4, N ≥ 1e6), and a
+fused
 provider must be bit-identical across two runs.
 """
 

@@ -1,11 +1,11 @@
 """Shared machinery of the op benchmarks: providers, timing, memory, parity, ``extra_info``.
 
-Every op benchmark (``bench_<op>.py``) follows one pattern (DESIGN.md §5):
+Every op benchmark (``bench_<op>.py``) follows one pattern (docs/design.md §5):
 
 1. build random inputs for its (shape, dtype) on the benchmark device;
 2. skip a provider that cannot run, with the reason (:func:`provider_fn` asks the dispatcher);
 3. run the provider once and check it against the reference on these inputs
-   (:func:`assert_parity`, DESIGN.md §4 tolerances) — no number is recorded for a wrong result;
+   (:func:`assert_parity`, docs/design.md §4 tolerances) — no number is recorded for a wrong result;
 4. time it (:func:`time_fn`: CUDA events on a GPU, ``perf_counter`` + synchronisation on a CPU),
    measure its peak memory (:func:`peak_mib`) and fill ``extra_info`` (:func:`record`).
 """
@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+
+from repblend_fast.stats import quantile
 
 PROVIDERS = ("reference", "compile", "triton", "cuda")
 MODES = ("fwd", "fwd+bwd", "double-bwd")
@@ -44,7 +46,7 @@ def sync(device: torch.device) -> None:
 
 @functools.cache
 def git_sha() -> str:
-    from repblend_fast.bench import git_sha as _sha
+    from repblend_fast.bench.measure import git_sha as _sha
 
     return _sha()
 
@@ -112,15 +114,6 @@ def provider_status(op: str, provider: str, tensors: Sequence[torch.Tensor]) -> 
 # timing and memory
 
 
-def _quantile(sorted_v: list[float], q: float) -> float:
-    if len(sorted_v) == 1:
-        return sorted_v[0]
-    pos = q * (len(sorted_v) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_v) - 1)
-    return sorted_v[lo] + (sorted_v[hi] - sorted_v[lo]) * (pos - lo)
-
-
 def time_fn(
     fn: Callable,
     device: torch.device,
@@ -159,11 +152,10 @@ def time_fn(
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    s = sorted(times)
     return {
-        "median_ms": _quantile(s, 0.5),
-        "p20_ms": _quantile(s, 0.2),
-        "p80_ms": _quantile(s, 0.8),
+        "median_ms": quantile(times, 0.5),
+        "p20_ms": quantile(times, 0.2),
+        "p80_ms": quantile(times, 0.8),
         "reps": reps,
     }
 
@@ -222,7 +214,7 @@ def _max_abs(got, want) -> float:
 
 
 def tolerance(dtype: torch.dtype, device: torch.device, order: int) -> dict[str, float]:
-    """DESIGN.md §4: ``order`` 0 = forward, 1 = gradient, 2 = second order."""
+    """docs/design.md §4: ``order`` 0 = forward, 1 = gradient, 2 = second order."""
     if dtype in (torch.bfloat16, torch.float16):
         return {"atol": 1e-2, "rtol": 1e-2, "rel_rmse": 1e-2}
     if device.type == "cuda":  # TF32 dots are allowed in fused GPU kernels
@@ -287,7 +279,7 @@ def record(
     bytes_moved: float | None = None,
     flops: float | None = None,
 ) -> dict:
-    """Time ``fn`` and fill ``benchmark.extra_info`` with the DESIGN.md §5 schema.
+    """Time ``fn`` and fill ``benchmark.extra_info`` with the docs/design.md §5 schema.
 
     pytest-benchmark's own statistics come from a short ``pedantic`` run of the (synchronised)
     ``fn``; the ``extra_info`` medians come from :func:`time_fn` (CUDA events on a GPU).
@@ -351,7 +343,7 @@ def run_case(
 
     ``make_fn(provider)`` returns a no-argument callable computing the mode's outputs;
     ``make_ref`` (default ``make_fn("reference")``) the reference outputs to check against (the
-    fp32 reference on upcast inputs for bf16 cases, DESIGN.md §4); ``tol`` overrides the
+    fp32 reference on upcast inputs for bf16 cases, docs/design.md §4); ``tol`` overrides the
     tolerance of :func:`tolerance`; ``deterministic`` also requires a fused provider to give
     bit-identical results in two runs.
     """
@@ -373,7 +365,8 @@ def run_case(
     want = (make_ref or make_fn("reference"))()
     what = f"{op} {mode} {provider} {shape}"
     if dtype in (torch.bfloat16, torch.float16) and tol is None:
-        # DESIGN.md §4, low precision: within 1e-2 of the fp32 reference AND at most 2x the error
+        # docs/design.md §4, low precision: within 1e-2 of the fp32 reference AND at most 2x the
+        # error
         # of the eager reference run in the same dtype. The eager run is that yardstick itself, so
         # its own row only records its error. The 2x bound gets a 1e-3 floor: an eager result that
         # happens to round almost exactly must not fail a fused kernel that rounds once more.

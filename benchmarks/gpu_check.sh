@@ -115,10 +115,10 @@ for spec in "${OPS[@]}"; do
     --skips-json "$OUT/ops_$op.skips.json"
 done
 
-phase step_bench 110 "$PY" -m repblend_fast.bench --shapes "$STEP_SHAPES" "${STEP_ARGS[@]}" \
+phase step_bench 110 "$PY" -m repblend_fast bench --shapes "$STEP_SHAPES" "${STEP_ARGS[@]}" \
   --json "$OUT/step.json"
 
-phase step_profile 30 "$PY" -m repblend_fast.bench profile --shapes "$STEP_SHAPES" --meta-grad tesla \
+phase step_profile 30 "$PY" -m repblend_fast profile --shapes "$STEP_SHAPES" --meta-grad tesla \
   "${PROFILE_ARGS[@]}" --json "$OUT/profile.json" --trace "$OUT/trace/step_trace.json"
 
 if [ "$DRY" = 0 ]; then

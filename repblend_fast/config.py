@@ -1,4 +1,5 @@
-"""Distillation configuration and the named presets of SPEC.md §12.
+"""Distillation configuration, the named presets of docs/algorithm.md §12, and the rules that
+tie the three methods to their students, experts and defaults (stated here once).
 
 Every field is used by :class:`repblend_fast.Distiller`; the docstring of :class:`DistillConfig`
 says what each does.
@@ -11,10 +12,19 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("repblend", "lors", "mtt-vl")
 SIMILARITIES = ("lowrank", "full", "none")
 META_GRADS = ("exact", "tesla")
 AUTOCAST = ("auto", "none", "bf16", "fp16")
+
+# What choosing a method implies unless the user says otherwise. LoRS and MTT-VL have no frozen
+# feature space to blend in (their image student is the encoder itself); MTT-VL learns no
+# similarity and trains with the symmetric InfoNCE of CLIP.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "repblend": {},
+    "lors": {"blend": False},
+    "mtt-vl": {"blend": False, "similarity": "none", "loss": "infonce"},
+}
+METHODS = tuple(METHOD_DEFAULTS)
 
 
 @dataclass
@@ -70,6 +80,9 @@ class DistillConfig:
         checkpoint_every: save a resumable checkpoint every k iterations (0 = only at the end).
         nan_patience: consecutive non-finite iterations tolerated before the run stops.
         device: ``cpu`` or ``cuda``.
+        threads: torch CPU threads for the run (0 = keep torch's current setting). The
+            :class:`~repblend_fast.Distiller` records the count it ran with here, and a resumed
+            run must use the same count: results depend on it.
     """
 
     method: str = "repblend"
@@ -109,6 +122,7 @@ class DistillConfig:
     checkpoint_every: int = 100
     nan_patience: int = 5
     device: str = "cpu"
+    threads: int = 0
 
     def validate(self) -> DistillConfig:
         """Raise ``ValueError`` naming the field for any inconsistent setting; returns self."""
@@ -136,6 +150,7 @@ class DistillConfig:
             (self.encoder_chunk >= 0, "encoder_chunk", ">= 0 (0 = keep the encoder graph)"),
             (self.nan_patience >= 1, "nan_patience", ">= 1"),
             (self.device.split(":")[0] in ("cpu", "cuda"), "device", "'cpu' or 'cuda[:i]'"),
+            (self.threads >= 0, "threads", ">= 0 (0 = torch's current setting)"),
         ]
         for ok, name, want in checks:
             if not ok:
@@ -157,6 +172,17 @@ class DistillConfig:
     def student(self) -> str:
         """``heads`` (symmetric RepBlend) or ``encoder`` (LoRS, MTT-VL, asymmetric ablation)."""
         return "heads" if self.method == "repblend" and self.symmetric else "encoder"
+
+    @property
+    def expert_kind(self) -> str:
+        """The experts this run matches: ``repblend`` (two heads on frozen features) for a heads
+        student, ``lors`` (image encoder + text head) for an encoder student."""
+        return "repblend" if self.student == "heads" else "lors"
+
+    @property
+    def blending(self) -> bool:
+        """Whether the unroll blends representations (RepBlend with ``blend`` on)."""
+        return self.method == "repblend" and self.blend
 
     @property
     def logit_scale(self) -> float:
@@ -282,7 +308,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset(name: str, **overrides: Any) -> DistillConfig:
-    """The named preset (SPEC.md §12) with ``overrides`` applied, validated."""
+    """The named preset (docs/algorithm.md §12) with ``overrides`` applied, validated.
+
+    An overridden ``method`` brings its :data:`METHOD_DEFAULTS` (e.g. ``method="lors"`` turns
+    blending off) unless ``overrides`` sets those fields itself.
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return DistillConfig(**{**PRESETS[name], **overrides}).validate()
+    method = overrides.get("method", PRESETS[name].get("method", "repblend"))
+    if method not in METHOD_DEFAULTS:
+        raise ValueError(f"DistillConfig.method={method!r}: expected one of {METHODS}")
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown DistillConfig fields {unknown}; known: {sorted(fields)}")
+    return DistillConfig(**{**PRESETS[name], **METHOD_DEFAULTS[method], **overrides}).validate()

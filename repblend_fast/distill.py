@@ -1,4 +1,4 @@
-"""The outer distillation loop (SPEC.md §4): :class:`Distiller`.
+"""The outer distillation loop (docs/algorithm.md §4): :class:`Distiller`.
 
 One iteration: pick a trajectory (expert, start epoch), draw the unroll's batches, blending
 coefficients and permutations, run :class:`repblend_fast.unroll.Unroller`, and take one SGD-momentum
@@ -23,9 +23,19 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from repblend_fast.checkpoint import (
+    CHECKPOINT,
+    CONFIG,
+    DISTILLED,
+    METRICS,
+    read_checkpoint,
+    truncate_metrics,
+    write_checkpoint,
+)
 from repblend_fast.config import DistillConfig
 from repblend_fast.models.flat import FlatSpec
 from repblend_fast.models.heads import HeadSpec
+from repblend_fast.sampling import IterationSampler
 from repblend_fast.unroll import StepPlan, Unroller, UnrollSettings
 
 logger = logging.getLogger("repblend_fast.distill")
@@ -36,72 +46,6 @@ _AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class NonFiniteLossError(RuntimeError):
     """Raised after ``nan_patience`` consecutive non-finite iterations (last good state kept)."""
-
-
-# --------------------------------------------------------------------------- random draws
-def sample_beta(alpha: float, generator: torch.Generator) -> float:
-    """One draw of ``Beta(alpha, alpha)`` from ``generator`` (``alpha <= 0`` gives 1.0).
-
-    ``torch.distributions`` takes no generator, so this uses two Marsaglia-Tsang gamma draws.
-    """
-    if alpha <= 0:
-        return 1.0
-    if alpha == 1.0:
-        return float(torch.rand((), generator=generator, dtype=torch.float64))
-    a = _gamma(alpha, generator)
-    b = _gamma(alpha, generator)
-    return a / (a + b)
-
-
-def _gamma(k: float, g: torch.Generator) -> float:
-    if k < 1:
-        u = float(torch.rand((), generator=g, dtype=torch.float64))
-        return _gamma(k + 1, g) * u ** (1 / k)
-    d = k - 1 / 3
-    c = 1 / math.sqrt(9 * d)
-    while True:
-        z = float(torch.randn((), generator=g, dtype=torch.float64))
-        v = (1 + c * z) ** 3
-        if v <= 0:
-            continue
-        u = float(torch.rand((), generator=g, dtype=torch.float64))
-        if math.log(u) < 0.5 * z * z + d - d * v + d * math.log(v):
-            return d * v
-
-
-class BatchSampler:
-    """Consumes a permutation of ``{0..N-1}`` in chunks of B; a chunk that would overflow the
-    permutation triggers a fresh one (SPEC.md §4 step 2)."""
-
-    def __init__(self, n: int, batch: int, generator: torch.Generator):
-        self.n, self.batch, self.g = n, batch, generator
-        self.perm = torch.randperm(n, generator=generator)
-        self.pos = 0
-
-    def next(self) -> torch.Tensor:
-        if self.pos + self.batch > self.n:
-            self.perm = torch.randperm(self.n, generator=self.g)
-            self.pos = 0
-        out = self.perm[self.pos : self.pos + self.batch].clone()
-        self.pos += self.batch
-        return out
-
-
-class ExpertSampler:
-    """Cycles through a shuffled order of the experts; reshuffles at the end of each cycle."""
-
-    def __init__(self, num_experts: int, generator: torch.Generator):
-        self.n, self.g = num_experts, generator
-        self.order = torch.randperm(num_experts, generator=generator)
-        self.pos = 0
-
-    def next(self) -> int:
-        if self.pos >= self.n:
-            self.order = torch.randperm(self.n, generator=self.g)
-            self.pos = 0
-        e = int(self.order[self.pos])
-        self.pos += 1
-        return e
 
 
 # --------------------------------------------------------------------------- results
@@ -180,7 +124,14 @@ class Distiller:
         init_texts: torch.Tensor,
         out_dir: str | os.PathLike | None = None,
     ):
-        self.cfg = config.validate()
+        config.validate()
+        # Results depend on the CPU thread count: run with the configured one, or record the
+        # one in use, so that config.json and every checkpoint say which it was.
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        else:
+            config = config.replace(threads=torch.get_num_threads())
+        self.cfg = config
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(
@@ -218,8 +169,10 @@ class Distiller:
         )
         self.unroller = self._make_unroller(init_texts.shape[1])
         self._check_store()
-        self.batches = BatchSampler(n, config.batch_size, self.g)
-        self.experts = ExpertSampler(len(store), self.g)
+        img_dim = self.img_spec.dim if isinstance(self.img_spec, HeadSpec) else None
+        self.sampler = IterationSampler(
+            config, len(store), self.g, img_dim, self.txt_spec.dim, dtype
+        )
         self.momentum: dict[str, torch.Tensor] = {}
         self.iteration = 0
         self.bad_streak = 0
@@ -250,7 +203,7 @@ class Distiller:
 
     def _make_unroller(self, d_txt: int) -> Unroller:
         cfg = self.cfg
-        method = "repblend" if cfg.student == "heads" else "lors"
+        method = cfg.expert_kind
         settings = UnrollSettings(
             method=method,
             meta_grad=cfg.meta_grad,
@@ -280,7 +233,7 @@ class Distiller:
 
     def _check_store(self) -> None:
         man = self._manifest()
-        want = "repblend" if self.cfg.student == "heads" else "lors"
+        want = self.cfg.expert_kind
         got = man.get("method")
         if got is not None and got != want:
             raise ValueError(
@@ -309,51 +262,14 @@ class Distiller:
                 )
 
     # ----------------------------------------------------------------- one iteration
-    def _plan(self) -> StepPlan:
-        cfg = self.cfg
-        batches, lams, perms = [], [], []
-        for _ in range(cfg.syn_steps):
-            batches.append(self.batches.next())
-            if cfg.method == "repblend" and cfg.blend:
-                lams.append(sample_beta(cfg.blend_alpha, self.g))
-                perms.append(torch.randperm(cfg.batch_size, generator=self.g))
-            else:
-                lams.append(1.0)
-                perms.append(torch.arange(cfg.batch_size))
-        dev = self.device
-        plan = StepPlan(
-            torch.stack(batches).to(dev),
-            torch.tensor(lams, dtype=self.dtype).to(dev),
-            torch.stack(perms).to(dev),
-        )
-        if cfg.unroll_dropout:
-            plan.keep_img, plan.keep_txt = self._keep_masks()
-            if cfg.meta_grad == "tesla":
-                plan.keep_img2, plan.keep_txt2 = self._keep_masks()
-        return plan
-
-    def _keep_masks(self, rate: float = 0.1):
-        """Rescaled dropout keep-masks ``[T, B, D]`` of the image (RepBlend) and text heads."""
-        t, b = self.cfg.syn_steps, self.cfg.batch_size
-
-        def draw(dim):
-            keep = torch.rand((t, b, dim), generator=self.g) >= rate
-            return (keep.to(self.dtype) / (1 - rate)).to(self.device)
-
-        img = draw(self.img_spec.dim) if isinstance(self.img_spec, HeadSpec) else None
-        return img, draw(self.txt_spec.dim)
-
-    def _trajectory(self):
-        cfg = self.cfg
-        e = self.experts.next()
-        t = int(torch.randint(0, cfg.max_start_epoch, (), generator=self.g))
+    def _snapshots(self, e: int, t: int):
+        """``(start, target)`` flat parameters of expert ``e`` from start epoch ``t``."""
 
         def snap(epoch, modality):
             return self.store.snapshot(e, epoch, modality).to(self.device, self.dtype)
 
-        start = (snap(t, "image"), snap(t, "text"))
-        target = (snap(t + cfg.expert_epochs, "image"), snap(t + cfg.expert_epochs, "text"))
-        return e, t, start, target
+        m = self.cfg.expert_epochs
+        return (snap(t, "image"), snap(t, "text")), (snap(t + m, "image"), snap(t + m, "text"))
 
     def step(self) -> dict:
         """Run one iteration; returns its metrics (also appended to ``metrics.jsonl``)."""
@@ -362,12 +278,12 @@ class Distiller:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         picks, starts, targets, plans = [], [], [], []
-        for _ in range(cfg.num_trajectories):
-            e, t, start, target = self._trajectory()
+        for e, t, plan in self.sampler.draw():
+            start, target = self._snapshots(e, t)
             picks.append((e, t))
             starts.append(start)
             targets.append(target)
-            plans.append(self._plan())
+            plans.append(plan.to(self.device))
         args = (self.x, self.y, self.sim_params, self.eta_img, self.eta_txt)
         if cfg.student == "heads":
             # The K trajectories run batched in one unroll (mean loss and gradients).
@@ -472,7 +388,7 @@ class Distiller:
             from repblend_fast.io import atomic_write_text
 
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(cfg.to_json() + "\n", self.out_dir / "config.json")
+            atomic_write_text(cfg.to_json() + "\n", self.out_dir / CONFIG)
         bar = tqdm(
             total=cfg.iterations,
             initial=self.iteration,
@@ -490,7 +406,7 @@ class Distiller:
         result = self.result()
         if self.out_dir is not None:
             self.save_checkpoint()
-            result.save(self.out_dir / "distilled.safetensors", cfg)
+            result.save(self.out_dir / DISTILLED, cfg)
         return result
 
     def result(self) -> DistilledSet:
@@ -511,7 +427,7 @@ class Distiller:
         if self.out_dir is None:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        with open(self.out_dir / METRICS, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(rec) + "\n")
 
     # ----------------------------------------------------------------- checkpoints
@@ -523,10 +439,7 @@ class Distiller:
             "eta_img": self.eta_img,
             "eta_txt": self.eta_txt,
             "rng": self.g.get_state(),
-            "batch_perm": self.batches.perm,
-            "batch_pos": torch.tensor(self.batches.pos),
-            "expert_order": self.experts.order,
-            "expert_pos": torch.tensor(self.experts.pos),
+            **self.sampler.state_tensors(),
             "iteration": torch.tensor(self.iteration),
             "bad_streak": torch.tensor(self.bad_streak),
         }
@@ -535,65 +448,28 @@ class Distiller:
         return {k: v.detach().cpu().contiguous() for k, v in t.items()}
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path | None:
-        from repblend_fast.io import atomic_save_safetensors
-
+        """Write :meth:`state_tensors` (default: ``out_dir/checkpoint.safetensors``)."""
         if path is None:
             if self.out_dir is None:
                 return None
-            path = self.out_dir / "checkpoint.safetensors"
-        meta = {
-            "format_version": str(FORMAT_VERSION),
-            "kind": "repblend_fast.checkpoint",
-            "config": self.cfg.to_json(),
-        }
-        return atomic_save_safetensors(self.state_tensors(), path, metadata=meta)
+            path = self.out_dir / CHECKPOINT
+        return write_checkpoint(path, self.state_tensors(), self.cfg)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint` (same config required)."""
-        from repblend_fast.io import load_safetensors, safetensors_metadata
-
-        meta = safetensors_metadata(path)
-        if meta.get("kind") != "repblend_fast.checkpoint":
-            raise ValueError(f"{path} is not a repblend_fast checkpoint")
-        saved = DistillConfig.from_dict(json.loads(meta["config"]))
-        mine = self.cfg.to_dict()
-        diff = {
-            k: (v, mine[k])
-            for k, v in saved.to_dict().items()
-            if k not in ("iterations", "checkpoint_every") and mine[k] != v
-        }
-        if diff:
-            raise ValueError(
-                f"checkpoint {path} was written with a different config: "
-                + ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-            )
-        t = load_safetensors(path)
+        t = read_checkpoint(path, self.cfg)
         dev, dt = self.device, self.dtype
         self.x = t["x"].to(dev, dt)
         self.y = t["y"].to(dev, dt)
         self.eta_img = t["eta_img"].to(dev, dt)
         self.eta_txt = t["eta_txt"].to(dev, dt)
         self.g.set_state(t["rng"])
-        self.batches.perm, self.batches.pos = t["batch_perm"], int(t["batch_pos"])
-        self.experts.order, self.experts.pos = t["expert_order"], int(t["expert_pos"])
+        self.sampler.load_state_tensors(t)
         self.iteration, self.bad_streak = int(t["iteration"]), int(t["bad_streak"])
         self.sim_params = {k[4:]: v.to(dev, dt) for k, v in t.items() if k.startswith("sim.")}
         self.momentum = {k[9:]: v.to(dev, dt) for k, v in t.items() if k.startswith("momentum.")}
-        self._truncate_metrics()
-
-    def _truncate_metrics(self) -> None:
-        """Drop metric records past the restored iteration (written before an interruption)."""
-        if self.out_dir is None or not (self.out_dir / "metrics.jsonl").exists():
-            return
-        from repblend_fast.io import atomic_write_text
-
-        path = self.out_dir / "metrics.jsonl"
-        keep = [
-            ln
-            for ln in path.read_text(encoding="utf-8").splitlines()
-            if ln.strip() and json.loads(ln).get("iteration", 0) < self.iteration
-        ]
-        atomic_write_text("".join(ln + "\n" for ln in keep), path)
+        if self.out_dir is not None:
+            truncate_metrics(self.out_dir / METRICS, self.iteration)
 
 
 def _infer_dim(store, d_f: int) -> int:

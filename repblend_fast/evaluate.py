@@ -1,5 +1,5 @@
-"""Evaluation protocol (SPEC.md §8): train fresh projection heads on (distilled) pairs with frozen
-encoders, then retrieve on the real test set.
+"""Evaluation protocol (docs/algorithm.md §8): train fresh projection heads on (distilled) pairs
+with frozen encoders, then retrieve on the real test set.
 
 Everything works on encoder *features* (the caller runs the frozen encoders once, e.g. through
 :func:`repblend_fast.data.cached_features`; a distilled set's images are passed as their features).
@@ -17,18 +17,21 @@ test embeddings; fixed s = 1/0.07. The test score matrix is ``s · Û V̂ᵀ``; 
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from repblend_fast.metrics import retrieval_metrics
 from repblend_fast.models.heads import HeadSpec, head_forward, init_head_flat
 from repblend_fast.ops import contrastive_loss
+from repblend_fast.stats import mean_std
 
 DEFAULT_LOGIT_SCALE = 1.0 / 0.07
 EvalFn = Callable[[int, torch.Tensor, torch.Tensor], "dict[str, Any] | None"]
@@ -234,16 +237,6 @@ def evaluate_heads(
     return retrieval_metrics(logit_scale * (u @ v.T), test.cap2img.to(u.device))
 
 
-def _summary(rows: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
-    keys = rows[0].keys()
-    arr = {k: np.array([r[k] for r in rows], dtype=np.float64) for k in keys}
-    # Population std (numpy's default), as the reference reports np.std over its runs.
-    return {
-        "mean": {k: float(a.mean()) for k, a in arr.items()},
-        "std": {k: float(a.std()) for k, a in arr.items()},
-    }
-
-
 def _select(history: list[dict[str, Any]], key: str) -> dict[str, Any]:
     best = None
     for h in history:  # strictly greater: the earliest best epoch wins, as in the reference
@@ -269,7 +262,7 @@ def evaluate_distilled(
     progress: bool = False,
     **train_kw: Any,
 ) -> dict[str, Any]:
-    """Train ``num_eval`` fresh head pairs on the pairs (SPEC.md §8) and report retrieval.
+    """Train ``num_eval`` fresh head pairs on the pairs (docs/algorithm.md §8) and report retrieval.
 
     Args:
         img_feats, txt_feats, target: as :func:`train_on_pairs` (``[N, d_f]``, ``[N, d_t]``,
@@ -330,121 +323,15 @@ def evaluate_distilled(
         per_seed.append(row)
     report: dict[str, Any] = {
         "per_seed": per_seed,
-        "best": _summary([r["best"] for r in per_seed]),
-        "last": _summary([r["last"] for r in per_seed]),
+        "best": mean_std([r["best"] for r in per_seed]),
+        "last": mean_std([r["last"] for r in per_seed]),
         "num_pairs": int(img_feats.shape[0]),
         "lr_img": lr_i,
         "lr_txt": lr_t,
     }
     if val is not None:
-        report["val_selected"] = _summary([r["val_selected"] for r in per_seed])
+        report["val_selected"] = mean_std([r["val_selected"] for r in per_seed])
     return report
-
-
-# ------------------------------------------------------------------------------ baselines
-def _one_caption_per_image(train: FeaturePairs, seed: int) -> torch.Tensor:
-    """For every image, one of its captions drawn uniformly: ``[N_img]`` caption indices."""
-    g = torch.Generator().manual_seed(int(seed))
-    c2i = train.cap2img.cpu()
-    n_img = train.img.shape[0]
-    order = torch.randperm(c2i.numel(), generator=g)
-    first = torch.full((n_img,), -1, dtype=torch.long)
-    first[c2i[order].flip(0)] = order.flip(0)  # last write wins -> earliest in `order`
-    if (first < 0).any():
-        raise ValueError("some images have no caption; cannot pick one pair per image")
-    return first
-
-
-def _joint_pairs(train: FeaturePairs, caps: torch.Tensor) -> torch.Tensor:
-    """Row-normalised image and text features of the pairs ``caps``, side by side ``[n, d_f+d_t]``
-    (each modality weighs the same in the distances)."""
-    c2i = train.cap2img.cpu()
-    img = torch.nn.functional.normalize(train.img[c2i[caps].to(train.img.device)].float(), dim=-1)
-    txt = torch.nn.functional.normalize(train.txt[caps.to(train.txt.device)].float(), dim=-1)
-    return torch.cat([img, txt], dim=-1).cpu()
-
-
-def _check_n(n: int, train: FeaturePairs) -> None:
-    if not 0 < n <= train.img.shape[0]:
-        raise ValueError(f"n must be in [1, {train.img.shape[0]}] (distinct images), got {n}")
-
-
-def kcenter_subset(
-    train: FeaturePairs, n: int, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Greedy k-center coreset baseline: ``n`` real pairs (one caption per image, drawn with
-    ``seed``), chosen in the joint normalised image+text feature space: start from a random pair,
-    then repeatedly add the pair farthest from everything chosen. Returns like
-    :func:`random_subset`."""
-    _check_n(n, train)
-    caps_all = _one_caption_per_image(train, seed)
-    x = _joint_pairs(train, caps_all)
-    g = torch.Generator().manual_seed(int(seed) + 1)
-    chosen = [int(torch.randint(x.shape[0], (), generator=g))]
-    dist = torch.cdist(x, x[chosen[0]][None]).squeeze(1)
-    for _ in range(n - 1):
-        nxt = int(torch.argmax(dist))
-        chosen.append(nxt)
-        dist = torch.minimum(dist, torch.cdist(x, x[nxt][None]).squeeze(1))
-    caps = caps_all[torch.tensor(chosen)]
-    c2i = train.cap2img.cpu()
-    return train.img[c2i[caps].to(train.img.device)], train.txt[caps.to(train.txt.device)], caps
-
-
-def herding_subset(
-    train: FeaturePairs, n: int, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Herding baseline (Welling 2009): ``n`` real pairs (one caption per image, drawn with
-    ``seed``) added greedily so that the mean of the chosen joint normalised image+text features
-    stays closest to the mean over all pairs. Returns like :func:`random_subset`."""
-    _check_n(n, train)
-    caps_all = _one_caption_per_image(train, seed)
-    x = _joint_pairs(train, caps_all)
-    mu = x.mean(0)
-    total = torch.zeros_like(mu)
-    free = torch.ones(x.shape[0], dtype=torch.bool)
-    chosen = []
-    for k in range(1, n + 1):
-        cand = ((total + x) / k - mu).pow(2).sum(1)
-        cand[~free] = float("inf")
-        nxt = int(torch.argmin(cand))
-        chosen.append(nxt)
-        free[nxt] = False
-        total += x[nxt]
-    caps = caps_all[torch.tensor(chosen)]
-    c2i = train.cap2img.cpu()
-    return train.img[c2i[caps].to(train.img.device)], train.txt[caps.to(train.txt.device)], caps
-
-
-def random_subset(
-    train: FeaturePairs, n: int, seed: int = 0, *, distinct_images: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random-selection baseline: ``n`` real pairs.
-
-    With ``distinct_images`` (default) ``n`` different images are drawn, each with one of its
-    captions drawn uniformly; otherwise ``n`` captions are drawn uniformly (an image may repeat).
-    Returns ``(img [n, d_f], txt [n, d_t], caption_indices [n])``; deterministic in ``seed``.
-    """
-    g = torch.Generator().manual_seed(int(seed))
-    c2i = train.cap2img.cpu()
-    if distinct_images:
-        n_img = train.img.shape[0]
-        if not 0 < n <= n_img:
-            raise ValueError(f"n must be in [1, {n_img}] (distinct images), got {n}")
-        # Random caption per image: shuffle captions, keep the first caption seen per image.
-        order = torch.randperm(c2i.numel(), generator=g)
-        first = torch.full((n_img,), -1, dtype=torch.long)
-        first[c2i[order].flip(0)] = order.flip(0)  # last write wins -> earliest in `order`
-        if (first < 0).any():
-            raise ValueError("some images have no caption; cannot pick distinct images")
-        imgs = torch.randperm(n_img, generator=g)[:n]
-        caps = first[imgs]
-    else:
-        if not 0 < n <= c2i.numel():
-            raise ValueError(f"n must be in [1, {c2i.numel()}], got {n}")
-        caps = torch.randperm(c2i.numel(), generator=g)[:n]
-    caps_d = caps.to(train.txt.device)
-    return train.img[c2i[caps].to(train.img.device)], train.txt[caps_d], caps
 
 
 def evaluate_full_data(
@@ -462,7 +349,7 @@ def evaluate_full_data(
     """Upper-bound baseline: :func:`evaluate_distilled` on every real training pair (one row per
     caption, identity targets) with ``sampling="epoch"`` — normal epochs over all batches of a
     permutation (the reference's one-batch-per-epoch sampling is meant for N ≤ a few hundred).
-    Defaults follow DESIGN.md §6's calibration (symmetric InfoNCE, SGD 0.1, momentum 0.9,
+    Defaults follow docs/design.md §6's calibration (symmetric InfoNCE, SGD 0.1, momentum 0.9,
     wd 5e-4); ``epochs`` and the rest are configurable."""
     img, txt = train.pairs()
     kw.setdefault("sampling", "epoch")
@@ -480,3 +367,155 @@ def evaluate_full_data(
         decay_epoch=decay_epoch,
         **kw,
     )
+
+
+# ------------------------------------------------------------------------------ saved sets
+def evaluate_file(
+    path: str | os.PathLike,
+    *,
+    encoders,
+    test,
+    train=None,
+    image_size: int | None = None,
+    dim: int = 256,
+    num_eval: int = 5,
+    epochs: int = 101,
+    eval_every: int = 10,
+    loss: str | None = None,
+    lr_img: float | None = None,
+    lr_txt: float | None = None,
+    cache_dir=None,
+    note: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate a saved distilled set (``distilled.safetensors`` or its run folder) with the
+    docs/algorithm.md §8 protocol on the real ``test`` split.
+
+    Args:
+        encoders: the frozen :class:`repblend_fast.pipeline.Encoders` the set was distilled with.
+        test: the real test split (a :class:`repblend_fast.data.PairDataset`).
+        train: with a training split, also evaluate random real subsets of the same size (one
+            per seed, same loss, lr 0.1) as a baseline.
+        image_size: the encoder's input resolution (default: the dataset's).
+        loss: training loss (default: the set's config, else ``wbce``).
+        lr_img, lr_txt: override the learned learning rates.
+        note: receives one-line remarks (e.g. that the images are resized).
+
+    Returns ``{"kind", "distilled", "dataset", "image_encoder", "text_encoder", "methods":
+    {"distilled": {...}, ["random": {...}]}}`` with :func:`evaluate_distilled`'s results; raises
+    ``FileNotFoundError`` / ``ValueError`` with a one-line reason for a file it cannot use.
+    """
+    from repblend_fast.coresets import random_subset
+    from repblend_fast.pipeline import encode_images, image_features, image_size_for, text_features
+
+    path, d, (cfg_loss, eps, scale) = _read_distilled(path)
+    loss = loss or cfg_loss
+    n = _check_set_shapes(path, d)
+    d_t = int(encoders.text.dim)
+    if d.texts.shape[1] != d_t:
+        raise ValueError(
+            f"{path}: the distilled texts are {d.texts.shape[1]}-dimensional but the text encoder "
+            f"embeds captions in {d_t} dimensions: evaluate with the text encoder the set was "
+            "distilled with (--text-encoder)"
+        )
+    size = image_size_for(test.name, image_size, encoders.image_info)
+    if tuple(d.images.shape[-2:]) != (size, size) and note is not None:
+        note(
+            f"note: distilled images are {tuple(d.images.shape[-2:])} px, the test images "
+            f"{size} px: resizing the distilled images for the encoder"
+        )
+    ftest = FeaturePairs(
+        image_features(test, encoders, size, cache_dir=cache_dir),
+        text_features(test, encoders, cache_dir=cache_dir),
+        test.cap2img,
+    )
+    img = encode_images(encoders, d.images, size)
+    kw = dict(
+        test=ftest,
+        dim=dim,
+        epochs=epochs,
+        eval_every=eval_every,
+        loss=loss,
+        eps=eps,
+        logit_scale=scale,
+    )
+    res = evaluate_distilled(
+        img,
+        d.texts.float(),
+        d.similarity,
+        lr_img=lr_img if lr_img is not None else d.eta_img,
+        lr_txt=lr_txt if lr_txt is not None else d.eta_txt,
+        num_eval=num_eval,
+        **kw,
+    )
+    result: dict[str, Any] = {
+        "kind": "repblend_fast.evaluation",
+        "distilled": str(path),
+        "dataset": test.name,
+        "image_encoder": encoders.image_id,
+        "text_encoder": encoders.text_id,
+        "loss": loss,
+        "methods": {"distilled": {"label": "distilled", "pairs": n, **res}},
+    }
+    if train is not None:
+        ftrain = FeaturePairs(
+            image_features(train, encoders, size, cache_dir=cache_dir),
+            text_features(train, encoders, cache_dir=cache_dir),
+            train.cap2img,
+        )
+        per_seed = []
+        for k in range(num_eval):
+            ri, rt, _ = random_subset(ftrain, min(n, ftrain.img.shape[0]), seed=k)
+            r = evaluate_distilled(ri, rt, None, lr_img=0.1, lr_txt=0.1, seeds=[k], **kw)
+            per_seed.append(r["per_seed"][0])
+        result["methods"]["random"] = {
+            "label": "random subset",
+            "pairs": n,
+            "per_seed": per_seed,
+            "best": mean_std([p["best"] for p in per_seed]),
+            "last": mean_std([p["last"] for p in per_seed]),
+            "lr_img": 0.1,
+            "lr_txt": 0.1,
+        }
+    return result
+
+
+def _read_distilled(path: str | os.PathLike):
+    """``(file path, DistilledSet, (loss, eps, logit scale) of its config)`` of a saved set or
+    its run folder; ``FileNotFoundError`` / ``ValueError`` naming the file otherwise."""
+    from repblend_fast.config import DistillConfig
+    from repblend_fast.distill import DistilledSet
+    from repblend_fast.io import safetensors_metadata
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "distilled.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: file not found (pass a distilled.safetensors written by "
+            "`repblend-fast distill` or `demo`, or its run directory)"
+        )
+    try:
+        d = DistilledSet.load(path)
+    except Exception as exc:  # a foreign or truncated file: say which
+        raise ValueError(f"{path}: cannot read a distilled set ({exc})") from exc
+    cfg_loss, eps, scale = "wbce", 1e-6, DEFAULT_LOGIT_SCALE
+    try:
+        meta = safetensors_metadata(path)
+        if "config" in meta:
+            c = DistillConfig.from_dict(json.loads(meta["config"]))
+            cfg_loss, eps, scale = c.loss, c.eps, c.logit_scale
+    except (ValueError, TypeError, KeyError):
+        pass
+    return path, d, (cfg_loss, eps, scale)
+
+
+def _check_set_shapes(path: Path, d) -> int:
+    """``N`` of a distilled set whose tensors have consistent shapes (``ValueError`` if not)."""
+    if d.images.dim() != 4 or d.images.shape[1] != 3:
+        raise ValueError(f"{path}: images must be [N, 3, H, W], got {tuple(d.images.shape)}")
+    n = d.images.shape[0]
+    if d.texts.dim() != 2 or d.texts.shape[0] != n:
+        raise ValueError(f"{path}: texts must be [N={n}, d_t], got {tuple(d.texts.shape)}")
+    if d.similarity is not None and tuple(d.similarity.shape) != (n, n):
+        raise ValueError(f"{path}: similarity must be [{n}, {n}], got {tuple(d.similarity.shape)}")
+    return n

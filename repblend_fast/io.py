@@ -1,4 +1,5 @@
-"""Atomic file writes and safetensors helpers (DESIGN.md §3: no pickle, temp file + ``os.replace``).
+"""Atomic file writes and safetensors helpers (docs/design.md §3: no pickle, temp file +
+``os.replace``).
 
 Every writer puts its bytes into a temporary file in the destination's directory, flushes and
 fsyncs it, then renames it over the destination, so a reader never sees a half-written file and
@@ -9,6 +10,7 @@ importing :mod:`repblend_fast` needs only torch.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -22,6 +24,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "load_safetensors",
+    "read_safetensors_header",
     "safetensors_metadata",
 ]
 
@@ -148,3 +151,73 @@ def safetensors_metadata(path: PathLike) -> dict[str, str]:
 
     with safe_open(str(path), framework="pt", device="cpu") as f:
         return dict(f.metadata() or {})
+
+
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+_MAX_HEADER = 100 * 2**20
+
+
+def read_safetensors_header(path: PathLike) -> dict:
+    """The parsed header of a safetensors file, after checking the whole file's structure.
+
+    Checks, reading only the header: the 8-byte length prefix, a JSON object of that length,
+    every tensor's dtype, shape and byte range, and that the ranges tile the data section, which
+    must end exactly at the end of the file. A truncated, garbled or non-safetensors file raises
+    ``ValueError`` with one line saying what is wrong (tensor *values* are not checked here; see
+    the integrity checks of the stores and runs). Returns ``{name: {"dtype", "shape",
+    "data_offsets"}, "__metadata__": {...}}``.
+    """
+    import struct
+
+    path = Path(path)
+    size = path.stat().st_size
+    what = f"{path}: not a safetensors file"
+    if size < 8:
+        raise ValueError(f"{what} ({size} bytes; a safetensors file starts with an 8-byte length)")
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n < 2 or n > _MAX_HEADER:
+            raise ValueError(f"{what} (it does not start with a safetensors header)")
+        if 8 + n > size:
+            raise ValueError(
+                f"{path}: truncated safetensors file (its header alone needs {8 + n} bytes, the "
+                f"file holds {size})"
+            )
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{what} (its header is not JSON: {exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{what} (its header is not a JSON object)")
+    data = size - 8 - n
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (lo, hi) = info["dtype"], info["shape"], info["data_offsets"]
+            want = _DTYPE_BYTES[dtype] * math.prod(int(d) for d in shape)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: corrupt safetensors header entry for {name!r}") from None
+        if not (0 <= lo <= hi) or hi - lo != want:
+            raise ValueError(
+                f"{path}: corrupt safetensors header: tensor {name!r} ({dtype} {shape}) spans "
+                f"bytes [{lo}, {hi})"
+            )
+        spans.append((lo, hi))
+    end = 0
+    for lo, hi in sorted(spans):
+        if lo != end:
+            raise ValueError(f"{path}: corrupt safetensors header: tensor byte ranges overlap")
+        end = hi
+    if end != data:
+        state = "truncated" if end > data else "has trailing bytes"
+        raise ValueError(
+            f"{path}: {state} safetensors file (its header describes {end} bytes of tensor data, "
+            f"the file holds {data}); it was damaged or not completely written"
+        )
+    return header

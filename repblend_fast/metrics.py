@@ -1,4 +1,5 @@
-"""Retrieval metrics (SPEC.md §8) and modality-collapse diagnostics (SPEC.md §9).
+"""Retrieval metrics (docs/algorithm.md §8) and modality-collapse diagnostics (docs/algorithm.md
+§9).
 
 Ranks are computed vectorised as *the number of strictly greater scores* (no sorting): the rank of
 the ground truth is 0 when nothing scores higher, and ties are resolved in favour of the ground
@@ -184,7 +185,8 @@ def update_norm_ratio(theta_T: torch.Tensor, theta_0: torch.Tensor) -> float:
 
 
 def collapse_diagnostics(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> dict[str, float]:
-    """All SPEC.md §9 embedding diagnostics for one set: intra-modal similarity and concentration
+    """All docs/algorithm.md §9 embedding diagnostics for one set: intra-modal similarity and
+    concentration
     ratio (top-1 PC) per modality, and the modality gap."""
     return {
         "intra_sim_img": intra_modal_similarity(img_emb),

@@ -106,6 +106,25 @@ def image_features(
 
 
 @torch.no_grad()
+def encode_images(enc: Encoders, images: torch.Tensor, size: int, batch_size: int = 128):
+    """Frozen-encoder features ``[N, d_f]`` of encoder-space images ``[N, 3, h, w]`` (e.g. a
+    distilled set's), resized (bilinear, antialiased) to ``size`` first when ``h, w != size``."""
+    import torch.nn.functional as F
+
+    if images.dim() != 4:
+        raise ValueError(f"images must be [N, C, H, W], got {tuple(images.shape)}")
+    dev = next(enc.image.parameters()).device
+    enc.image.eval()
+    out = []
+    for s in range(0, images.shape[0], batch_size):
+        x = images[s : s + batch_size].to(dev, torch.float32)
+        if tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+        out.append(enc.image(x).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def text_features(ds, enc: Encoders, *, cache_dir=None, progress: bool = False) -> torch.Tensor:
     """Text-encoder embeddings of every caption of ``ds`` ``[N_cap, d_t]`` (cached on disk)."""
     from repblend_fast.data.cache import cached_features
@@ -132,17 +151,18 @@ def train_experts(
     cache_dir=None,
     progress: bool = True,
 ) -> Path:
-    """Train and store expert trajectories on the training split ``ds`` (SPEC.md §3)."""
+    """Train and store expert trajectories on the training split ``ds`` (docs/algorithm.md §3):
+    ``method="repblend"`` trains both heads on cached frozen-encoder features, ``"lors"`` the
+    image encoder and the text head."""
     from repblend_fast import experts
 
+    recipe = experts.ExpertRecipe(
+        num_experts=num_experts, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed
+    )
     size = image_size_for(ds.name, image_size, enc.image_info)
     txt = text_features(ds, enc, cache_dir=cache_dir, progress=progress)
     common = dict(
-        num_experts=num_experts,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
+        recipe=recipe,
         out_dir=out_dir,
         image_encoder=enc.image_id,
         text_encoder=enc.text_id,
@@ -200,8 +220,9 @@ def distill(
 
     config.validate()
     store = TrajectoryStore.load(experts_dir, device=config.device)
-    want = "repblend" if config.student == "heads" else "lors"
-    store.check_compatible(method=want, image_encoder=enc.image_id, text_encoder=enc.text_id)
+    store.check_compatible(
+        method=config.expert_kind, image_encoder=enc.image_id, text_encoder=enc.text_id
+    )
     size = image_size_for(ds.name, image_size, enc.image_info)
     images, texts, _ = initial_pairs(ds, enc, config.pairs, size, config.seed, cache_dir=cache_dir)
     d = Distiller(

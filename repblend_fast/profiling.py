@@ -1,4 +1,4 @@
-"""Per-phase time and peak memory of distillation steps (DESIGN.md §1 use 3).
+"""Per-phase time and peak memory of distillation steps (docs/design.md §1 use 3).
 
 :class:`PhaseTimer` times named phases of a step (``with timer.phase("unroll"): ...``): CUDA events
 on a GPU (read after one synchronisation at the end of the step, so timing adds no syncs inside
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from repblend_fast.stats import median
 from repblend_fast.unroll import Unroller
 
 __all__ = [
@@ -297,18 +298,12 @@ class PhaseTimer:
 
 def summarise_profiles(steps: list[StepProfile]) -> dict:
     """Median over steps of the step time and of each phase's time; max of the peaks."""
-
-    def med(v: list[float]) -> float:
-        s = sorted(v)
-        n = len(s)
-        return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
-
     names = [p for p in PHASES if any(p in s.phases_ms for s in steps)]
     names += sorted({k for s in steps for k in s.phases_ms} - set(names))
     return {
-        "step_ms": med([s.step_ms for s in steps]),
-        "phases_ms": {k: med([s.phases_ms.get(k, 0.0) for s in steps]) for k in names},
-        "other_ms": med([s.other_ms for s in steps]),
+        "step_ms": median([s.step_ms for s in steps]),
+        "phases_ms": {k: median([s.phases_ms.get(k, 0.0) for s in steps]) for k in names},
+        "other_ms": median([s.other_ms for s in steps]),
         "phases_peak_mib": {k: max(s.phases_peak_mib.get(k, 0.0) for s in steps) for k in names},
         "peak_mib": max(s.peak_mib for s in steps),
         "steps": len(steps),

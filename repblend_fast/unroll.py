@@ -1,4 +1,4 @@
-"""The T-step student unroll and its meta-gradients (SPEC.md §4, §5, §11).
+"""The T-step student unroll and its meta-gradients (docs/algorithm.md §4, §5, §11).
 
 One distillation iteration differentiates the trajectory-matching loss
 
@@ -77,6 +77,11 @@ class StepPlan:
             return self
         vals = [getattr(self, f) for f in self._FIELDS]
         return StepPlan(*[None if v is None else v[None] for v in vals])
+
+    def to(self, device: torch.device | str) -> StepPlan:
+        """The same plan with every tensor on ``device``."""
+        vals = [getattr(self, f) for f in self._FIELDS]
+        return StepPlan(*[None if v is None else v.to(device) for v in vals])
 
     @staticmethod
     def stack(plans: list[StepPlan]) -> StepPlan:

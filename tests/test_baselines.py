@@ -8,18 +8,12 @@ step benchmark compares implementations of one computation.
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.baselines.authors import (  # noqa: E402
+from repblend_fast.bench.baselines import (
     AuthorsSettings,
     LoRSAuthors,
     LoRSModel,
@@ -28,9 +22,9 @@ from benchmarks.baselines.authors import (  # noqa: E402
     RepBlendModel,
     split_pieces,
 )
-from repblend_fast.models.flat import FlatSpec  # noqa: E402
-from repblend_fast.models.heads import HeadSpec, init_head_flat  # noqa: E402
-from repblend_fast.unroll import (  # noqa: E402
+from repblend_fast.models.flat import FlatSpec
+from repblend_fast.models.heads import HeadSpec, init_head_flat
+from repblend_fast.unroll import (
     StepPlan,
     Unroller,
     UnrollSettings,

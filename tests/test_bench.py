@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
-from repblend_fast.bench import (
-    SHAPE_SETS,
-    _parse_providers,
-    format_step_table,
-    main_bench,
-    run_bench,
-)
+from repblend_fast.bench import SHAPE_SETS, format_step_table, parse_providers, run_bench
+
+ROOT = Path(__file__).resolve().parents[1]
 
 ALL = "lors-authors,repblend-authors,repblend-fast,lors-fast"
 REQUIRED = {
@@ -91,10 +93,17 @@ def test_run_bench_subprocess_isolation(tmp_path):
     assert r["peak_total_mib"] >= r["setup_mib"] > 0
 
 
+def _cli(argv: list[str]) -> int:
+    from repblend_fast.cli import main
+
+    return main(argv)
+
+
 def test_main_bench_cli(tmp_path, capsys):
     out = tmp_path / "b.json"
-    rc = main_bench(
+    rc = _cli(
         [
+            "bench",
             "--shapes",
             "tiny",
             "--providers",
@@ -118,19 +127,117 @@ def test_main_bench_cli(tmp_path, capsys):
     assert "repblend-fast" in capsys.readouterr().out
 
 
-def test_provider_parsing_and_validation():
-    assert _parse_providers("repblend-fast") == [
+def test_bench_cli_user_errors_name_the_flag(capsys):
+    base = ["bench", "--shapes", "tiny", "--device", "cpu"]
+    cases = [
+        (["--providers", "mtt"], "--providers"),
+        (["--iterations", "0"], "--iterations"),
+        (["--encoder-chunk", "-1"], "--encoder-chunk"),
+        (["--threads", "many"], "--threads"),
+    ]
+    import torch
+
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda"))
+    for extra, flag in cases:
+        assert _cli(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and flag in err and "error:" in err, err
+
+
+def test_bench_and_profile_flags_have_help():
+    import argparse
+
+    from repblend_fast.cli import bench as cli_bench
+
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="command", required=True)
+    cli_bench.register(sub)
+    for name in ("bench", "profile"):
+        parser = sub.choices[name]
+        assert parser.get_default("func") is not None
+        for action in parser._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            assert action.help, (name, action.option_strings)
+            if action.default is None:
+                text = action.help.lower()
+                assert "without it" in text or "default" in text, (name, action.option_strings)
+
+
+def test_package_sources_never_import_benchmarks_or_edit_sys_path():
+    """One-way dependencies: ``benchmarks/`` uses the package, never the reverse."""
+    bad = re.compile(r"^\s*(from\s+benchmarks[.\s]|import\s+benchmarks\b)", re.MULTILINE)
+    sources = sorted((ROOT / "repblend_fast").rglob("*.py"))
+    assert any(p.parent.name == "bench" for p in sources)
+    for path in sources:
+        text = path.read_text(encoding="utf-8")
+        rel = path.relative_to(ROOT)
+        assert not bad.search(text), f"{rel} imports benchmarks"
+        assert "sys.path" not in text, f"{rel} touches sys.path"
+        assert "PYTHONPATH" not in text, f"{rel} relies on PYTHONPATH"
+
+
+def test_run_bench_from_outside_the_checkout(tmp_path):
+    """The package (and its subprocess worker) runs with the checkout neither on sys.path nor
+    the working directory, and never loads ``benchmarks``; encoder_chunk travels to the worker."""
+    script = textwrap.dedent(
+        """
+        import json, os, sys
+        root = os.path.realpath(sys.argv[1])
+        try:
+            import repblend_fast
+        except ImportError:
+            print("NOT-INSTALLED")
+            sys.exit(0)
+        from repblend_fast.bench import run_bench
+        recs = run_bench("tiny", providers="repblend-authors,repblend-fast", device="cpu",
+                         isolate="subprocess", iterations=1, warmup=0, threads=1,
+                         verbose=False, encoder_chunk=3)
+        assert "benchmarks" not in sys.modules, "benchmarks was imported"
+        assert all(os.path.realpath(p or ".") != root for p in sys.path), sys.path
+        print("RESULT " + json.dumps(recs))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(ROOT)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    if "NOT-INSTALLED" in proc.stdout:
+        pytest.skip("repblend_fast is importable here only through PYTHONPATH (not installed)")
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    recs = json.loads(line[len("RESULT ") :])
+    assert [(r["provider"], r["meta_grad"]) for r in recs] == [
+        ("repblend-authors", "tesla"),
         ("repblend-fast", "exact"),
         ("repblend-fast", "tesla"),
     ]
-    assert _parse_providers(["lors-authors", "repblend-fast:tesla"]) == [
+    for r in recs:
+        assert r["isolation"] == "subprocess" and r["ms_per_iter"] > 0
+        assert "skipped" not in r
+    assert 0 <= recs[0]["parity_rel_err"] < 2e-3
+    assert [r["encoder_chunk"] for r in recs[1:]] == [3, 3]
+
+
+def test_provider_parsing_and_validation():
+    assert parse_providers("repblend-fast") == [
+        ("repblend-fast", "exact"),
+        ("repblend-fast", "tesla"),
+    ]
+    assert parse_providers(["lors-authors", "repblend-fast:tesla"]) == [
         ("lors-authors", "tesla"),
         ("repblend-fast", "tesla"),
     ]
     with pytest.raises(ValueError, match="unknown provider"):
-        _parse_providers("mtt")
+        parse_providers("mtt")
     with pytest.raises(ValueError, match="TESLA only"):
-        _parse_providers("repblend-authors:exact")
+        parse_providers("repblend-authors:exact")
     with pytest.raises(ValueError, match="shapes must be one of"):
         run_bench("huge", verbose=False)
     assert {"tiny", "ci", "paper", "scale"} <= set(SHAPE_SETS)

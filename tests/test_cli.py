@@ -4,29 +4,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from repblend_fast.cli import main
 from repblend_fast.distill import DistilledSet
-
-
-@pytest.fixture(scope="module")
-def tiny_pairs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pairs")
-    rng = np.random.default_rng(0)
-    colours = ["red", "green", "blue", "yellow", "black", "white"]
-    shapes = ["square", "circle", "stripe", "dot", "cross"]
-    rows = []
-    for i in range(30):
-        arr = (rng.random((16, 16, 3)) * 255).astype("uint8")
-        Image.fromarray(arr).save(root / f"img{i:02d}.png")
-        cap = f"a {colours[i % 6]} {shapes[i % 5]} number {i}"
-        rows.append({"image": f"img{i:02d}.png", "caption": cap})
-    ann = root / "pairs.jsonl"
-    ann.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return ann
 
 
 def _common(ann, cache):
@@ -108,9 +89,17 @@ def test_buffer_distill_info_end_to_end(tiny_pairs, tmp_path, capsys):
     capsys.readouterr()
     assert main(["info", str(run / "distilled.safetensors")]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["kind"] == "repblend_fast.distilled" and info["tensors"]["images"] == [8, 3, 16, 16]
+    assert info["kind"] == "repblend_fast.distilled"
+    assert info["tensors"]["images"] == {"dtype": "F32", "shape": [8, 3, 16, 16]}
     assert main(["info", str(experts)]) == 0
     assert json.loads(capsys.readouterr().out)["method"] == "repblend"
+    # A run folder: its config, how far it got, and the shapes of what it wrote.
+    assert main(["info", str(run)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "repblend_fast.run" and info["iterations_logged"] == 4
+    assert info["config"]["pairs"] == 8
+    assert info["checkpoint.safetensors"]["tensors"]["x"]["shape"] == [8, 3, 16, 16]
+    assert info["distilled.safetensors"]["tensors"]["texts"]["shape"][0] == 8
     # Experts of one method cannot drive another.
     bad = [
         "distill",
@@ -137,7 +126,7 @@ def test_buffer_distill_info_end_to_end(tiny_pairs, tmp_path, capsys):
     "argv, needle",
     [
         (["distill", "--experts", "/nonexistent", "--out", "x"], "manifest.json"),
-        (["distill", "--experts", ".", "--out", "x", "--set", "nope"], "key=value"),
+        (["distill", "--experts", ".", "--out", "x", "--set", "nope"], "FIELD=VALUE"),
         (["distill", "--experts", ".", "--out", "x", "--set", "unknown_field=1"], "unknown"),
         (["distill", "--experts", ".", "--out", "x", "--pairs", "0"], "pairs"),
         (["buffer", "--dataset", "flickr30k", "--out", "x"], "--annotation"),
@@ -149,8 +138,68 @@ def test_bad_flags_fail_with_a_message(argv, needle, capsys):
     assert needle in capsys.readouterr().err
 
 
+def test_info_answers_any_path_with_one_line(tmp_path, capsys):
+    """A text file, a truncated or garbled .safetensors file and an unknown folder each get exit
+    2 and one line saying what the path is and what was expected; no traceback."""
+    import torch
+    from safetensors.torch import save_file
+
+    good = tmp_path / "good.safetensors"
+    save_file({"a": torch.arange(6.0)}, str(good))
+    data = good.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-8])
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 3 + b"garbage" * 10)
+    (tmp_path / "notes.txt").write_text("hello\n")
+    (tmp_path / "empty").mkdir()
+    cases = {
+        "notes.txt": "not a safetensors file",
+        "cut.safetensors": "truncated safetensors file",
+        "junk.safetensors": "not a safetensors file",
+        "empty": "without manifest.json, config.json or metrics.json",
+        "missing": "does not exist",
+    }
+    for name, needle in cases.items():
+        assert main(["info", str(tmp_path / name)]) == 2, name
+        err = capsys.readouterr().err
+        assert needle in err, (name, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert main(["info", str(good)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["tensors"] == {"a": {"dtype": "F32", "shape": [6]}}
+
+
+def test_version_and_help_show_defaults(capsys):
+    from repblend_fast import __version__
+    from repblend_fast.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and __version__ in capsys.readouterr().out
+    # Every flag of every subcommand has help text, and its default is stated (by the formatter
+    # for value defaults, in the help text itself for flags whose default is None).
+    ap = build_parser()
+    sub = next(a for a in ap._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert set(sub.choices) >= {"buffer", "distill", "info", "evaluate", "demo", "report"}
+    for name, p in sub.choices.items():
+        text = p.format_help()
+        for a in p._actions:
+            if not a.option_strings or a.dest == "help":
+                continue
+            assert a.help, (name, a.option_strings)
+            if a.default is None and a.nargs != 0 and not a.required:
+                words = a.help.lower()
+                assert any(w in words for w in ("default", "required", "without it")), (
+                    name,
+                    a.option_strings,
+                )
+        valued = [a for a in p._actions if a.option_strings and a.dest != "help"]
+        if any(a.default is not None and a.default is not False for a in valued):
+            assert "(default:" in text, name
+
+
 def test_preset_flags_override_preset(tmp_path):
-    from repblend_fast.cli import build_parser, config_from_args
+    from repblend_fast.cli import build_parser
+    from repblend_fast.cli.run import config_from_args
 
     a = build_parser().parse_args(
         [

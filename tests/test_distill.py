@@ -9,15 +9,10 @@ import torch
 import torch.nn as nn
 
 from repblend_fast.config import DistillConfig, preset
-from repblend_fast.distill import (
-    BatchSampler,
-    DistilledSet,
-    Distiller,
-    NonFiniteLossError,
-    sample_beta,
-)
+from repblend_fast.distill import DistilledSet, Distiller, NonFiniteLossError
 from repblend_fast.models.flat import FlatSpec
 from repblend_fast.models.heads import init_head_flat
+from repblend_fast.sampling import BatchSampler, sample_beta
 
 N, D_T, DIM = 12, 10, 8
 
@@ -199,8 +194,8 @@ def test_methods_run_and_lower_matching_loss(method):
     d = setup(small(**kw))
     # A fixed trajectory makes the loss comparable across iterations.
     d.cfg.max_start_epoch = 1
-    d.experts.n = 1
-    d.experts.order = torch.zeros(1, dtype=torch.long)
+    d.sampler.experts.n = 1
+    d.sampler.experts.order = torch.zeros(1, dtype=torch.long)
     recs = [d.step() for _ in range(kw["iterations"])]
     first = sum(r["loss"] for r in recs[:3]) / 3
     last = sum(r["loss"] for r in recs[-3:]) / 3
@@ -302,7 +297,7 @@ def test_several_trajectories_per_iteration_run_batched():
 def test_unroll_dropout_draws_masks_and_stays_deterministic(meta_grad):
     cfg = small(unroll_dropout=True, meta_grad=meta_grad, iterations=2)
     a, b = setup(cfg), setup(cfg)
-    plan = setup(cfg)._plan()
+    plan = setup(cfg).sampler.draw()[0][2]
     assert plan.keep_img.shape == (cfg.syn_steps, cfg.batch_size, DIM)
     assert (plan.keep_img2 is not None) == (meta_grad == "tesla")
     vals = plan.keep_txt.unique()
@@ -319,7 +314,7 @@ def test_asymmetric_ablation_uses_the_encoder_student_with_blending():
     assert cfg.student == "encoder" and small().student == "heads"
     d = setup(cfg, store=store)
     assert d.unroller.s.method == "lors"
-    plan = setup(cfg, store=store)._plan()
+    plan = setup(cfg, store=store).sampler.draw()[0][2]
     assert bool((plan.lams < 1).any())  # blending stays on
     rec = d.step()
     assert torch.isfinite(torch.tensor(rec["loss"]))

@@ -1,4 +1,4 @@
-"""Evaluation protocol on tiny synthetic features (SPEC.md §8)."""
+"""Evaluation protocol on tiny synthetic features (docs/algorithm.md §8)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
+from repblend_fast.coresets import herding_subset, kcenter_subset, random_subset
 from repblend_fast.evaluate import (
     FeaturePairs,
     check_lr,
     evaluate_distilled,
     evaluate_full_data,
     evaluate_heads,
-    random_subset,
     train_on_pairs,
 )
 
@@ -204,8 +204,6 @@ def test_full_data_and_subset_baselines(task):
 
 
 def test_kcenter_and_herding_select_distinct_images_by_their_criteria():
-    from repblend_fast.evaluate import FeaturePairs, herding_subset, kcenter_subset
-
     g = torch.Generator().manual_seed(0)
     # Two tight clusters and one far outlier: k-center must take the outlier early, herding
     # must not (it matches the mean, which the outlier pulls away from).

@@ -1,4 +1,4 @@
-"""Expert training and the trajectory store (SPEC.md §3)."""
+"""Expert training and the trajectory store (docs/algorithm.md §3)."""
 
 from __future__ import annotations
 

@@ -160,9 +160,13 @@ def test_run_profile_reports_every_phase(tmp_path, mode):
         assert any("repblend:unroll" in str(e.get("name")) for e in events)
 
 
-def test_profile_cli_takes_a_distill_config(tmp_path, capsys):
-    from repblend_fast.bench import main_profile
+def _cli(argv: list[str]) -> int:
+    from repblend_fast.cli import main
 
+    return main(argv)
+
+
+def _write_config(tmp_path, **extra):
     cfg = tmp_path / "config.json"
     cfg.write_text(
         json.dumps(
@@ -174,13 +178,20 @@ def test_profile_cli_takes_a_distill_config(tmp_path, capsys):
                 "sim_alpha": 1.0,
                 "meta_grad": "exact",
                 "encoder_chunk": 3,
+                **extra,
             }
         )
     )
+    return cfg
+
+
+def test_profile_cli_takes_a_distill_config(tmp_path, capsys):
+    cfg = _write_config(tmp_path)
     out = tmp_path / "profile.json"
     assert (
-        main_profile(
+        _cli(
             [
+                "profile",
                 "--shapes",
                 "tiny",
                 "--config",
@@ -200,5 +211,51 @@ def test_profile_cli_takes_a_distill_config(tmp_path, capsys):
     assert out.exists()
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"pairs": 0}))
-    assert main_profile(["--shapes", "tiny", "--config", str(bad)]) == 2
+    assert _cli(["profile", "--shapes", "tiny", "--config", str(bad)]) == 2
     assert "pairs" in capsys.readouterr().err
+    assert _cli(["profile", "--shapes", "tiny", "--config", str(tmp_path / "missing.json")]) == 2
+    assert "--config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag_chunk", [None, 5])
+def test_profile_config_applies_sizes_and_chunk_without_touching_shape_sets(
+    tmp_path, monkeypatch, capsys, flag_chunk
+):
+    import dataclasses
+    import os
+
+    from repblend_fast.bench import SHAPE_SETS, drivers
+
+    before = {k: [dataclasses.astuple(s) for s in v] for k, v in SHAPE_SETS.items()}
+    seen = []
+    real = drivers.make_runner
+
+    def spy(*args, **kwargs):
+        runner = real(*args, **kwargs)
+        seen.append((runner.unroller.s.encoder_chunk, runner.x.shape[0], runner.plans[0]))
+        return runner
+
+    monkeypatch.setattr(drivers, "make_runner", spy)
+    out = tmp_path / "profile.json"
+    # Sizes unlike the tiny set's own (N=11, B=4, T=2, r=2, alpha=1), so that applying them shows.
+    cfg_file = _write_config(
+        tmp_path, pairs=13, batch_size=5, syn_steps=3, sim_rank=3, sim_alpha=0.5
+    )
+    argv = ["profile", "--shapes", "tiny", "--config", str(cfg_file)]
+    argv += ["--steps", "1", "--warmup", "0", "--threads", "1", "--json", str(out)]
+    if flag_chunk is not None:
+        argv += ["--encoder-chunk", str(flag_chunk)]
+    assert _cli(argv) == 0
+    capsys.readouterr()
+    ((chunk, pairs, plan),) = seen
+    assert chunk == (3 if flag_chunk is None else flag_chunk)
+    assert pairs == 13 and tuple(plan.batches.shape) == (3, 5)
+    res = json.loads(out.read_text())
+    assert res["shapes"] == "tiny+config" and res["meta_grad"] == "exact"
+    (cfg,) = res["configs"]
+    assert cfg["config"] == "tiny+config"
+    assert (cfg["shape"]["pairs"], cfg["shape"]["batch"], cfg["shape"]["steps"]) == (13, 5, 3)
+    assert (cfg["shape"]["rank"], cfg["shape"]["alpha"]) == (3, 0.5)
+    # The global table is untouched and nothing travels through the environment.
+    assert {k: [dataclasses.astuple(s) for s in v] for k, v in SHAPE_SETS.items()} == before
+    assert not any("ENCODER_CHUNK" in k for k in os.environ)

@@ -1,4 +1,5 @@
-"""Meta-gradients of the unroll vs independent float64 brute-force computations (SPEC.md §5)."""
+"""Meta-gradients of the unroll vs independent float64 brute-force computations (docs/algorithm.md
+§5)."""
 
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ def brute_exact(enc, x, y, sim, th0, ths, plan, eta, merge=False):
 
 
 def brute_tesla(enc, x, y, sim, th0, ths, plan, eta, merge=False):
-    """SPEC.md §5 formulas with explicit per-step double backward."""
+    """docs/algorithm.md §5 formulas with explicit per-step double backward."""
     e1, e2 = eta
     a, b = th0
     thetas, G1, G2 = [], torch.zeros_like(a), torch.zeros_like(b)

@@ -25,7 +25,7 @@ import torch
 
 ImageItem = Union[str, Path, "np.ndarray", Any]  # Any: a PIL.Image.Image
 
-# Common pixel statistics; pass the ones the image encoder was trained with (SPEC.md §2).
+# Common pixel statistics; pass the ones the image encoder was trained with (docs/algorithm.md §2).
 UNIT_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # pixels in [-1, 1] (EfficientNet-Lite)
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CLIP_MEAN_STD = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))

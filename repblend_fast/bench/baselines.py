@@ -1,6 +1,10 @@
 """LoRS and RepBlend distillation iterations as their authors run them, for the step benchmarks.
 
-Written from SPEC.md §4, §5, §10 and §11 (never from the authors' code), in the style of the
+They ship with the package (not only in a source checkout), so that the step benchmark can always
+time the baselines next to the fast path.
+
+Written from docs/algorithm.md §4, §5, §10 and §11 (never from the authors' code), in the style of
+the
 research scripts, so that the benchmark measures what their structure costs:
 
 * a module-based student: ``nn.Module`` s called through a re-parametrising wrapper on one flat
@@ -53,7 +57,7 @@ __all__ = [
 
 
 class AuthorsHead(nn.Module):
-    """``LayerNorm(Dropout(W2 GELU(W1 h + b1) + b2) + (W1 h + b1))`` (SPEC.md §2)."""
+    """``LayerNorm(Dropout(W2 GELU(W1 h + b1) + b2) + (W1 h + b1))`` (docs/algorithm.md §2)."""
 
     def __init__(self, d_in: int, dim: int, dropout: float = 0.0):
         super().__init__()
@@ -88,7 +92,7 @@ class Reparam(nn.Module):
 
 
 class LowRankSim(nn.Module):
-    """Learned soft targets ``S = diag(a) + (alpha / r) L Rᵀ`` (SPEC.md §6), as a module.
+    """Learned soft targets ``S = diag(a) + (alpha / r) L Rᵀ`` (docs/algorithm.md §6), as a module.
 
     ``block(idx, params)`` also accepts a dict of tensors (so the same object can serve an
     :class:`repblend_fast.unroll.Unroller`).
@@ -118,7 +122,7 @@ class LowRankSim(nn.Module):
 
 
 def wbce_loss(img_emb, txt_emb, target, logit_scale: float, eps: float = 1e-6):
-    """Weighted BCE of SPEC.md §7 on the ``[B, B]`` logits (rows = images)."""
+    """Weighted BCE of docs/algorithm.md §7 on the ``[B, B]`` logits (rows = images)."""
     image_features = F.normalize(img_emb, dim=-1)
     text_features = F.normalize(txt_emb, dim=-1)
     logits = logit_scale * image_features @ text_features.T
@@ -144,7 +148,7 @@ def split_pieces(module: nn.Module, flat: torch.Tensor) -> list[torch.Tensor]:
 
 @dataclass
 class AuthorsSettings:
-    """Hyper-parameters shared by both baselines (SPEC.md §4, §12; flickr-100 values)."""
+    """Hyper-parameters shared by both baselines (docs/algorithm.md §4, §12; flickr-100 values)."""
 
     logit_scale: float = 1 / 0.07
     eps: float = 1e-6
@@ -344,7 +348,8 @@ class LoRSModel(nn.Module):
 
 
 class RepBlendAuthors(_AuthorsLoop):
-    """RepBlend (SPEC.md §4) the authors' way: the frozen encoder runs on every step's batch in
+    """RepBlend (docs/algorithm.md §4) the authors' way: the frozen encoder runs on every step's
+    batch in
     both TESLA passes, blending in feature space before the heads."""
 
     name = "repblend-authors"
@@ -369,7 +374,8 @@ class RepBlendAuthors(_AuthorsLoop):
 
 
 class LoRSAuthors(_AuthorsLoop):
-    """LoRS (SPEC.md §4, LoRS mode) the authors' way: the image encoder's parameters are the image
+    """LoRS (docs/algorithm.md §4, LoRS mode) the authors' way: the image encoder's parameters are
+    the image
     student, so both passes run (and pass 2 differentiates twice through) the whole encoder."""
 
     name = "lors-authors"

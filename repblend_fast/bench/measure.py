@@ -1,0 +1,260 @@
+"""Measuring one provider: warm-up and timed iterations, memory, the parity check, the machine.
+
+Memory: on a GPU, ``peak_mib`` is ``max_memory_allocated`` during the warm-up and timed iterations
+minus the memory allocated before them (model, synthetic data and snapshots), and
+``peak_total_mib`` the absolute maximum. On a CPU each provider runs in a fresh subprocess
+(:func:`run_in_subprocess`, so one provider's allocator state cannot hide another's);
+``peak_total_mib`` is the peak resident set (``VmHWM``) of that process after setup, reset through
+``/proc/self/clear_refs`` just before the first iteration, and ``peak_mib`` that minus the
+resident set at the same moment: the memory the iterations themselves add (``setup_mib`` is the
+resident set before them).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from repblend_fast.bench.inputs import StepInputs, build_step_inputs
+from repblend_fast.bench.runners import AuthorsRunner, FastRunner, make_runner
+from repblend_fast.bench.shapes import StepShape, default_encoder_chunk
+from repblend_fast.stats import median
+
+__all__ = [
+    "PARITY_RTOL",
+    "RESULT_TAG",
+    "WORKER",
+    "check_parity",
+    "cpu_name",
+    "git_sha",
+    "machine_info",
+    "measure",
+    "resolve_device",
+    "run_in_subprocess",
+    "run_one",
+]
+
+# Parity of the fp32 fast path with the authors-style loop on the benchmark's own first plan:
+# relative L2 error of each meta-gradient (both sides fp32, different summation orders over T=8
+# steps; float64 agreement to 1e-8 is tested in tests/test_baselines.py).
+PARITY_RTOL = 2e-3
+# The worker prints its result on one stdout line with this prefix (whatever else it prints).
+RESULT_TAG = "@@repblend-bench-result "
+WORKER = "repblend_fast.bench.worker"
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` -> CUDA when available, else the CPU; ``ValueError`` for CUDA without a GPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is available: use --device cpu")
+    return dev
+
+
+def measure(runner, warmup: int, iterations: int, device: torch.device) -> dict:
+    """Warm-up then timed iterations of ``runner``: per-iteration ms and memory (module doc)."""
+    from repblend_fast.profiling import reset_rss_peak, rss_mib, rss_peak_mib
+
+    cuda = device.type == "cuda"
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        setup = torch.cuda.memory_allocated(device) / 2**20
+        method = "cuda max_memory_allocated"
+    else:
+        setup = rss_mib()
+        method = "peak RSS (VmHWM) after setup" if reset_rss_peak() else "peak RSS (ru_maxrss)"
+    ms, losses = [], []
+    for i in range(warmup + iterations):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            losses.append(runner.iteration(i))
+            b.record()
+            torch.cuda.synchronize(device)
+            t = a.elapsed_time(b)
+        else:
+            t0 = time.perf_counter()
+            losses.append(runner.iteration(i))
+            t = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            ms.append(t)
+    if cuda:
+        total = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        total = rss_peak_mib()
+    return {
+        "ms_per_iter": median(ms),
+        "ms_all": ms,
+        "peak_mib": max(0.0, total - setup),
+        "peak_total_mib": total,
+        "setup_mib": setup,
+        "memory_method": method,
+        "losses": losses,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def check_parity(
+    inputs: StepInputs, runs, device: torch.device, encoder_chunk: int | None = None
+) -> dict[str, float]:
+    """Meta-gradients of each authors baseline vs the fp32 fast TESLA path on the first plan.
+
+    No speed is worth reporting for a baseline that computes something else. Returns
+    ``{provider: max relative L2 error}``; raises when one exceeds ``PARITY_RTOL``.
+    """
+    errs: dict[str, float] = {}
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for provider, _ in runs:
+            if not provider.endswith("-authors"):
+                continue
+            method = provider.split("-")[0]
+            ref = AuthorsRunner(inputs, method, device)
+            want = ref.grads(ref.plans[0])
+            del ref
+            fast = FastRunner(inputs, method, "tesla", device, None, encoder_chunk=encoder_chunk)
+            got = fast.grads(fast.plans[0])
+            del fast
+            errs[provider] = max(_rel_err(got[k], want[k]) for k in want)
+            if not errs[provider] <= PARITY_RTOL:
+                bad = {k: _rel_err(got[k], want[k]) for k in want}
+                raise RuntimeError(
+                    f"parity failed for {provider} vs {method}-fast (tesla) on "
+                    f"{inputs.shape.name}: "
+                    f"relative errors {bad} exceed {PARITY_RTOL}; no speed is reported"
+                )
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    return errs
+
+
+# --------------------------------------------------------------------------------------------------
+# one provider, in this process or in a fresh one
+
+
+def run_one(
+    shape: StepShape,
+    provider: str,
+    meta_grad: str,
+    device: torch.device,
+    seed: int,
+    warmup: int,
+    iterations: int,
+    encoder_chunk: int | None = None,
+) -> dict:
+    """Build the inputs and runner of one provider, then :func:`measure` it.
+
+    The inputs are dropped before timing so that only the runner's own copies count as setup.
+    """
+    chunk = default_encoder_chunk() if encoder_chunk is None else encoder_chunk
+    method = provider.split("-")[0]
+    inputs = build_step_inputs(shape, warmup + iterations, seed, methods=(method,))
+    runner = make_runner(inputs, provider, meta_grad, device, encoder_chunk=chunk)
+    del inputs
+    out = measure(runner, warmup, iterations, device)
+    out["autocast"] = "bf16" if (provider.endswith("-fast") and device.type == "cuda") else "none"
+    if provider == "repblend-fast":
+        out["encoder_chunk"] = chunk
+    del runner
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def run_in_subprocess(spec: dict, timeout: float) -> dict:
+    """:func:`run_one` in a fresh interpreter (``python -m repblend_fast.bench.worker '<json>'``).
+
+    ``spec`` holds ``run_one``'s arguments as JSON (``shape`` as a dict) plus ``threads``.
+    """
+    cmd = [sys.executable, "-m", WORKER, json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG) :])
+    raise RuntimeError(
+        f"benchmark worker for {spec['provider']}:{spec['meta_grad']} failed "
+        f"(exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# machine description
+
+
+def git_sha(root: str | os.PathLike | None = None) -> str:
+    """Short sha of the checkout (``+dirty`` if tracked files changed); ``unknown`` outside git."""
+    root = root or Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=10", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+
+
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``; ``platform`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict:
+    """Versions and hardware for a results file (docs/design.md §5)."""
+    device = torch.device(device)
+    info = {
+        "device": device.type,
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "git_sha": git_sha(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001 - optional
+        info["triton"] = None
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    else:
+        info["gpu"] = None
+    return info

@@ -1,0 +1,213 @@
+"""The step benchmark's providers behind one interface: ``iteration(i)`` runs the ``i``-th outer
+iteration (meta-gradients and the optimiser step), ``grads(plan)`` only the meta-gradients (for
+the parity check).
+
+* ``lors-authors`` / ``repblend-authors``: :mod:`repblend_fast.bench.baselines`;
+* ``repblend-fast`` / ``lors-fast``: :class:`repblend_fast.unroll.Unroller` with
+  ``share_encoder=True``, snapshots preloaded on the device, bf16 autocast of the encoder on CUDA.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from contextlib import nullcontext
+
+import torch
+
+from repblend_fast.bench import baselines as authors
+from repblend_fast.bench.inputs import StepInputs, plan_to
+from repblend_fast.bench.shapes import default_encoder_chunk
+from repblend_fast.models.heads import HeadSpec
+from repblend_fast.unroll import StepPlan, Unroller, UnrollSettings, make_unroller_for_lors
+
+__all__ = [
+    "DEFAULT_PROVIDERS",
+    "PROVIDERS",
+    "AuthorsRunner",
+    "FastRunner",
+    "make_runner",
+    "parse_providers",
+]
+
+PROVIDERS = ("lors-authors", "repblend-authors", "repblend-fast", "lors-fast")
+DEFAULT_PROVIDERS = ("lors-authors", "repblend-authors", "repblend-fast")
+
+
+class FastRunner:
+    """repblend_fast's path: Unroller + SGD-momentum, snapshots preloaded on the device.
+
+    ``timer`` (a :class:`repblend_fast.profiling.PhaseTimer`) switches to the phased Unroller, so
+    that the profiler times the same code the benchmark does. ``encoder_chunk`` defaults to
+    ``DistillConfig``'s.
+    """
+
+    def __init__(
+        self,
+        inputs: StepInputs,
+        method: str,
+        meta_grad: str,
+        device: torch.device,
+        autocast: torch.dtype | None,
+        timer=None,
+        encoder_chunk: int | None = None,
+    ):
+        from repblend_fast.similarity import LowRankSimilarity
+
+        sh = inputs.shape
+        self.provider = f"{method}-fast"
+        self.meta_grad = meta_grad
+        self.device = device
+        self.timer = timer
+        self.method = method
+        self.encoder = inputs.encoder.to(device)
+        self.encoder_chunk = default_encoder_chunk() if encoder_chunk is None else encoder_chunk
+        settings = UnrollSettings(
+            method=method,
+            meta_grad=meta_grad,
+            share_encoder=True,
+            encoder_autocast=autocast,
+            encoder_chunk=self.encoder_chunk,
+        )
+        sim = LowRankSimilarity(sh.pairs, sh.rank, sh.alpha, device=device)
+        if method == "repblend":
+            cls = Unroller
+            if timer is not None:
+                from repblend_fast.profiling import ProfiledUnroller
+
+                cls = ProfiledUnroller
+            specs = (HeadSpec(inputs.d_feat, sh.dim), HeadSpec(sh.d_txt, sh.dim))
+            kw = {"timer": timer} if timer is not None else {}
+            self.unroller = cls(settings, self.encoder, *specs, sim, **kw)
+            snaps = inputs.repblend
+            self.plans = inputs.plans_repblend
+        else:
+            txt = HeadSpec(sh.d_txt, inputs.d_feat)
+            self.unroller = make_unroller_for_lors(settings, self.encoder, txt, sim)
+            snaps = inputs.lors
+            self.plans = inputs.plans_lors
+        self.start = tuple(t.to(device) for t in snaps[0])
+        self.target = tuple(t.to(device) for t in snaps[1])
+        self.x = inputs.images.to(device).clone()
+        self.y = inputs.texts.to(device).clone()
+        self.eta_img = torch.tensor(0.1, device=device)
+        self.eta_txt = torch.tensor(0.1, device=device)
+        self.sim = {k: v.to(device).clone() for k, v in inputs.sim.items()}
+        self.momentum: dict[str, torch.Tensor] = {}
+        self.lrs = {"x": sh.lr_img, "y": sh.lr_txt, "eta_img": sh.lr_lr, "eta_txt": sh.lr_lr}
+        self.lrs.update({f"sim.{k}": sh.lr_sim for k in self.sim})
+
+    def _phase(self, name: str):
+        return self.timer.phase(name) if self.timer is not None else nullcontext()
+
+    def grads(self, plan: StepPlan) -> dict[str, torch.Tensor]:
+        plan = plan_to(plan, self.device)
+        r = self.unroller.run(
+            self.x, self.y, self.sim, self.eta_img, self.eta_txt, self.start, self.target, plan
+        )
+        return r.grads
+
+    def iteration(self, i: int) -> float:
+        with self._phase("io"):
+            plan = plan_to(self.plans[i], self.device)
+            start, target = self.start, self.target
+        r = self.unroller.run(
+            self.x, self.y, self.sim, self.eta_img, self.eta_txt, start, target, plan
+        )
+        with self._phase("optimiser"):
+            params = {"x": self.x, "y": self.y, "eta_img": self.eta_img, "eta_txt": self.eta_txt}
+            params.update({f"sim.{k}": v for k, v in self.sim.items()})
+            with torch.no_grad():
+                for name, p in params.items():
+                    g = r.grads[name].to(p.dtype)
+                    buf = self.momentum.get(name)
+                    buf = g.clone() if buf is None else buf.mul_(0.5).add_(g)
+                    self.momentum[name] = buf
+                    p.sub_(self.lrs[name] * buf)
+        return float(r.loss)
+
+
+class AuthorsRunner:
+    """One of the authors-style baselines behind the runner interface."""
+
+    def __init__(self, inputs: StepInputs, method: str, device: torch.device):
+        sh = inputs.shape
+        self.provider = f"{method}-authors"
+        self.meta_grad = "tesla"
+        self.device = device
+        settings = authors.AuthorsSettings(
+            lr_img=sh.lr_img, lr_txt=sh.lr_txt, lr_lr=sh.lr_lr, lr_sim=sh.lr_sim
+        )
+        enc = copy.deepcopy(inputs.encoder).cpu()
+        if method == "repblend":
+            model = authors.RepBlendModel(enc, inputs.d_feat, sh.d_txt, sh.dim)
+            snaps, cls = inputs.repblend, authors.RepBlendAuthors
+            parts = (model.image_head, model.text_head)
+            self.plans = inputs.plans_repblend
+        else:
+            model = authors.LoRSModel(enc, sh.d_txt, inputs.d_feat)
+            snaps, cls = inputs.lors, authors.LoRSAuthors
+            parts = (model.image_encoder, model.text_head)
+            self.plans = inputs.plans_lors
+        buffer = {
+            "image": [authors.split_pieces(parts[0], s[0]) for s in snaps],
+            "text": [authors.split_pieces(parts[1], s[1]) for s in snaps],
+        }
+        sim = authors.LowRankSim(sh.pairs, sh.rank, sh.alpha).load_params(inputs.sim)
+        self.loop = cls(model, inputs.images, inputs.texts, sim, buffer, settings, device)
+
+    def grads(self, plan: StepPlan) -> dict[str, torch.Tensor]:
+        self.loop.optimizer.zero_grad(set_to_none=True)
+        self.loop.meta_grads(plan_to(plan, self.device))
+        return {k: v.detach().clone() for k, v in self.loop.grads().items() if v is not None}
+
+    def iteration(self, i: int) -> float:
+        return self.loop.iteration(plan_to(self.plans[i], self.device))
+
+
+def parse_providers(providers: str | Iterable[str]) -> list[tuple[str, str]]:
+    """``"a,b"`` or a list -> ``[(provider, meta_grad)]``; ``repblend-fast`` means both modes.
+
+    Raises ``ValueError`` naming the bad entry.
+    """
+    if isinstance(providers, str):
+        providers = [p.strip() for p in providers.split(",") if p.strip()]
+    runs: list[tuple[str, str]] = []
+    for p in providers:
+        name, _, mode = p.partition(":")
+        if name not in PROVIDERS:
+            raise ValueError(f"unknown provider {name!r}: choose from {', '.join(PROVIDERS)}")
+        if name.endswith("-authors"):
+            if mode not in ("", "tesla"):
+                raise ValueError(f"{name} runs TESLA only (the authors' method), got :{mode}")
+            modes = ["tesla"]
+        elif mode:
+            if mode not in ("exact", "tesla"):
+                raise ValueError(f"meta-gradient mode must be exact or tesla, got {p!r}")
+            modes = [mode]
+        else:
+            modes = ["exact", "tesla"] if name == "repblend-fast" else ["tesla"]
+        runs += [(name, m) for m in modes if (name, m) not in runs]
+    if not runs:
+        raise ValueError("no providers given")
+    return runs
+
+
+def make_runner(
+    inputs: StepInputs,
+    provider: str,
+    meta_grad: str,
+    device: str | torch.device,
+    timer=None,
+    encoder_chunk: int | None = None,
+) -> FastRunner | AuthorsRunner:
+    """Build the runner of ``provider`` (``autocast`` bf16 for the fast path on CUDA).
+
+    ``encoder_chunk`` only affects the fast path (the baselines encode per step anyway).
+    """
+    device = torch.device(device)
+    method = provider.split("-")[0]
+    if provider.endswith("-authors"):
+        return AuthorsRunner(inputs, method, device)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    return FastRunner(inputs, method, meta_grad, device, autocast, timer, encoder_chunk)

@@ -1,0 +1,45 @@
+"""Subprocess entry of the step benchmark: ``python -m repblend_fast.bench.worker '<json spec>'``.
+
+A fresh interpreter per provider gives each its own resident set, so that CPU peak memory is the
+provider's and not what earlier providers left in the allocator. The spec carries every
+parameter (:func:`repblend_fast.bench.measure.run_in_subprocess` writes it); the result is one
+stdout line tagged with ``RESULT_TAG``, so that anything else printed (warnings) cannot be
+mistaken for it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from repblend_fast.bench.measure import RESULT_TAG, run_one
+from repblend_fast.bench.shapes import StepShape
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the spec in ``argv[0]`` and print its result; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m repblend_fast.bench.worker '<json spec>'", file=sys.stderr)
+        return 2
+    spec = json.loads(argv[0])
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    out = run_one(
+        StepShape(**spec["shape"]),
+        spec["provider"],
+        spec["meta_grad"],
+        torch.device(spec["device"]),
+        spec["seed"],
+        spec["warmup"],
+        spec["iterations"],
+        spec.get("encoder_chunk"),
+    )
+    print(RESULT_TAG + json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""What the subcommands share: the user-error type, the help formatter, flag groups (data,
+encoders, threads, ``--set``) and turning those flags into datasets, encoders and thread counts.
+
+Nothing heavy is imported at module level: ``repblend-fast --help`` stays fast, and each command
+imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+class CLIError(Exception):
+    """A user error: printed as one line without a traceback, exit status 2."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` after every flag whose default is a value; flags whose default is
+    ``None`` or a switch say in their own help what happens without them."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default is None or default is False:
+            return text
+        if default is argparse.SUPPRESS:
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return text
+        return super()._get_help_string(action)
+
+
+def add_parser(sub, name: str, *, help: str, description: str | None = None):
+    """A subcommand parser with the shared formatter (defaults shown on every flag)."""
+    return sub.add_parser(
+        name,
+        help=help,
+        description=description or help[:1].upper() + help[1:] + ".",
+        formatter_class=HelpFormatter,
+    )
+
+
+# ----------------------------------------------------------------------------- flag groups
+def add_dataset_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--dataset",
+        default="emoji",
+        help="emoji (embedded), tuxpaint, openclipart, flickr30k, coco or generic",
+    )
+    g.add_argument(
+        "--annotation",
+        help="flickr30k/coco: Karpathy-split annotation JSON (or its folder); required there",
+    )
+    g.add_argument(
+        "--image-root",
+        help="the folder the image paths are relative to (required for flickr30k/coco; "
+        "default for generic: the annotations file's folder)",
+    )
+    g.add_argument(
+        "--annotations", help="generic: a .jsonl or .csv of (image, caption) rows; required there"
+    )
+    g.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="image resolution in pixels (default: 64 for emoji, 96 for tuxpaint/openclipart, "
+        "else the image encoder's input size)",
+    )
+    g.add_argument(
+        "--cache-dir",
+        default=None,
+        help="feature and expert cache (default: $REPBLEND_CACHE_DIR, else ~/.cache/repblend_fast)",
+    )
+
+
+def add_encoder_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("encoders (local files only, nothing is downloaded)")
+    g.add_argument(
+        "--image-encoder",
+        default="efficientnet_lite0",
+        help="timm architecture or alias; efficientnet_lite0 has packaged ImageNet weights",
+    )
+    g.add_argument(
+        "--image-checkpoint",
+        default=None,
+        help="local weights for --image-encoder (.safetensors or a torch state dict); default: "
+        "the packaged weights, which only efficientnet_lite0 has",
+    )
+    g.add_argument(
+        "--text-encoder",
+        default="minilm",
+        help="a local Hugging Face model folder, or 'minilm' (packaged all-MiniLM-L6-v2)",
+    )
+    g.add_argument(
+        "--random-init-encoder",
+        action="store_true",
+        help="allow a randomly initialised image encoder (timing and tests only)",
+    )
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="compute device")
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        default=None,
+        metavar="N|auto",
+        help="torch CPU threads (default: one per CPU core, whatever else runs on the machine). "
+        "Results depend on the thread count, so it is recorded with the run. 'auto' uses fewer "
+        "threads while other processes keep the cores busy: faster on a shared machine, but the "
+        "result then depends on the load",
+    )
+
+
+def add_progress_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_set_arg(p: argparse.ArgumentParser, what: str = "any DistillConfig field") -> None:
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="FIELD=VALUE",
+        help=f'override {what} (VALUE is JSON: 3, 0.5, true, "text"); repeatable; '
+        "default: no overrides",
+    )
+
+
+# ----------------------------------------------------------------------------- flag values
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}`` (values parsed as JSON, else kept as text)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise CLIError(f"--set expects FIELD=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def resolve_threads(value: str | int | None, default: int | None = None) -> int:
+    """:func:`repblend_fast.threads.resolve_threads` for a ``--threads`` flag."""
+    from repblend_fast import threads
+
+    try:
+        return threads.resolve_threads(value, default)
+    except ValueError:
+        raise CLIError(f"--threads {value!r}: expected a positive integer or 'auto'") from None
+
+
+def apply_threads(value: str | int | None, default: int | None = None) -> int:
+    """Resolve ``--threads`` and set torch's intra-op thread count; returns the count."""
+    import torch
+
+    n = resolve_threads(value, default)
+    torch.set_num_threads(n)
+    return n
+
+
+def check_device(args) -> None:
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda but no CUDA device is available here: use --device cpu")
+
+
+def dataset_from_args(args, split: str = "train"):
+    """The ``split`` of the dataset the data flags name."""
+    from repblend_fast.data import get_dataset
+
+    kw: dict[str, Any] = {}
+    if args.dataset in ("flickr30k", "coco"):
+        if not args.annotation or not args.image_root:
+            raise CLIError(
+                f"--dataset {args.dataset} needs --annotation and --image-root "
+                "(local Karpathy-split files; nothing is downloaded)"
+            )
+        kw = {"annotation": args.annotation, "image_root": args.image_root}
+    elif args.dataset == "generic":
+        if not args.annotations:
+            raise CLIError("--dataset generic needs --annotations <pairs.jsonl|csv>")
+        kw = {"annotations": args.annotations, "n_test": 0.2}
+        if args.image_root:
+            kw["image_root"] = args.image_root
+    try:
+        return get_dataset(args.dataset, split, **kw)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def encoders_from_args(args):
+    """Both frozen encoders the encoder flags name (local files only)."""
+    from repblend_fast.pipeline import load_encoders
+
+    try:
+        return load_encoders(
+            args.image_encoder,
+            args.text_encoder,
+            image_checkpoint=args.image_checkpoint,
+            random_init=args.random_init_encoder,
+            device=args.device,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        raise CLIError(str(exc)) from exc

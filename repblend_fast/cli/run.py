@@ -1,0 +1,238 @@
+"""The run commands: ``buffer`` (train expert trajectories), ``distill`` and ``info``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from repblend_fast.cli.common import (
+    CLIError,
+    add_dataset_args,
+    add_encoder_args,
+    add_parser,
+    add_progress_arg,
+    add_set_arg,
+    add_threads_arg,
+    apply_threads,
+    check_device,
+    dataset_from_args,
+    encoders_from_args,
+    parse_set,
+    resolve_threads,
+)
+from repblend_fast.config import META_GRADS, METHODS, PRESETS, DistillConfig, preset
+
+
+def register(sub) -> None:
+    _register_buffer(sub)
+    _register_distill(sub)
+    i = add_parser(
+        sub,
+        "info",
+        help="describe an expert store, a run or demo folder, or a .safetensors file",
+    )
+    i.add_argument("path", help="expert store, run folder, demo folder or .safetensors file")
+    i.set_defaults(func=cmd_info)
+
+
+# ----------------------------------------------------------------------------- buffer
+def _register_buffer(sub) -> None:
+    b = add_parser(sub, "buffer", help="train expert trajectories on real pairs")
+    add_dataset_args(b)
+    add_encoder_args(b)
+    g = b.add_argument_group("experts")
+    g.add_argument("--out", required=True, help="directory of the expert store to write")
+    g.add_argument(
+        "--method",
+        choices=["repblend", "lors"],
+        default="repblend",
+        help="repblend: image and text heads on cached frozen-encoder features; lors: the image "
+        "encoder itself and a text head (for --method lors and mtt-vl distillation)",
+    )
+    g.add_argument("--experts", type=int, default=5, help="number of experts E")
+    g.add_argument(
+        "--epochs", type=int, default=3, help="epochs per expert (snapshots 0..epochs are kept)"
+    )
+    g.add_argument(
+        "--dim", type=int, default=256, help="projection width D of the heads (repblend)"
+    )
+    g.add_argument("--batch-size", type=int, default=128, help="captions per SGD step")
+    g.add_argument("--lr", type=float, default=0.1, help="SGD learning rate of both sides")
+    g.add_argument("--seed", type=int, default=0, help="seeds every expert (expert i: a hash)")
+    add_threads_arg(b)
+    add_progress_arg(b)
+    b.set_defaults(func=cmd_buffer)
+
+
+def cmd_buffer(args) -> int:
+    from repblend_fast.pipeline import train_experts
+
+    check_device(args)
+    for flag in ("experts", "epochs", "dim", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise CLIError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    apply_threads(args.threads)
+    ds = dataset_from_args(args)
+    enc = encoders_from_args(args)
+    path = train_experts(
+        ds,
+        enc,
+        args.out,
+        method=args.method,
+        num_experts=args.experts,
+        epochs=args.epochs,
+        dim=args.dim,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
+    )
+    print(f"experts written to {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- distill
+def _register_distill(sub) -> None:
+    d = add_parser(sub, "distill", help="distil a synthetic set against stored experts")
+    add_dataset_args(d)
+    add_encoder_args(d)
+    g = d.add_argument_group("distillation (flags override the preset; --set overrides both)")
+    g.add_argument("--experts", required=True, help="expert store directory (from `buffer`)")
+    g.add_argument("--out", required=True, help="run directory to write")
+    g.add_argument(
+        "--preset",
+        default="demo",
+        choices=sorted(PRESETS),
+        help="named hyper-parameters (docs/algorithm.md §12)",
+    )
+    g.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default=None,
+        help="default: the preset's (repblend); lors and mtt-vl need `buffer --method lors`",
+    )
+    g.add_argument("--pairs", type=int, default=None, help="N synthetic pairs (default: preset)")
+    g.add_argument(
+        "--iterations", type=int, default=None, help="outer iterations (default: preset)"
+    )
+    g.add_argument(
+        "--syn-steps", type=int, default=None, help="T unrolled student steps (default: preset)"
+    )
+    g.add_argument(
+        "--batch-size", type=int, default=None, help="B inside the unroll (default: preset)"
+    )
+    g.add_argument(
+        "--meta-grad",
+        choices=list(META_GRADS),
+        default=None,
+        help="exact reverse mode or the paper's two-pass tesla (default: preset, exact)",
+    )
+    g.add_argument(
+        "--no-share-encoder",
+        action="store_true",
+        help="re-encode every step's images as the research code does (slower, same gradients)",
+    )
+    g.add_argument("--seed", type=int, default=None, help="seeds every draw (default: preset, 0)")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint.safetensors",
+    )
+    add_set_arg(g)
+    add_threads_arg(d)
+    add_progress_arg(d)
+    d.set_defaults(func=cmd_distill)
+
+
+_FLAG_FIELDS = (
+    ("method", "method"),
+    ("pairs", "pairs"),
+    ("iterations", "iterations"),
+    ("syn_steps", "syn_steps"),
+    ("batch_size", "batch_size"),
+    ("meta_grad", "meta_grad"),
+    ("seed", "seed"),
+    ("device", "device"),
+)
+
+
+def config_from_args(args) -> DistillConfig:
+    """The DistillConfig of a ``distill`` invocation: preset, then explicit flags, then --set."""
+    over: dict[str, Any] = {}
+    for flag, field in _FLAG_FIELDS:
+        v = getattr(args, flag, None)
+        if v is not None:
+            over[field] = v
+    if args.no_share_encoder:
+        over["share_encoder"] = False
+    over.update(parse_set(args.set))
+    try:
+        return preset(args.preset, **over)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def _checkpoint_config(out: Path) -> DistillConfig | None:
+    """The config a run folder's checkpoint was written with (None without a checkpoint)."""
+    from repblend_fast.io import safetensors_metadata
+
+    ckpt = out / "checkpoint.safetensors"
+    if not ckpt.is_file():
+        return None
+    try:
+        return DistillConfig.from_dict(json.loads(safetensors_metadata(ckpt)["config"]))
+    except Exception as exc:  # a damaged checkpoint: say which file
+        raise CLIError(f"{ckpt}: cannot read the checkpoint's config ({exc})") from exc
+
+
+def cmd_distill(args) -> int:
+    from repblend_fast.pipeline import distill
+
+    check_device(args)
+    cfg = config_from_args(args)
+    saved = _checkpoint_config(Path(args.out)) if args.resume else None
+    threads = resolve_threads(args.threads, saved.threads if saved is not None else None)
+    cfg = cfg.replace(threads=threads)
+    if not Path(args.experts, "manifest.json").exists():
+        raise CLIError(
+            f"--experts {args.experts}: no manifest.json there; create experts with "
+            "`repblend-fast buffer --out DIR` first"
+        )
+    ds = dataset_from_args(args)
+    if cfg.pairs > ds.num_images:
+        raise CLIError(
+            f"--pairs {cfg.pairs} exceeds the {ds.num_images} training images of "
+            f"{args.dataset}: lower --pairs"
+        )
+    enc = encoders_from_args(args)
+    try:
+        distill(
+            ds,
+            enc,
+            args.experts,
+            cfg,
+            out_dir=args.out,
+            image_size=args.image_size,
+            resume=args.resume,
+            cache_dir=args.cache_dir,
+            progress=not args.no_progress,
+        )
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        raise CLIError(str(exc)) from exc
+    print(f"distilled set written to {Path(args.out) / 'distilled.safetensors'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- info
+def cmd_info(args) -> int:
+    from repblend_fast.describe import describe
+
+    try:
+        out = describe(args.path)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise CLIError(str(exc)) from exc
+    print(json.dumps(out, indent=2))
+    return 0
