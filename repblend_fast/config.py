@@ -26,6 +26,14 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 METHODS = tuple(METHOD_DEFAULTS)
 
+# The evaluation protocol (docs/algorithm.md §8): a distilled set is scored on the test split
+# every EVAL_EVERY[method] training epochs (RepBlend's code every 20 of its 101 epochs, LoRS's
+# every 10), with the logit temperature fixed at EVAL_TEMPERATURE whatever the distillation used,
+# over EVAL_SEEDS evaluation seeds.
+EVAL_EVERY: dict[str, int] = {"repblend": 20, "lors": 10, "mtt-vl": 10}
+EVAL_TEMPERATURE = 0.07
+EVAL_SEEDS = 3
+
 
 @dataclass
 class DistillConfig:

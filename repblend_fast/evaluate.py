@@ -33,7 +33,7 @@ from repblend_fast.models.heads import HeadSpec, head_forward, init_head_flat
 from repblend_fast.ops import contrastive_loss
 from repblend_fast.stats import mean_std
 
-DEFAULT_LOGIT_SCALE = 1.0 / 0.07
+DEFAULT_LOGIT_SCALE = 1.0 / 0.07  # docs/algorithm.md §8: evaluation at tau = 0.07
 EvalFn = Callable[[int, torch.Tensor, torch.Tensor], "dict[str, Any] | None"]
 
 
@@ -378,10 +378,11 @@ def evaluate_file(
     train=None,
     image_size: int | None = None,
     dim: int = 256,
-    num_eval: int = 5,
+    num_eval: int = 3,
     epochs: int = 101,
-    eval_every: int = 10,
+    eval_every: int | None = None,
     loss: str | None = None,
+    temperature: float = 0.07,
     lr_img: float | None = None,
     lr_txt: float | None = None,
     cache_dir=None,
@@ -397,6 +398,10 @@ def evaluate_file(
             per seed, same loss, lr 0.1) as a baseline.
         image_size: the encoder's input resolution (default: the dataset's).
         loss: training loss (default: the set's config, else ``wbce``).
+        eval_every: score the test split every this many epochs (default: the set's method's
+            cadence, :data:`repblend_fast.config.EVAL_EVERY`: 20 for RepBlend, 10 for LoRS).
+        temperature: the logit temperature of evaluation (0.07 whatever the distillation used,
+            as docs/algorithm.md §8 fixes it).
         lr_img, lr_txt: override the learned learning rates.
         note: receives one-line remarks (e.g. that the images are resized).
 
@@ -404,10 +409,16 @@ def evaluate_file(
     {"distilled": {...}, ["random": {...}]}}`` with :func:`evaluate_distilled`'s results; raises
     ``FileNotFoundError`` / ``ValueError`` with a one-line reason for a file it cannot use.
     """
+    from repblend_fast.config import EVAL_EVERY
     from repblend_fast.coresets import random_subset
     from repblend_fast.pipeline import encode_images, image_features, image_size_for, text_features
 
-    path, d, (cfg_loss, eps, scale) = _read_distilled(path)
+    path, d, (cfg_loss, eps, method) = _read_distilled(path)
+    if eval_every is None:
+        eval_every = EVAL_EVERY[method]
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    scale = 1.0 / temperature
     loss = loss or cfg_loss
     n = _check_set_shapes(path, d)
     d_t = int(encoders.text.dim)
@@ -454,6 +465,8 @@ def evaluate_file(
         "image_encoder": encoders.image_id,
         "text_encoder": encoders.text_id,
         "loss": loss,
+        "eval_every": eval_every,
+        "temperature": temperature,
         "methods": {"distilled": {"label": "distilled", "pairs": n, **res}},
     }
     if train is not None:
@@ -480,8 +493,8 @@ def evaluate_file(
 
 
 def _read_distilled(path: str | os.PathLike):
-    """``(file path, DistilledSet, (loss, eps, logit scale) of its config)`` of a saved set or
-    its run folder; ``FileNotFoundError`` / ``ValueError`` naming the file otherwise."""
+    """``(file path, DistilledSet, (loss, eps, method) of its config)`` of a saved set or its run
+    folder; ``FileNotFoundError`` / ``ValueError`` naming the file otherwise."""
     from repblend_fast.config import DistillConfig
     from repblend_fast.distill import DistilledSet
     from repblend_fast.io import safetensors_metadata
@@ -498,15 +511,15 @@ def _read_distilled(path: str | os.PathLike):
         d = DistilledSet.load(path)
     except Exception as exc:  # a foreign or truncated file: say which
         raise ValueError(f"{path}: cannot read a distilled set ({exc})") from exc
-    cfg_loss, eps, scale = "wbce", 1e-6, DEFAULT_LOGIT_SCALE
+    cfg_loss, eps, method = "wbce", 1e-6, "repblend"
     try:
         meta = safetensors_metadata(path)
         if "config" in meta:
             c = DistillConfig.from_dict(json.loads(meta["config"]))
-            cfg_loss, eps, scale = c.loss, c.eps, c.logit_scale
+            cfg_loss, eps, method = c.loss, c.eps, c.method
     except (ValueError, TypeError, KeyError):
         pass
-    return path, d, (cfg_loss, eps, scale)
+    return path, d, (cfg_loss, eps, method)
 
 
 def _check_set_shapes(path: Path, d) -> int:

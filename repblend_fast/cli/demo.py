@@ -68,8 +68,9 @@ def register(sub) -> None:
     g.add_argument(
         "--eval-every",
         type=int,
-        default=d.eval_every,
-        help="score the test split every this many evaluation epochs",
+        default=None,
+        help="score the test split every this many evaluation epochs (default: each method's "
+        "research-code cadence, 20 for RepBlend and its baselines, 10 for LoRS)",
     )
     g.add_argument(
         "--full-epochs", type=int, default=d.full_epochs, help="epochs of the full-data baseline"

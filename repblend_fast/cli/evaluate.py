@@ -16,6 +16,7 @@ from repblend_fast.cli.common import (
     dataset_from_args,
     encoders_from_args,
 )
+from repblend_fast.config import EVAL_SEEDS, EVAL_TEMPERATURE
 
 
 def register(sub) -> None:
@@ -32,10 +33,20 @@ def register(sub) -> None:
     add_encoder_args(p)
     g = p.add_argument_group("protocol")
     g.add_argument("--dim", type=int, default=256, help="projection width D of the fresh heads")
-    g.add_argument("--num-eval", type=int, default=5, help="evaluation seeds")
+    g.add_argument("--num-eval", type=int, default=EVAL_SEEDS, help="evaluation seeds")
     g.add_argument("--epochs", type=int, default=101, help="training epochs (0..epochs-1)")
     g.add_argument(
-        "--eval-every", type=int, default=10, help="score the test split every this many epochs"
+        "--eval-every",
+        type=int,
+        default=None,
+        help="score the test split every this many epochs (default: the set's method's "
+        "cadence, 20 for RepBlend, 10 for LoRS and MTT-VL, as their research code does)",
+    )
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=EVAL_TEMPERATURE,
+        help="logit temperature of the evaluation, whatever the distillation used",
     )
     g.add_argument(
         "--loss", default=None, help="training loss (default: the set's configured loss, wbce)"
@@ -66,7 +77,7 @@ def cmd_evaluate(args) -> int:
 
     check_device(args)
     for flag in ("dim", "num_eval", "epochs", "eval_every"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise CLIError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     apply_threads(args.threads)
     enc = encoders_from_args(args)
@@ -83,6 +94,7 @@ def cmd_evaluate(args) -> int:
             num_eval=args.num_eval,
             epochs=args.epochs,
             eval_every=args.eval_every,
+            temperature=args.temperature,
             loss=args.loss,
             lr_img=args.lr_img,
             lr_txt=args.lr_txt,
@@ -94,7 +106,8 @@ def cmd_evaluate(args) -> int:
     n = result["methods"]["distilled"]["pairs"]
     print(
         f"{result['distilled']}: {n} pairs, {args.num_eval} seeds, {args.epochs} epochs, "
-        f"loss {result['loss']}"
+        f"loss {result['loss']}, scored every {result['eval_every']} epochs at "
+        f"temperature {result['temperature']:g}"
     )
     print("best epoch (chosen on test):")
     print(results_table(result, "best"))

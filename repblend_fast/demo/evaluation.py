@@ -20,9 +20,16 @@ def stage_evaluate(run: DemoRun) -> None:
     _evaluate_full(run)
 
 
-def _eval_kw(run: DemoRun) -> dict[str, Any]:
+def _eval_kw(run: DemoRun, method: str) -> dict[str, Any]:
+    """The evaluation protocol of ``method``'s set (baselines use RepBlend's)."""
     s = run.settings
-    return {"test": run.ftest, "dim": s.dim, "epochs": s.eval_epochs, "eval_every": s.eval_every}
+    return {
+        "test": run.ftest,
+        "dim": s.dim,
+        "epochs": s.eval_epochs,
+        "eval_every": s.every(method),
+        "logit_scale": 1.0 / s.eval_temperature,
+    }
 
 
 def _evaluate_distilled_sets(run: DemoRun) -> None:
@@ -53,8 +60,7 @@ def _evaluate_distilled_sets(run: DemoRun) -> None:
                 num_eval=s.num_eval,
                 loss=cfg.loss,
                 eps=cfg.eps,
-                logit_scale=cfg.logit_scale,
-                **_eval_kw(run),
+                **_eval_kw(run, method),
             )
         except ValueError as exc:  # e.g. a learned lr that went negative: report, go on
             run.methods[method] = {**entry, "error": str(exc), "note": f"evaluation failed: {exc}"}
@@ -115,8 +121,7 @@ def _evaluate_subsets(run: DemoRun) -> None:
                 seeds=[k],
                 loss=loss,
                 eps=rb.eps,
-                logit_scale=rb.logit_scale,
-                **_eval_kw(run),
+                **_eval_kw(run, "repblend"),
             )
             per_seed.append({**r["per_seed"][0], "subset_seed": s.seed + k})
         protocol = (
@@ -149,7 +154,7 @@ def _evaluate_full(run: DemoRun) -> None:
         dim=s.dim,
         epochs=s.full_epochs,
         num_eval=s.num_eval,
-        logit_scale=run.configs["repblend"].logit_scale,
+        logit_scale=1.0 / s.eval_temperature,
     )
     calibration = (
         " (docs/design.md §6 calibration: 39.9 ± 0.7)" if run.train.name == "emoji" else ""
@@ -202,7 +207,7 @@ def stage_diagnostics(run: DemoRun) -> dict[str, torch.Tensor]:
             epochs=s.eval_epochs,
             loss=cfg.loss if name != "random" else rb.loss,
             eps=cfg.eps,
-            logit_scale=cfg.logit_scale,
+            logit_scale=1.0 / s.eval_temperature,
         )
         u = embed(res.img_params, img, res.img_spec)
         v = embed(res.txt_params, txt, res.txt_spec)

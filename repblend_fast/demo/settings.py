@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from repblend_fast.config import DistillConfig, preset
+from repblend_fast.config import EVAL_EVERY, EVAL_TEMPERATURE, DistillConfig, preset
 
 FORMAT_VERSION = 1
 LABELS = {
@@ -43,7 +43,10 @@ class DemoSettings:
             (fewer iterations and unrolled steps: each LoRS iteration differentiates through the
             image encoder's own training steps).
         num_eval, eval_epochs, eval_every: the docs/algorithm.md §8 evaluation (seeds, epochs
-            0..E-1, and how often the test split is scored for the best-epoch figure).
+            0..E-1, and how often the test split is scored for the best-epoch figure; ``None``:
+            each method's research-code cadence, 20 for RepBlend and the baselines compared with
+            it, 10 for LoRS).
+        eval_temperature: the logit temperature of every evaluation (0.07, docs/algorithm.md §8).
         full_epochs: epochs of the full-data baseline (normal epochs over all pairs).
     """
 
@@ -63,7 +66,8 @@ class DemoSettings:
     )
     num_eval: int = 3
     eval_epochs: int = 101
-    eval_every: int = 10
+    eval_every: int | None = None
+    eval_temperature: float = EVAL_TEMPERATURE
     full_epochs: int = 10
 
     def validate(self) -> DemoSettings:
@@ -76,7 +80,8 @@ class DemoSettings:
             (self.lors_expert_batch >= 1, "lors_expert_batch", ">= 1"),
             (self.num_eval >= 1, "num_eval", ">= 1"),
             (self.eval_epochs >= 1, "eval_epochs", ">= 1"),
-            (self.eval_every >= 1, "eval_every", ">= 1"),
+            (self.eval_every is None or self.eval_every >= 1, "eval_every", ">= 1 or None"),
+            (0 < self.eval_temperature < float("inf"), "eval_temperature", "finite and > 0"),
             (self.full_epochs >= 1, "full_epochs", ">= 1"),
             (self.image_size is None or self.image_size >= 8, "image_size", ">= 8"),
             (self.lors_image_size is None or self.lors_image_size >= 8, "lors_image_size", ">= 8"),
@@ -85,6 +90,11 @@ class DemoSettings:
             if not ok:
                 raise ValueError(f"DemoSettings.{name}={getattr(self, name)!r}: expected {want}")
         return self
+
+    def every(self, method: str) -> int:
+        """How often the test split is scored when evaluating ``method``'s set (and the baselines
+        compared with it: RepBlend's cadence)."""
+        return self.eval_every or EVAL_EVERY[method]
 
     def configs(self, overrides: dict[str, Any] | None = None) -> dict[str, DistillConfig]:
         """The distillation config of each branch: ``demo`` preset + ``overrides`` (+ the LoRS

@@ -99,7 +99,9 @@ def _results(metrics: dict[str, Any], labels: dict[str, str]) -> list[str]:
         "## Results (held-out test split)",
         "",
         f"Retrieval recall in % (IR = text→image, TR = image→text), mean ± std over "
-        f"{ev.get('num_eval', '?')} evaluation seeds (fresh heads, D = {ev.get('dim', '?')}); "
+        f"{ev.get('num_eval', '?')} evaluation seeds (fresh heads, D = {ev.get('dim', '?')}"
+        + (f", logit temperature {fmt_g(ev['temperature'])}" if "temperature" in ev else "")
+        + "); "
         'mean recall is the mean of the six recalls; "eval lr" is the learning rate the fresh '
         "heads are trained with. **Best epoch** (chosen on the test split, as the reference "
         f"does, among {_eval_epochs(ev)}):",
@@ -299,8 +301,15 @@ def _fmt_s(sec: float) -> str:
 
 
 def _eval_epochs(ev: dict[str, Any]) -> str:
-    """``"epochs 0, 10, …, 100 of the 101 training epochs, counted from 0"``."""
-    n, every = ev.get("epochs"), ev.get("eval_every")
+    """``"epochs 0, 10, …, 100 of the 101 training epochs, counted from 0"`` (per method when the
+    cadence differs by method)."""
+    every = ev.get("eval_every")
+    if isinstance(every, dict) and every:
+        names = {"repblend": "RepBlend and the baselines", "lors": "LoRS", "mtt-vl": "MTT-VL"}
+        return "; ".join(
+            f"{names.get(m, m)}: {_eval_epochs({**ev, 'eval_every': e})}" for m, e in every.items()
+        )
+    n = ev.get("epochs")
     if not isinstance(n, int) or not isinstance(every, int) or n < 1 or every < 1:
         return f"every {every if every is not None else '?'} epochs"
     shown = sorted(set(range(0, n, every)) | {n - 1})
