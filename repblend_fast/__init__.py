@@ -21,6 +21,8 @@ _LAZY = {
     "Distiller": "repblend_fast.distill",
     "DistilledSet": "repblend_fast.distill",
     "NonFiniteLossError": "repblend_fast.distill",
+    "CollapseError": "repblend_fast.distill",
+    "DistillationStopped": "repblend_fast.distill",
     "TrajectoryStore": "repblend_fast.experts",
     "train_experts_symmetric": "repblend_fast.experts",
     "train_experts_lors": "repblend_fast.experts",

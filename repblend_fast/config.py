@@ -87,6 +87,21 @@ class DistillConfig:
         seed: seeds every random draw (one explicit generator).
         checkpoint_every: save a resumable checkpoint every k iterations (0 = only at the end).
         nan_patience: consecutive non-finite iterations tolerated before the run stops.
+        guard: the robust outer optimisation of docs/algorithm.md §14 (trust region, spike
+            rejection, loss-jump rollback, η momentum reset at the clamp) and the collapse
+            detector. Off: plain SGD with momentum, as the research code.
+        trust_region: per-pair update bound, as a fraction of the group's RMS row norm (images,
+            texts, similarity rows); 0 = no bound.
+        spike_factor: an iteration whose meta-gradient norm in a group exceeds this multiple of
+            its running median is not applied.
+        loss_jump: a matching loss above this multiple of its running median undoes the
+            previous update.
+        guard_window, guard_warmup, guard_cooldown: iterations in the running medians; accepted
+            iterations needed before the medians are trusted; iterations a learning rate stays
+            halved after a rejection.
+        collapse_window: the run stops (exit 2 from the CLI) when the median matching loss over
+            the last ``collapse_window`` iterations is no lower than over the first ones, or the
+            learned learning rates stay pinned at ``clamp_lr`` that long (0 = never).
         device: ``cpu`` or ``cuda``.
         threads: torch CPU threads for the run (0 = keep torch's current setting). The
             :class:`~repblend_fast.Distiller` records the count it ran with here, and a resumed
@@ -129,6 +144,14 @@ class DistillConfig:
     seed: int = 0
     checkpoint_every: int = 100
     nan_patience: int = 5
+    guard: bool = False
+    trust_region: float = 0.1
+    spike_factor: float = 10.0
+    loss_jump: float = 3.0
+    guard_window: int = 20
+    guard_warmup: int = 3
+    guard_cooldown: int = 10
+    collapse_window: int = 0
     device: str = "cpu"
     threads: int = 0
 
@@ -157,6 +180,13 @@ class DistillConfig:
             (self.checkpoint_every >= 0, "checkpoint_every", ">= 0"),
             (self.encoder_chunk >= 0, "encoder_chunk", ">= 0 (0 = keep the encoder graph)"),
             (self.nan_patience >= 1, "nan_patience", ">= 1"),
+            (self.trust_region >= 0, "trust_region", ">= 0 (0 = no bound)"),
+            (self.spike_factor > 1, "spike_factor", "> 1"),
+            (self.loss_jump > 1, "loss_jump", "> 1"),
+            (self.guard_window >= 3, "guard_window", ">= 3"),
+            (1 <= self.guard_warmup <= self.guard_window, "guard_warmup", "in [1, guard_window]"),
+            (self.guard_cooldown >= 1, "guard_cooldown", ">= 1"),
+            (self.collapse_window >= 0, "collapse_window", ">= 0 (0 = never stop)"),
             (self.device.split(":")[0] in ("cpu", "cuda"), "device", "'cpu' or 'cuda[:i]'"),
             (self.threads >= 0, "threads", ">= 0 (0 = torch's current setting)"),
         ]

@@ -35,7 +35,9 @@ from repblend_fast.checkpoint import (
 from repblend_fast.config import DistillConfig
 from repblend_fast.models.flat import FlatSpec
 from repblend_fast.models.heads import HeadSpec
+from repblend_fast.outer import GROUPS, OuterOptimizer
 from repblend_fast.sampling import IterationSampler
+from repblend_fast.stats import median
 from repblend_fast.unroll import StepPlan, Unroller, UnrollSettings
 
 logger = logging.getLogger("repblend_fast.distill")
@@ -44,8 +46,16 @@ FORMAT_VERSION = 1
 _AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class NonFiniteLossError(RuntimeError):
+class DistillationStopped(RuntimeError):
+    """The run stopped before writing a distilled set; the last good state is checkpointed."""
+
+
+class NonFiniteLossError(DistillationStopped):
     """Raised after ``nan_patience`` consecutive non-finite iterations (last good state kept)."""
+
+
+class CollapseError(DistillationStopped):
+    """Raised when the collapse detector (``collapse_window``) sees a run stop learning."""
 
 
 # --------------------------------------------------------------------------- results
@@ -173,7 +183,9 @@ class Distiller:
         self.sampler = IterationSampler(
             config, len(store), self.g, img_dim, self.txt_spec.dim, dtype
         )
-        self.momentum: dict[str, torch.Tensor] = {}
+        self.opt = OuterOptimizer(config, self._params())
+        self.collapse_losses: list[float] = []
+        self.collapse_pinned = 0
         self.iteration = 0
         self.bad_streak = 0
         self.history: list[dict] = []
@@ -262,6 +274,12 @@ class Distiller:
                 )
 
     # ----------------------------------------------------------------- one iteration
+    def _params(self) -> dict[str, torch.Tensor]:
+        """The leaves the outer optimiser updates, by name."""
+        p = {"x": self.x, "y": self.y, "eta_img": self.eta_img, "eta_txt": self.eta_txt}
+        p.update({f"sim.{k}": v for k, v in self.sim_params.items()})
+        return p
+
     def _snapshots(self, e: int, t: int):
         """``(start, target)`` flat parameters of expert ``e`` from start epoch ``t``."""
 
@@ -272,7 +290,11 @@ class Distiller:
         return (snap(t, "image"), snap(t, "text")), (snap(t + m, "image"), snap(t + m, "text"))
 
     def step(self) -> dict:
-        """Run one iteration; returns its metrics (also appended to ``metrics.jsonl``)."""
+        """Run one iteration; returns its metrics (also appended to ``metrics.jsonl``).
+
+        All random draws are made on the host first; the update is decided on the device and
+        the iteration's numbers are read back once, together.
+        """
         cfg = self.cfg
         t0 = time.perf_counter()
         if self.device.type == "cuda":
@@ -284,8 +306,72 @@ class Distiller:
             starts.append(start)
             targets.append(target)
             plans.append(plan.to(self.device))
+        (loss, loss_img, loss_txt), grads = self._meta_gradients(starts, targets, plans)
+        stats = self.opt.step(grads, loss)
+        vals = read_back(
+            {
+                "loss": loss,
+                "loss_img": loss_img,
+                "loss_txt": loss_txt,
+                "eta_img": self.eta_img,
+                "eta_txt": self.eta_txt,
+                **stats,
+            }
+        )
+        rec = self._record(picks, vals)
+        rec["ms"] = (time.perf_counter() - t0) * 1e3
+        if self.device.type == "cuda":
+            rec["peak_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            rec["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.iteration += 1
+        self.history.append(rec)
+        self._log(rec)
+        self._check_collapse(rec)
+        if self.bad_streak >= cfg.nan_patience:
+            self.save_checkpoint()
+            raise NonFiniteLossError(
+                f"{self.bad_streak} consecutive iterations had non-finite losses or gradients "
+                f"(last at iteration {self.iteration - 1}, {_picks_text(picks)}); the last "
+                "finite state is saved. Lower lr_img/lr_txt/lr_sim or set clamp_lr, then resume."
+            )
+        return rec
+
+    def _check_collapse(self, rec: dict) -> None:
+        """Stop a run that has stopped learning (``collapse_window`` = W > 0): the median matching
+        loss of the last W accepted iterations is no lower than that of the first W, or both
+        learned learning rates have sat at ``clamp_lr`` for W iterations in a row."""
+        w = self.cfg.collapse_window
+        if not w:
+            return
+        if not rec.get("skipped_non_finite") and not rec.get("update_rejected"):
+            self.collapse_losses.append(rec["loss"])
+        clamp = self.cfg.clamp_lr
+        at_clamp = clamp is not None and max(rec["eta_img"], rec["eta_txt"]) <= clamp * (1 + 1e-6)
+        self.collapse_pinned = self.collapse_pinned + 1 if at_clamp else 0
+        losses = self.collapse_losses
+        reason = None
+        if len(losses) >= 2 * w and median(losses[-w:]) >= median(losses[:w]):
+            reason = (
+                f"the median matching loss of the last {w} iterations ({median(losses[-w:]):.4g}) "
+                f"is no lower than that of the first {w} ({median(losses[:w]):.4g})"
+            )
+        elif self.collapse_pinned >= w:
+            reason = f"both learned learning rates have sat at clamp_lr={clamp} for {w} iterations"
+        if reason is None:
+            return
+        self.save_checkpoint()
+        raise CollapseError(
+            f"distillation stopped at iteration {self.iteration}: {reason}, so the synthetic set "
+            "has stopped improving (a collapse); no distilled set was written. Its last state is "
+            "in the checkpoint. Try another seed, meta_grad='tesla', lower lr_img/lr_txt, or "
+            "guard=true (docs/algorithm.md §14)."
+        )
+
+    def _meta_gradients(self, starts, targets, plans):
+        """``((loss, loss_img, loss_txt), grads)`` of the iteration's K trajectories (means)."""
         args = (self.x, self.y, self.sim_params, self.eta_img, self.eta_txt)
-        if cfg.student == "heads":
+        if self.cfg.student == "heads":
             # The K trajectories run batched in one unroll (mean loss and gradients).
             stack = lambda pairs, m: torch.stack([p[m] for p in pairs])  # noqa: E731
             r = self.unroller.run(
@@ -294,89 +380,68 @@ class Distiller:
                 (stack(targets, 0), stack(targets, 1)),
                 StepPlan.stack(plans),
             )
-            grads, loss = r.grads, float(r.loss)
-            loss_img, loss_txt = float(r.loss_img), float(r.loss_txt)
-        else:
-            results = [
-                self.unroller.run(*args, st, tg, pl) for st, tg, pl in zip(starts, targets, plans)
-            ]
-            k = len(results)
-            grads = {name: sum(r.grads[name] for r in results) / k for name in results[0].grads}
-            loss = sum(float(r.loss) for r in results) / k
-            loss_img = sum(float(r.loss_img) for r in results) / k
-            loss_txt = sum(float(r.loss_txt) for r in results) / k
-        finite = all(math.isfinite(v) for v in (loss, loss_img, loss_txt)) and all(
-            bool(torch.isfinite(g).all()) for g in grads.values() if g is not None
+            return (r.loss, r.loss_img, r.loss_txt), r.grads
+        results = [
+            self.unroller.run(*args, st, tg, pl) for st, tg, pl in zip(starts, targets, plans)
+        ]
+        k = len(results)
+        grads = {name: sum(r.grads[name] for r in results) / k for name in results[0].grads}
+        losses = tuple(
+            torch.stack([getattr(r, f) for r in results]).mean()
+            for f in ("loss", "loss_img", "loss_txt")
         )
+        return losses, grads
+
+    def _record(self, picks, vals: dict[str, float]) -> dict:
+        """The metrics record of an iteration from its read-back values; counts non-finite
+        iterations for the NaN guard."""
+        cfg = self.cfg
         rec = {
             "iteration": self.iteration,
             "expert": [e for e, _ in picks] if len(picks) > 1 else picks[0][0],
             "start_epoch": [t for _, t in picks] if len(picks) > 1 else picks[0][1],
-            "loss": loss,
-            "loss_img": loss_img,
-            "loss_txt": loss_txt,
+            "loss": vals["loss"],
+            "loss_img": vals["loss_img"],
+            "loss_txt": vals["loss_txt"],
         }
+        finite = bool(vals["finite"]) and bool(vals["update_finite"])
         if finite:
-            self._apply(grads)
             self.bad_streak = 0
         else:
             self.bad_streak += 1
             rec["skipped_non_finite"] = True
+            what = "loss or meta-gradient" if not vals["finite"] else "update"
             logger.warning(
-                "iteration %d: non-finite loss or gradient, update skipped (%d/%d)",
+                "iteration %d: non-finite %s (%s), update skipped (%d/%d)",
                 self.iteration,
+                what,
+                _picks_text(picks),
                 self.bad_streak,
                 cfg.nan_patience,
             )
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            rec["peak_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            rec["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         rec.update(
             {
-                "eta_img": float(self.eta_img),
-                "eta_txt": float(self.eta_txt),
-                "grad_norm_x": float(grads["x"].norm()),
-                "grad_norm_y": float(grads["y"].norm()),
-                "ms": (time.perf_counter() - t0) * 1e3,
+                "eta_img": vals["eta_img"],
+                "eta_txt": vals["eta_txt"],
+                "grad_norm_x": vals["grad_norm_image"],
+                "grad_norm_y": vals["grad_norm_text"],
             }
         )
-        sim_g = [g for name, g in grads.items() if name.startswith("sim.")]
-        if sim_g:
-            rec["grad_norm_sim"] = float(torch.sqrt(sum(g.pow(2).sum() for g in sim_g)))
-        self.iteration += 1
-        self.history.append(rec)
-        self._log(rec)
-        if self.bad_streak >= cfg.nan_patience:
-            self.save_checkpoint()
-            raise NonFiniteLossError(
-                f"{self.bad_streak} consecutive iterations had non-finite losses or gradients "
-                f"(last at iteration {self.iteration - 1}); the last good state is saved. Lower "
-                "lr_img/lr_txt/lr_sim or set clamp_lr, then resume."
-            )
+        if self.sim_params:
+            rec["grad_norm_sim"] = vals["grad_norm_sim"]
+        if cfg.guard:
+            rec["grad_norm_eta"] = vals["grad_norm_eta"]
+            spikes = [g for g in GROUPS if vals[f"spike_{g}"]]
+            if spikes:
+                rec["rejected_spike"] = spikes
+            if vals["rollback"]:
+                rec["rolled_back"] = True
+            scales = {g: vals[f"lr_scale_{g}"] for g in GROUPS if vals[f"lr_scale_{g}"] != 1.0}
+            if scales:
+                rec["lr_scale"] = scales
+        if not vals["accepted"] and finite:
+            rec["update_rejected"] = True
         return rec
-
-    def _apply(self, grads: dict[str, torch.Tensor]) -> None:
-        """SGD with momentum (dampening 0, as torch.optim.SGD), four groups."""
-        cfg = self.cfg
-        groups = [
-            ("x", self.x, cfg.lr_img),
-            ("y", self.y, cfg.lr_txt),
-            ("eta_img", self.eta_img, cfg.lr_lr),
-            ("eta_txt", self.eta_txt, cfg.lr_lr),
-        ]
-        groups += [(f"sim.{k}", v, cfg.lr_sim) for k, v in self.sim_params.items()]
-        with torch.no_grad():
-            for name, p, lr in groups:
-                g = grads[name].to(p.dtype)
-                buf = self.momentum.get(name)
-                buf = g.clone() if buf is None else buf.mul_(cfg.momentum).add_(g)
-                self.momentum[name] = buf
-                p.sub_(lr * buf)
-            if cfg.clamp_lr is not None:
-                self.eta_img.clamp_(min=cfg.clamp_lr)
-                self.eta_txt.clamp_(min=cfg.clamp_lr)
 
     # ----------------------------------------------------------------- run / output
     def run(self, progress: bool = True) -> DistilledSet:
@@ -444,7 +509,10 @@ class Distiller:
             "bad_streak": torch.tensor(self.bad_streak),
         }
         t.update({f"sim.{k}": v for k, v in self.sim_params.items()})
-        t.update({f"momentum.{k}": v for k, v in self.momentum.items()})
+        t.update(self.opt.state_tensors())
+        if self.cfg.collapse_window:
+            t["collapse.losses"] = torch.tensor(self.collapse_losses, dtype=torch.float64)
+            t["collapse.pinned"] = torch.tensor(self.collapse_pinned)
         return {k: v.detach().cpu().contiguous() for k, v in t.items()}
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path | None:
@@ -458,18 +526,28 @@ class Distiller:
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint` (same config required)."""
         t = read_checkpoint(path, self.cfg)
-        dev, dt = self.device, self.dtype
-        self.x = t["x"].to(dev, dt)
-        self.y = t["y"].to(dev, dt)
-        self.eta_img = t["eta_img"].to(dev, dt)
-        self.eta_txt = t["eta_txt"].to(dev, dt)
+        # In place: the optimiser holds these leaves.
+        for name, p in self._params().items():
+            p.copy_(t[name].to(p.device, p.dtype))
         self.g.set_state(t["rng"])
         self.sampler.load_state_tensors(t)
         self.iteration, self.bad_streak = int(t["iteration"]), int(t["bad_streak"])
-        self.sim_params = {k[4:]: v.to(dev, dt) for k, v in t.items() if k.startswith("sim.")}
-        self.momentum = {k[9:]: v.to(dev, dt) for k, v in t.items() if k.startswith("momentum.")}
+        self.opt.load_state_tensors(t)
+        if "collapse.losses" in t:
+            self.collapse_losses = t["collapse.losses"].tolist()
+            self.collapse_pinned = int(t["collapse.pinned"])
         if self.out_dir is not None:
             truncate_metrics(self.out_dir / METRICS, self.iteration)
+
+
+def read_back(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """All 0-d ``values`` as Python floats with one device-to-host transfer."""
+    flat = torch.stack([v.detach().reshape(()).to(torch.float64) for v in values.values()])
+    return dict(zip(values, flat.tolist()))
+
+
+def _picks_text(picks: list[tuple[int, int]]) -> str:
+    return ", ".join(f"expert {e} from epoch {t}" for e, t in picks)
 
 
 def _infer_dim(store, d_f: int) -> int:

@@ -189,6 +189,7 @@ def _checkpoint_config(out: Path) -> DistillConfig | None:
 
 
 def cmd_distill(args) -> int:
+    from repblend_fast.distill import DistillationStopped
     from repblend_fast.pipeline import distill
 
     check_device(args)
@@ -220,7 +221,7 @@ def cmd_distill(args) -> int:
             cache_dir=args.cache_dir,
             progress=not args.no_progress,
         )
-    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+    except (FileExistsError, FileNotFoundError, ValueError, DistillationStopped) as exc:
         raise CLIError(str(exc)) from exc
     print(f"distilled set written to {Path(args.out) / 'distilled.safetensors'}")
     return 0
