@@ -305,7 +305,7 @@ class Distiller:
             picks.append((e, t))
             starts.append(start)
             targets.append(target)
-            plans.append(plan.to(self.device))
+            plans.append(plan)
         (loss, loss_img, loss_txt), grads = self._meta_gradients(starts, targets, plans)
         stats = self.opt.step(grads, loss)
         vals = read_back(
@@ -378,9 +378,10 @@ class Distiller:
                 *args,
                 (stack(starts, 0), stack(starts, 1)),
                 (stack(targets, 0), stack(targets, 1)),
-                StepPlan.stack(plans),
+                StepPlan.stack(plans).with_touched().to(self.device),
             )
             return (r.loss, r.loss_img, r.loss_txt), r.grads
+        plans = [p.with_touched().to(self.device) for p in plans]
         results = [
             self.unroller.run(*args, st, tg, pl) for st, tg, pl in zip(starts, targets, plans)
         ]

@@ -5,7 +5,8 @@ the experts), the start epoch, the unroll's batches (a permutation of the N pair
 chunks of B), the blending coefficients and within-batch permutations, and the dropout keep-masks
 when the unroll keeps dropout. It makes every draw on the CPU before any device work, in a fixed
 order, so a run is a function of its seed, and its state (the generator's plus the two cyclic
-samplers') goes into checkpoints for a bit-identical resume.
+samplers') goes into checkpoints for a bit-identical resume. Values are read from the host tensors
+with ``tolist`` (a plain copy, no dispatch of a device read).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def sample_beta(alpha: float, generator: torch.Generator) -> float:
     if alpha <= 0:
         return 1.0
     if alpha == 1.0:
-        return float(torch.rand((), generator=generator, dtype=torch.float64))
+        return torch.rand((), generator=generator, dtype=torch.float64).tolist()
     a = _gamma(alpha, generator)
     b = _gamma(alpha, generator)
     return a / (a + b)
@@ -36,16 +37,16 @@ def sample_beta(alpha: float, generator: torch.Generator) -> float:
 
 def _gamma(k: float, g: torch.Generator) -> float:
     if k < 1:
-        u = float(torch.rand((), generator=g, dtype=torch.float64))
+        u = torch.rand((), generator=g, dtype=torch.float64).tolist()
         return _gamma(k + 1, g) * u ** (1 / k)
     d = k - 1 / 3
     c = 1 / math.sqrt(9 * d)
     while True:
-        z = float(torch.randn((), generator=g, dtype=torch.float64))
+        z = torch.randn((), generator=g, dtype=torch.float64).tolist()
         v = (1 + c * z) ** 3
         if v <= 0:
             continue
-        u = float(torch.rand((), generator=g, dtype=torch.float64))
+        u = torch.rand((), generator=g, dtype=torch.float64).tolist()
         if math.log(u) < 0.5 * z * z + d - d * v + d * math.log(v):
             return d * v
 
@@ -80,7 +81,7 @@ class ExpertSampler:
         if self.pos >= self.n:
             self.order = torch.randperm(self.n, generator=self.g)
             self.pos = 0
-        e = int(self.order[self.pos])
+        e = self.order[self.pos].tolist()
         self.pos += 1
         return e
 
@@ -118,7 +119,7 @@ class IterationSampler:
         out = []
         for _ in range(self.cfg.num_trajectories):
             e = self.experts.next()
-            t = int(torch.randint(0, self.cfg.max_start_epoch, (), generator=self.g))
+            t = torch.randint(0, self.cfg.max_start_epoch, (), generator=self.g).tolist()
             out.append((e, t, self._plan()))
         return out
 
@@ -134,7 +135,10 @@ class IterationSampler:
                 lams.append(1.0)
                 perms.append(torch.arange(cfg.batch_size))
         plan = StepPlan(
-            torch.stack(batches), torch.tensor(lams, dtype=self.dtype), torch.stack(perms)
+            torch.stack(batches),
+            torch.tensor(lams, dtype=self.dtype),
+            torch.stack(perms),
+            blend=cfg.blending and cfg.blend_alpha > 0,
         )
         if cfg.unroll_dropout:
             plan.keep_img, plan.keep_txt = self._keep_masks()

@@ -26,6 +26,7 @@ LoRS / MTT-VL train the image encoder itself (its parameters are the image-side 
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -51,6 +52,11 @@ class StepPlan:
     keep_img, keep_txt: optional rescaled dropout keep-masks of the heads, ``[(K,) T, B, D]``
         (``unroll_dropout``); ``keep_img2``/``keep_txt2`` are TESLA pass 2's masks (the
         reference resamples dropout there; ``None`` reuses pass 1's).
+    blend: whether the steps blend (``None``: decided by reading ``lams``, one host read per
+        step; plans from :class:`repblend_fast.sampling.IterationSampler` say it).
+    touched, inverse: the sorted distinct pair indices of ``batches`` ``[U]`` and each batch
+        entry's position among them (shaped like ``batches``), computed on the host by
+        :meth:`with_touched` (``None``: the unroll computes them, which reads the device).
     """
 
     batches: torch.Tensor
@@ -60,6 +66,9 @@ class StepPlan:
     keep_txt: torch.Tensor | None = None
     keep_img2: torch.Tensor | None = None
     keep_txt2: torch.Tensor | None = None
+    blend: bool | None = None
+    touched: torch.Tensor | None = None
+    inverse: torch.Tensor | None = None
 
     _FIELDS = ("batches", "lams", "perms", "keep_img", "keep_txt", "keep_img2", "keep_txt2")
 
@@ -76,21 +85,36 @@ class StepPlan:
         if self.batches.dim() == 3:
             return self
         vals = [getattr(self, f) for f in self._FIELDS]
-        return StepPlan(*[None if v is None else v[None] for v in vals])
+        inv = None if self.inverse is None else self.inverse[None]
+        return StepPlan(
+            *[None if v is None else v[None] for v in vals],
+            blend=self.blend,
+            touched=self.touched,
+            inverse=inv,
+        )
 
     def to(self, device: torch.device | str) -> StepPlan:
         """The same plan with every tensor on ``device``."""
-        vals = [getattr(self, f) for f in self._FIELDS]
-        return StepPlan(*[None if v is None else v.to(device) for v in vals])
+        vals = [getattr(self, f) for f in self._FIELDS] + [self.touched, self.inverse]
+        moved = [None if v is None else v.to(device) for v in vals]
+        return StepPlan(*moved[:-2], blend=self.blend, touched=moved[-2], inverse=moved[-1])
+
+    def with_touched(self) -> StepPlan:
+        """The same plan with ``touched``/``inverse`` filled in (read ``batches`` here: do it
+        while the plan is on the host)."""
+        touched, inverse = torch.unique(self.batches, return_inverse=True)
+        return dataclasses.replace(self, touched=touched, inverse=inverse)
 
     @staticmethod
     def stack(plans: list[StepPlan]) -> StepPlan:
-        """K single-trajectory plans as one ``[K, ...]`` plan."""
+        """K single-trajectory plans as one ``[K, ...]`` plan (``touched`` is not carried over:
+        call :meth:`with_touched` on the result)."""
         out = []
         for f in StepPlan._FIELDS:
             vals = [getattr(p, f) for p in plans]
             out.append(None if vals[0] is None else torch.stack(vals))
-        return StepPlan(*out)
+        blends = {p.blend for p in plans}
+        return StepPlan(*out, blend=blends.pop() if len(blends) == 1 else None)
 
     def keep(self, i: int, second_pass: bool = False):
         """Step i's keep-masks ``([K, B, D] or None, [K, B, D] or None)``."""
@@ -159,7 +183,7 @@ class Unroller:
             images ``[B, 3, H, W]`` to features ``[B, d_f]``.
         img_spec: ``HeadSpec`` of the image head (RepBlend) or ``FlatSpec`` of the encoder (LoRS).
         txt_spec: ``HeadSpec`` of the text head.
-        similarity: a similarity generator with ``params()`` and ``block(indices, params)``, or
+        similarity: a similarity generator with ``params()`` and ``block(indices, params, check=)``, or
             ``None`` for identity targets.
     """
 
@@ -200,7 +224,8 @@ class Unroller:
         k, b = idx.shape
         if self.similarity is None:
             return torch.eye(b, dtype=dtype, device=idx.device).expand(k, b, b)
-        s = self.similarity.block(idx, sim_params)
+        # The plan's indices are valid by construction: no range check (it would read them).
+        s = self.similarity.block(idx, sim_params, check=False)
         if self.s.blend_target and perm is not None:
             ar = torch.arange(k, device=idx.device)[:, None, None]
             sp = s[ar, perm[:, :, None], perm[:, None, :]]
@@ -303,7 +328,10 @@ class Unroller:
         """
         if self.s.method != "repblend" or not self.s.share_encoder:
             return None
-        touched, inverse = torch.unique(plan.batches, return_inverse=True)
+        if plan.touched is not None:
+            touched, inverse = plan.touched, plan.inverse
+        else:
+            touched, inverse = torch.unique(plan.batches, return_inverse=True)
         chunk = self.s.encoder_chunk
         if chunk == 0:
             with torch.enable_grad():
@@ -347,7 +375,7 @@ class Unroller:
 
     def _blend_args(self, i, plan):
         lam = plan.lams[:, i]
-        if bool((lam == 1.0).all()):
+        if plan.blend is False or (plan.blend is None and bool((lam == 1.0).all())):
             return None, None
         return plan.perms[:, i], lam
 
@@ -355,10 +383,16 @@ class Unroller:
         """Per-trajectory matching losses ``[K]`` (image, text, total) of the final parameters."""
         k = th[0].shape[0]
         li = torch.stack(
-            [trajectory_distance(th[0][j], start[0][j], target[0][j]) for j in range(k)]
+            [
+                trajectory_distance(th[0][j], start[0][j], target[0][j], check=False)
+                for j in range(k)
+            ]
         )
         lt = torch.stack(
-            [trajectory_distance(th[1][j], start[1][j], target[1][j]) for j in range(k)]
+            [
+                trajectory_distance(th[1][j], start[1][j], target[1][j], check=False)
+                for j in range(k)
+            ]
         )
         if not self.s.merge_loss:
             return li, lt, li + lt
@@ -438,8 +472,11 @@ class Unroller:
                 th_txt = th_txt - e2 * g2
         # One fused pass per trajectory and modality: D, ||Delta + eta G||^2, (Delta + eta G)^T G
         # and the pass-2 direction c = eta (Delta + eta G).
-        ti = [trajectory_terms(start[0][j], target[0][j], g_sum_img[j], e1) for j in range(k)]
-        tt = [trajectory_terms(start[1][j], target[1][j], g_sum_txt[j], e2) for j in range(k)]
+        # No value checks inside the unroll (they would read the device); a degenerate
+        # trajectory shows as a non-finite loss, which the outer optimiser refuses.
+        terms = lambda a, b, c, e: trajectory_terms(a, b, c, e, check=False)  # noqa: E731
+        ti = [terms(start[0][j], target[0][j], g_sum_img[j], e1) for j in range(k)]
+        tt = [terms(start[1][j], target[1][j], g_sum_txt[j], e2) for j in range(k)]
         den_i = torch.stack([t.denom for t in ti])
         den_t = torch.stack([t.denom for t in tt])
         num_i = torch.stack([t.num for t in ti])
@@ -495,6 +532,10 @@ class Unroller:
             g = gsim.get(name)
             out[f"sim.{name}"] = torch.zeros_like(v) if g is None else g
         return out
+
+
+def _distance(student, start, target) -> torch.Tensor:
+    return trajectory_distance(student, start, target, check=False)
 
 
 def make_unroller_for_lors(

@@ -38,7 +38,7 @@ class Sim:
     def params(self):
         return self.p
 
-    def block(self, idx, params=None):
+    def block(self, idx, params=None, *, check=True):
         p = self.p if params is None else params
         # idx [B] or [K, B] -> [B, B] or [K, B, B]
         return torch.diag_embed(p["a"][idx]) + 0.35 * p["L"][idx] @ p["R"][idx].transpose(-1, -2)

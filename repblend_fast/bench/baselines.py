@@ -114,8 +114,15 @@ class LowRankSim(nn.Module):
             getattr(self, k).copy_(v)
         return self
 
-    def block(self, idx: torch.Tensor, params: dict[str, torch.Tensor] | None = None):
-        """``S[I, I]``: ``[B]`` -> ``[B, B]`` (``[K, B]`` -> ``[K, B, B]``)."""
+    def block(
+        self,
+        idx: torch.Tensor,
+        params: dict[str, torch.Tensor] | None = None,
+        *,
+        check: bool = True,
+    ):
+        """``S[I, I]``: ``[B]`` -> ``[B, B]`` (``[K, B]`` -> ``[K, B, B]``); no index checks, as
+        in the research code (``check`` is accepted for the Unroller's interface)."""
         p = self.params() if params is None else params
         low = p["L"][idx] @ p["R"][idx].transpose(-1, -2)
         return torch.diag_embed(p["a"][idx]) + self.alpha / self.rank * low

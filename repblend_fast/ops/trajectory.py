@@ -263,6 +263,7 @@ def trajectory_terms(
     lr: float | torch.Tensor,
     *,
     impl: str = "auto",
+    check: bool = True,
 ) -> TrajectoryTerms:
     """One pass over (theta0, theta*, G) for the TESLA meta-gradient (docs/algorithm.md §5, §11e).
 
@@ -280,6 +281,8 @@ def trajectory_terms(
             it would synchronise the device every call: a NaN or infinite CUDA ``lr`` turns the
             results into NaN / inf instead.
         impl: ``auto`` | ``reference`` | ``triton`` | ``cuda``.
+        check: check a CPU tensor ``lr`` for finiteness (reads its value; pass False in a loop
+            that must not read values, e.g. the unroll, whose caller checks the results).
 
     Returns:
         :class:`TrajectoryTerms` ``(denom, num, dot, direction)``: three 0-d tensors (float32 for
@@ -300,7 +303,7 @@ def trajectory_terms(
         if lr.device != a[0].device:
             raise ValueError(f"{op}: lr is on {lr.device} but start is on {a[0].device}")
         # No finiteness check on CUDA: reading the value would synchronise the device.
-        if lr.device.type == "cpu" and values_readable(lr):
+        if check and lr.device.type == "cpu" and values_readable(lr):
             if not bool(torch.isfinite(lr.detach()).all()):
                 raise ValueError(f"{op}: lr must be finite, got {lr.detach().reshape(()).item()}")
     elif isinstance(lr, (int, float)) and not isinstance(lr, bool):
