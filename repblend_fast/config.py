@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
 SIMILARITIES = ("lowrank", "full", "none")
 META_GRADS = ("exact", "tesla")
 AUTOCAST = ("auto", "none", "bf16", "fp16")
+# The accepted logit temperatures (CLIP clamps 1/tau at 100; the presets use 0.07 and 0.1).
+TEMPERATURE_RANGE = (1e-3, 10.0)
 
 # What choosing a method implies unless the user says otherwise. LoRS and MTT-VL have no frozen
 # feature space to blend in (their image student is the encoder itself); MTT-VL learns no
@@ -53,13 +57,13 @@ class DistillConfig:
         lr_sim: outer learning rate of the similarity parameters.
         momentum: outer SGD momentum (all four groups).
         lr_init: initial student learning rate (both modalities).
-        clamp_lr: if set, the student learning rates are clamped to at least this value.
+        clamp_lr: if set (> 0), the student learning rates are clamped to at least this value.
         similarity: learned target ``lowrank``, ``full`` or ``none`` (identity targets).
         sim_rank, sim_alpha: rank r and scale alpha of the low-rank similarity.
         loss: contrastive loss inside the unroll (``wbce``, ``infonce``, ``cwcl``, ``bce``,
             ``mse``, ``kl``).
         eps: the log epsilon of WBCE (``0`` = exact log-sigmoid form).
-        temperature: tau; logits are scaled by ``1/tau``.
+        temperature: tau; logits are scaled by ``1/tau`` (accepted: 0.001 to 10).
         blend: representation blending on/off (RepBlend only).
         symmetric: RepBlend's symmetric projection trajectory matching: both projection heads are
             the students, on frozen-encoder features. ``False`` is the asymmetric ablation: the
@@ -156,9 +160,15 @@ class DistillConfig:
     threads: int = 0
 
     def validate(self) -> DistillConfig:
-        """Raise ``ValueError`` naming the field for any inconsistent setting; returns self."""
+        """Raise ``ValueError`` naming the field for any inconsistent setting; returns self.
+
+        Every field must have its declared type first (an integer field refuses ``2.5`` and
+        ``True``, a boolean refuses ``1``, a number must be finite), so that no value is
+        silently rounded or turned into NaN/Inf downstream; then the ranges below.
+        """
         from repblend_fast.reference.contrastive import LOSSES
 
+        self._check_types()
         checks = [
             (self.method in METHODS, "method", f"one of {METHODS}"),
             (self.similarity in SIMILARITIES, "similarity", f"one of {SIMILARITIES}"),
@@ -171,7 +181,14 @@ class DistillConfig:
             (self.expert_epochs >= 1, "expert_epochs", ">= 1"),
             (self.max_start_epoch >= 1, "max_start_epoch", ">= 1"),
             (1 <= self.batch_size <= self.pairs, "batch_size", f"between 1 and pairs={self.pairs}"),
-            (self.temperature > 0, "temperature", "> 0"),
+            (
+                TEMPERATURE_RANGE[0] <= self.temperature <= TEMPERATURE_RANGE[1],
+                "temperature",
+                f"in [{TEMPERATURE_RANGE[0]}, {TEMPERATURE_RANGE[1]}] (logits scaled by 1/tau: "
+                "a smaller tau saturates every gradient, a larger one flattens the targets)",
+            ),
+            (self.clamp_lr is None or self.clamp_lr > 0, "clamp_lr", "> 0, or None (no clamp)"),
+            (0 <= self.seed < 2**63, "seed", "in [0, 2**63)"),
             (self.eps >= 0, "eps", ">= 0"),
             (self.lr_init > 0, "lr_init", "> 0"),
             (0 <= self.momentum < 1, "momentum", "in [0, 1)"),
@@ -205,6 +222,28 @@ class DistillConfig:
         if self.method == "mtt-vl" and self.similarity != "none":
             raise ValueError("method='mtt-vl' uses identity targets: set similarity='none'")
         return self
+
+    def _check_types(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            kind = str(f.type)
+            if kind == "float | None" and v is None:
+                continue
+            if kind == "bool":
+                ok, want = isinstance(v, bool), "true or false"
+            elif kind == "int":
+                ok = isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                want = "an integer"
+            elif kind in ("float", "float | None"):
+                ok = isinstance(v, numbers.Real) and not isinstance(v, bool)
+                ok = ok and math.isfinite(v)
+                want = "a finite number" + (" or None" if kind != "float" else "")
+            elif kind == "str":
+                ok, want = isinstance(v, str), "a string"
+            else:
+                continue
+            if not ok:
+                raise ValueError(f"DistillConfig.{f.name}={v!r}: expected {want}")
 
     @property
     def student(self) -> str:

@@ -41,7 +41,7 @@ def describe_safetensors(path: Path) -> dict[str, Any]:
     meta = dict(header.get("__metadata__") or {})
     out: dict[str, Any] = {"kind": meta.pop("kind", _guess_kind(path, header)), "path": str(path)}
     for k, v in sorted(meta.items()):
-        out[k] = _maybe_json(v) if k in ("config", "losses") else v
+        out[k] = _maybe_json(v) if k in ("config", "losses", "metrics") else v
     out["tensors"] = {
         k: {"dtype": v["dtype"], "shape": list(v["shape"])}
         for k, v in sorted(header.items())
@@ -81,6 +81,17 @@ def _describe_dir(d: Path) -> dict[str, Any]:
         return _describe_run(d)
     if (d / "metrics.json").is_file():
         return _describe_demo(d)
+    if (d / "manifest.partial.json").is_file():
+        part = _read_json(d / "manifest.partial.json")
+        files = part.get("files") if isinstance(part, dict) else None
+        return {
+            "kind": "repblend_fast.experts-unfinished",
+            "path": str(d),
+            "experts_written": len(files) if isinstance(files, dict) else None,
+            "num_experts": part.get("num_experts") if isinstance(part, dict) else None,
+            "note": "its `buffer` run was interrupted or is running; rerun the same command to "
+            "finish it",
+        }
     raise ValueError(
         f"{d}: a folder without manifest.json, config.json or metrics.json (expected {EXPECTED})"
     )
@@ -94,13 +105,45 @@ def _describe_run(d: Path) -> dict[str, Any]:
     }
     metrics = d / "metrics.jsonl"
     if metrics.is_file():
-        lines = [ln for ln in metrics.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        out["iterations_logged"] = len(lines)
+        # Count iteration records (not config-change records); a torn last line is not one.
+        count = 0
+        for ln in metrics.read_bytes().splitlines():
+            try:
+                rec = json.loads(ln)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            count += isinstance(rec, dict) and "iteration" in rec
+        out["iterations_logged"] = count
     for name in ("distilled.safetensors", "checkpoint.safetensors"):
         if (d / name).is_file():
             info = describe_safetensors(d / name)
             info.pop("config", None)  # the folder's config.json says it
             out[name] = info
+    out["integrity"] = _run_integrity(d)
+    return out
+
+
+def _run_integrity(d: Path) -> dict[str, str]:
+    """``{file: "ok" | "changed since written" | "not recorded"}`` for a run folder's files,
+    checked against its ``checksums.json`` (run files are small enough to hash here)."""
+    from repblend_fast.checkpoint import CHECKSUMS, CONFIG, RunRecord
+    from repblend_fast.io import IntegrityError
+
+    if not (d / CHECKSUMS).is_file():
+        return {"checksums.json": "absent (written by an older version)"}
+    try:
+        record = RunRecord(d)
+    except IntegrityError:
+        return {"checksums.json": "damaged"}
+    out = {}
+    for name in (CONFIG, "checkpoint.safetensors", "distilled.safetensors"):
+        if not (d / name).is_file():
+            continue
+        try:
+            record.verify(name)
+            out[name] = "ok"
+        except IntegrityError as exc:
+            out[name] = "not recorded" if "records no checksum" in str(exc) else "changed"
     return out
 
 

@@ -11,7 +11,6 @@ resumed run continues bit-for-bit.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -28,8 +27,14 @@ from repblend_fast.checkpoint import (
     CONFIG,
     DISTILLED,
     METRICS,
-    read_checkpoint,
-    truncate_metrics,
+    RECORDED_CHANGES,
+    MetricsLog,
+    RunInterrupted,
+    RunRecord,
+    StopOnSignal,
+    check_state,
+    open_checkpoint,
+    read_metrics_for_resume,
     write_checkpoint,
 )
 from repblend_fast.config import DistillConfig
@@ -70,8 +75,17 @@ class DistilledSet:
     similarity: torch.Tensor | None  # full [N, N] target, None for identity
     sim_params: dict[str, torch.Tensor]
 
-    def save(self, path: str | os.PathLike, config: DistillConfig | None = None) -> Path:
-        from repblend_fast.io import atomic_save_safetensors
+    def save(
+        self,
+        path: str | os.PathLike,
+        config: DistillConfig | None = None,
+        *,
+        record: RunRecord | None = None,
+    ) -> Path:
+        """Write the set (recorded in the run folder's ``record`` when given). A set holding a
+        non-finite value is refused with ``ValueError``: it would train nothing, and a file that
+        looks finished is worse than none."""
+        from repblend_fast.io import safetensors_bytes, write_atomic
 
         tensors = {
             "images": self.images,
@@ -82,12 +96,25 @@ class DistilledSet:
         if self.similarity is not None:
             tensors["similarity"] = self.similarity
         tensors.update({f"sim.{k}": v for k, v in self.sim_params.items()})
+        bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
+        if bad:
+            raise ValueError(
+                f"{path} not written: the distilled {', '.join(bad)} hold non-finite values (the "
+                "run diverged); resume from its checkpoint with lower learning rates "
+                "(--resume --set lr_img=... lr_txt=...) or set clamp_lr"
+            )
         meta = {"format_version": str(FORMAT_VERSION), "kind": "repblend_fast.distilled"}
         if config is not None:
             meta["config"] = config.to_json()
-        return atomic_save_safetensors(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path, metadata=meta
+        path = Path(path)
+        data = safetensors_bytes(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta
         )
+        if record is not None and path.parent.resolve() == record.folder.resolve():
+            record.write(path.name, data)
+        else:
+            write_atomic(path, data)
+        return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DistilledSet:
@@ -446,34 +473,82 @@ class Distiller:
 
     # ----------------------------------------------------------------- run / output
     def run(self, progress: bool = True) -> DistilledSet:
-        """Run the remaining iterations (checkpointing as configured) and write the outputs."""
+        """Run the remaining iterations (checkpointing as configured) and write the outputs.
+
+        With an ``out_dir``, the run holds the folder's lock (a second writer gets
+        ``LockHeldError``), removes temporary files a killed writer left, and records every file
+        it writes in ``checksums.json``. SIGINT/SIGTERM let the current iteration finish, write
+        a checkpoint and raise :class:`~repblend_fast.checkpoint.RunInterrupted` (``--resume``
+        continues bit for bit); a second signal stops at once.
+        """
         from tqdm.auto import tqdm
 
-        cfg = self.cfg
-        if self.out_dir is not None:
-            from repblend_fast.io import atomic_write_text
+        from repblend_fast.locks import FolderLock
 
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(cfg.to_json() + "\n", self.out_dir / CONFIG)
-        bar = tqdm(
-            total=cfg.iterations,
-            initial=self.iteration,
-            disable=not progress,
-            desc=f"distill[{cfg.method}]",
-            unit="it",
-        )
-        while self.iteration < cfg.iterations:
-            rec = self.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", ms=f"{rec['ms']:.0f}")
-            if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
+        cfg = self.cfg
+        lock = FolderLock(self.out_dir, "distill run") if self.out_dir is not None else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            if self.out_dir is not None:
+                self._open_outputs()
+            bar = tqdm(
+                total=cfg.iterations,
+                initial=self.iteration,
+                disable=not progress,
+                desc=f"distill[{cfg.method}]",
+                unit="it",
+            )
+            with StopOnSignal() as stop:
+                while self.iteration < cfg.iterations:
+                    rec = self.step()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", ms=f"{rec['ms']:.0f}")
+                    if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    if stop.signum is not None:
+                        bar.close()
+                        raise RunInterrupted(stop.signum, self.iteration, self.save_checkpoint())
+            bar.close()
+            result = self.result()
+            if self.out_dir is not None:
                 self.save_checkpoint()
-        bar.close()
-        result = self.result()
-        if self.out_dir is not None:
-            self.save_checkpoint()
-            result.save(self.out_dir / DISTILLED, cfg)
-        return result
+                result.save(self.out_dir / DISTILLED, cfg, record=self._run_record())
+            return result
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _open_outputs(self) -> None:
+        """Start writing ``out_dir``: stale temporary files go, ``config.json`` is (re)written
+        and recorded, ``metrics.jsonl`` is cut to what this run continues, and the learning-rate
+        changes of a resume are logged as a config-change record."""
+        from repblend_fast.io import remove_stale_temps
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.out_dir)
+        record = self._run_record()
+        if getattr(self, "_resumed_from", None) is None and self.iteration == 0:
+            record.forget(*[n for n in list(record.files) if n != CONFIG])
+        record.write(CONFIG, (self.cfg.to_json() + "\n").encode("utf-8"))
+        log = self._metrics_log()
+        log.open()
+        changes = getattr(self, "_config_changes", None)
+        if changes:
+            log.append({"event": "config_change", "at_iteration": self.iteration, **changes})
+            self._config_changes = None
+
+    def _run_record(self) -> RunRecord:
+        record = getattr(self, "_checksums", None)
+        if record is None:
+            record = self._checksums = RunRecord(self.out_dir)
+        return record
+
+    def _metrics_log(self) -> MetricsLog:
+        log = getattr(self, "_mlog", None)
+        if log is None:
+            log = self._mlog = MetricsLog(self.out_dir / METRICS)
+        return log
 
     def result(self) -> DistilledSet:
         sim_full = None
@@ -493,8 +568,7 @@ class Distiller:
         if self.out_dir is None:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / METRICS, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(rec) + "\n")
+        self._metrics_log().append(rec)
 
     # ----------------------------------------------------------------- checkpoints
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -517,16 +591,54 @@ class Distiller:
         return {k: v.detach().cpu().contiguous() for k, v in t.items()}
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path | None:
-        """Write :meth:`state_tensors` (default: ``out_dir/checkpoint.safetensors``)."""
+        """Write :meth:`state_tensors` (default: ``out_dir/checkpoint.safetensors``), with the
+        store's manifest sha256 and the state of ``metrics.jsonl`` in its header."""
         if path is None:
             if self.out_dir is None:
                 return None
             path = self.out_dir / CHECKPOINT
-        return write_checkpoint(path, self.state_tensors(), self.cfg)
+        out = self.out_dir is not None
+        return write_checkpoint(
+            path,
+            self.state_tensors(),
+            self.cfg,
+            store_sha256=getattr(self.store, "manifest_sha256", None),
+            metrics=self._metrics_log().state() if out else None,
+            record=self._run_record() if out else None,
+        )
 
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore a checkpoint written by :meth:`save_checkpoint` (same config required)."""
-        t = read_checkpoint(path, self.cfg)
+    def load_checkpoint(self, path: str | os.PathLike, *, verify: bool = True) -> None:
+        """Restore a checkpoint written by :meth:`save_checkpoint`.
+
+        The config must continue the saved one (only ``RESUMABLE_CHANGES`` may differ), the
+        store must be the one it ran against, its counters must be in range and agree with
+        ``metrics.jsonl``; with ``verify`` its bytes must match the run folder's
+        ``checksums.json``. ``ValueError`` (``IntegrityError``) naming the file otherwise, and
+        nothing is changed.
+        """
+        path = Path(path)
+        inside = self.out_dir is not None and path.parent.resolve() == self.out_dir.resolve()
+        ck = open_checkpoint(
+            path,
+            self.cfg,
+            store_sha256=getattr(self.store, "manifest_sha256", None),
+            record=self._run_record() if inside else None,
+            verify=verify,
+        )
+        t = ck.tensors
+        check_state(
+            t,
+            path,
+            config=self.cfg,
+            num_experts=len(self.store),
+            params=self._params(),
+            rng_numel=self.g.get_state().numel(),
+        )
+        keep = None
+        if self.out_dir is not None:
+            keep = read_metrics_for_resume(
+                self.out_dir / METRICS, int(t["iteration"]), ck.metrics, verify=verify
+            )
         # In place: the optimiser holds these leaves.
         for name, p in self._params().items():
             p.copy_(t[name].to(p.device, p.dtype))
@@ -537,8 +649,15 @@ class Distiller:
         if "collapse.losses" in t:
             self.collapse_losses = t["collapse.losses"].tolist()
             self.collapse_pinned = int(t["collapse.pinned"])
-        if self.out_dir is not None:
-            truncate_metrics(self.out_dir / METRICS, self.iteration)
+        if keep is not None:
+            self._mlog = MetricsLog(self.out_dir / METRICS, keep)
+        self._resumed_from = path
+        changes = {
+            k: [getattr(ck.config, k), getattr(self.cfg, k)]
+            for k in RECORDED_CHANGES
+            if getattr(ck.config, k) != getattr(self.cfg, k)
+        }
+        self._config_changes = {"changes": changes} if changes else None
 
 
 def read_back(values: dict[str, torch.Tensor]) -> dict[str, float]:

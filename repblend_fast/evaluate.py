@@ -413,7 +413,9 @@ def evaluate_file(
     from repblend_fast.coresets import random_subset
     from repblend_fast.pipeline import encode_images, image_features, image_size_for, text_features
 
+    _verify_distilled(path, note)
     path, d, (cfg_loss, eps, method) = _read_distilled(path)
+    _check_finite(path, d)
     if eval_every is None:
         eval_every = EVAL_EVERY[method]
     if not (math.isfinite(temperature) and temperature > 0):
@@ -490,6 +492,40 @@ def evaluate_file(
             "lr_txt": 0.1,
         }
     return result
+
+
+def _verify_distilled(path: str | os.PathLike, note: Callable[[str], None] | None) -> None:
+    """Check a distilled set against its run folder's ``checksums.json`` (``IntegrityError``
+    if its bytes changed since the run wrote them); a file without one is only noted."""
+    from repblend_fast.checkpoint import CHECKSUMS, DISTILLED, RunRecord
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / DISTILLED
+    if not p.is_file():
+        return  # _read_distilled says so
+    if (p.parent / CHECKSUMS).is_file():
+        RunRecord(p.parent).verify(
+            p.name, fix="distil it again (or restore the run folder's own file)"
+        )
+    elif note is not None:
+        note(f"note: {p} has no {CHECKSUMS} beside it; its bytes are not checked")
+
+
+def _check_finite(path: Path, d) -> None:
+    """``ValueError`` for a set holding NaN or Inf: training on it gives meaningless numbers
+    (an all-NaN set used to score "0.0 ± 0.0")."""
+    parts = {"images": d.images, "texts": d.texts}
+    if d.similarity is not None:
+        parts["similarity"] = d.similarity
+    bad = {k: float((~torch.isfinite(v)).float().mean()) for k, v in parts.items() if v.numel()}
+    bad = {k: f for k, f in bad.items() if f > 0}
+    if bad:
+        what = ", ".join(f"{k} {100 * f:.3g}%" for k, f in bad.items())
+        raise ValueError(
+            f"{path}: the distilled set holds non-finite values ({what} NaN/Inf) and cannot be "
+            "evaluated; distil again with lower learning rates (lr_img, lr_txt) or a clamp_lr"
+        )
 
 
 def _read_distilled(path: str | os.PathLike):

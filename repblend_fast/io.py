@@ -1,67 +1,233 @@
-"""Atomic file writes and safetensors helpers (docs/design.md §3: no pickle, temp file +
-``os.replace``).
+"""Atomic file writes, file digests and safetensors helpers (docs/design.md §3: no pickle, temp
+file + ``os.replace``; docs/reliability.md: every file is recorded with its size and sha256).
 
-Every writer puts its bytes into a temporary file in the destination's directory, flushes and
-fsyncs it, then renames it over the destination, so a reader never sees a half-written file and
-an interrupted run leaves the previous version intact. ``safetensors`` is imported lazily so that
-importing :mod:`repblend_fast` needs only torch.
+Every writer puts its bytes into a temporary file ``.<name>.<random>.tmp`` in the destination's
+directory, flushes and fsyncs it, then renames it over the destination, so a reader never sees a
+half-written file and an interrupted run leaves the previous version intact. The sha256 of the
+bytes is computed while they are written (:func:`write_atomic` returns it as a
+:class:`FileDigest`), so a store, a cache entry or a run can list what it wrote and check it when
+it reads it back (:func:`verify_file`, streamed). A writer killed between creating its temporary
+file and the rename leaves that file behind; whoever next holds the folder's lock removes it
+(:func:`remove_stale_temps`). ``safetensors`` is imported lazily so that importing
+:mod:`repblend_fast` needs only torch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 __all__ = [
+    "FileDigest",
+    "IntegrityError",
     "atomic_save_safetensors",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "file_digest",
+    "fsync_dir",
+    "json_bytes",
     "load_safetensors",
     "read_safetensors_header",
+    "remove_stale_temps",
+    "safetensors_bytes",
     "safetensors_metadata",
+    "verify_file",
+    "write_atomic",
 ]
 
 PathLike = str | os.PathLike
+_CHUNK = 8 * 2**20
 
 
-def _atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then move ``tmp_path`` over ``path``; clean up on failure."""
+class IntegrityError(ValueError):
+    """A file does not match the size and sha256 recorded when it was written (or has no such
+    record where one is required). The message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    """Size in bytes and sha256 (hex) of a file's content, as recorded beside it."""
+
+    size: int
+    sha256: str
+
+    def to_json(self) -> dict[str, int | str]:
+        return {"size": self.size, "sha256": self.sha256}
+
+    @classmethod
+    def from_json(cls, obj: object, where: str) -> FileDigest:
+        """Parse a ``{"size", "sha256"}`` record; ``IntegrityError`` naming ``where`` if it is
+        malformed (a hand-edited or damaged record cannot vouch for anything)."""
+        ok = (
+            isinstance(obj, dict)
+            and isinstance(obj.get("size"), int)
+            and not isinstance(obj.get("size"), bool)
+            and obj["size"] >= 0
+            and isinstance(obj.get("sha256"), str)
+            and re.fullmatch(r"[0-9a-f]{64}", obj["sha256"]) is not None
+        )
+        if not ok:
+            raise IntegrityError(f"{where}: malformed checksum record {obj!r}")
+        return cls(int(obj["size"]), str(obj["sha256"]))
+
+    @classmethod
+    def of_bytes(cls, data: bytes) -> FileDigest:
+        return cls(len(data), hashlib.sha256(data).hexdigest())
+
+    def short(self) -> str:
+        return f"{self.size} bytes, sha256 {self.sha256[:12]}…"
+
+
+def file_digest(path: PathLike) -> FileDigest:
+    """Size and sha256 of the file at ``path``, read in 8 MiB chunks (any file size)."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return FileDigest(size, h.hexdigest())
+
+
+def verify_file(
+    path: PathLike, expected: FileDigest | Sequence[FileDigest], *, fix: str
+) -> FileDigest:
+    """Check that ``path`` has one of the ``expected`` digests; returns the matching one.
+
+    The size is compared first (a truncated or extended file fails without being read), then
+    the sha256, streamed. ``IntegrityError`` names the file, what differs and ``fix`` (what the
+    user can do about it).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    wanted = [expected] if isinstance(expected, FileDigest) else list(expected)
+    if not path.is_file():
+        raise IntegrityError(f"{path} is missing; {fix}")
+    size = path.stat().st_size
+    if all(size != w.size for w in wanted):
+        raise IntegrityError(
+            f"{path} has {size} bytes but {wanted[0].size} were written (it was truncated, "
+            f"extended or replaced since); {fix}"
+        )
+    got = file_digest(path)
+    for w in wanted:
+        if got == w:
+            return w
+    raise IntegrityError(
+        f"{path} has changed since it was written (sha256 {got.sha256[:12]}…, recorded "
+        f"{wanted[0].sha256[:12]}…): its bytes were modified or it was replaced by another "
+        f"file; {fix}"
+    )
+
+
+def fsync_dir(path: PathLike) -> None:
+    """fsync a directory, so that renames and removals in it are on disk before what follows
+    (a store's old manifest is gone before new expert files appear)."""
     try:
-        write(tmp)
-        # fsync so that the rename never exposes a file whose data is still only in the page cache.
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems do not support fsync on directories
+    finally:
+        os.close(fd)
+
+
+# mkstemp names: the prefix, 8 characters of [a-z0-9_], the suffix.
+_TEMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temps(folder: PathLike, names: Iterable[str] | None = None) -> list[Path]:
+    """Remove the temporary files that killed writers left in ``folder`` (``.<name>.*.tmp``,
+    for the given destination ``names`` or any); returns what was removed.
+
+    Call it only while holding the folder's lock (:mod:`repblend_fast.locks`): a temporary file
+    of a live writer is indistinguishable from a stale one.
+    """
+    folder = Path(folder)
+    wanted = set(names) if names is not None else None
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except FileNotFoundError:
+        return removed
+    for p in entries:
+        m = _TEMP.match(p.name)
+        if m and (wanted is None or m["name"] in wanted) and p.is_file() and not p.is_symlink():
+            try:
+                p.unlink()
+                removed.append(p)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def write_atomic(path: PathLike, data: bytes) -> FileDigest:
+    """Write ``data`` to ``path`` atomically; returns the size and sha256 of what was written,
+    computed while writing.
+
+    An ``OSError`` (disk full, permission, read-only file system) names ``path`` and leaves the
+    previous content of ``path`` and no temporary file behind.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _named(exc, path.parent) from None
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            view = memoryview(data)
+            for start in range(0, len(view), _CHUNK):
+                chunk = view[start : start + _CHUNK]
+                h.update(chunk)
+                fh.write(chunk)
+            fh.flush()
+            # fsync so that the rename never exposes a file whose data is only in the page cache.
+            os.fsync(fh.fileno())
         # mkstemp creates 0600 files; give the result ordinary permissions.
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError):
+            raise _named(exc, path) from None
         raise
-    return path
+    return FileDigest(len(data), h.hexdigest())
+
+
+def _named(exc: OSError, path: Path) -> OSError:
+    """``exc`` with ``path`` as its file name when it has none (``write`` errors carry none)."""
+    if exc.filename is None and exc.errno is not None:
+        return type(exc)(exc.errno, exc.strerror, str(path))
+    return exc
+
+
+def json_bytes(obj, *, indent: int | None = 2) -> bytes:
+    """``obj`` as the JSON bytes :func:`atomic_write_json` writes (trailing newline)."""
+    return (json.dumps(obj, indent=indent, allow_nan=True) + "\n").encode("utf-8")
 
 
 def atomic_write_bytes(data: bytes, path: PathLike) -> Path:
-    """Write ``data`` to ``path`` atomically. Returns the path."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    return _atomic_write(path, write)
+    """Write ``data`` to ``path`` atomically. Returns the path (:func:`write_atomic` returns the
+    digest)."""
+    write_atomic(path, data)
+    return Path(path)
 
 
 def atomic_write_text(text: str, path: PathLike, encoding: str = "utf-8") -> Path:
@@ -74,8 +240,7 @@ def atomic_write_json(obj, path: PathLike, *, indent: int | None = 2) -> Path:
 
     Raises ``TypeError`` before touching the file if ``obj`` is not JSON-serialisable.
     """
-    text = json.dumps(obj, indent=indent, allow_nan=True) + "\n"
-    return atomic_write_text(text, path)
+    return atomic_write_bytes(json_bytes(obj, indent=indent), path)
 
 
 def canonical_safetensors_bytes(data: bytes) -> bytes:
@@ -94,15 +259,17 @@ def canonical_safetensors_bytes(data: bytes) -> bytes:
     return struct.pack("<Q", len(text)) + text + data[8 + n :]
 
 
-def atomic_save_safetensors(
-    tensors: Mapping[str, torch.Tensor], path: PathLike, metadata: Mapping[str, str] | None = None
-) -> Path:
-    """Save ``tensors`` (name -> tensor, any device) to a safetensors file atomically.
+def safetensors_bytes(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """The bytes of a safetensors file holding ``tensors`` (name -> tensor, any device).
 
     Tensors are moved to the CPU and made contiguous first (safetensors refuses views with
-    strides). ``metadata`` values must be strings (the safetensors header format). The file is
-    byte-for-byte deterministic (:func:`canonical_safetensors_bytes`).
+    strides). ``metadata`` values must be strings (the safetensors header format). The bytes
+    are deterministic (:func:`canonical_safetensors_bytes`).
     """
+    from safetensors.torch import save
+
     if metadata is not None:
         bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(v, str)}
         if bad:
@@ -113,15 +280,17 @@ def atomic_save_safetensors(
             raise TypeError(f"tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
         # clone() also breaks storage sharing between entries, which safetensors rejects.
         cpu[name] = t.detach().to("cpu").contiguous().clone()
+    data = save(cpu, metadata=dict(metadata) if metadata is not None else None)
+    return canonical_safetensors_bytes(data)
 
-    def write(tmp: str) -> None:
-        from safetensors.torch import save
 
-        data = save(cpu, metadata=dict(metadata) if metadata is not None else None)
-        with open(tmp, "wb") as fh:
-            fh.write(canonical_safetensors_bytes(data))
-
-    return _atomic_write(path, write)
+def atomic_save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: PathLike, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Save ``tensors`` to a safetensors file atomically (:func:`safetensors_bytes`); returns
+    the path. Use :func:`write_atomic` with :func:`safetensors_bytes` to get the digest."""
+    write_atomic(path, safetensors_bytes(tensors, metadata))
+    return Path(path)
 
 
 def load_safetensors(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,11 +150,16 @@ def train_experts(
     lr: float = 0.1,
     seed: int = 0,
     cache_dir=None,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
     """Train and store expert trajectories on the training split ``ds`` (docs/algorithm.md §3):
     ``method="repblend"`` trains both heads on cached frozen-encoder features, ``"lors"`` the
-    image encoder and the text head."""
+    image encoder and the text head.
+
+    ``out_dir`` is locked while it is written; a finished store of other settings there is
+    refused (``StoreExistsError``) unless ``overwrite``, an identical one keeps its experts.
+    """
     from repblend_fast import experts
 
     recipe = experts.ExpertRecipe(
@@ -168,6 +174,7 @@ def train_experts(
         text_encoder=enc.text_id,
         dataset_fingerprint=ds.fingerprint(),
         progress=progress,
+        overwrite=overwrite,
     )
     if method == "repblend":
         feats = image_features(ds, enc, size, cache_dir=cache_dir, progress=progress)
@@ -211,37 +218,132 @@ def distill(
     out_dir: str | os.PathLike | None = None,
     image_size: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
+    verify: bool = True,
     cache_dir=None,
     progress: bool = True,
 ):
-    """Distil ``config.pairs`` pairs from ``ds`` against the experts in ``experts_dir``."""
+    """Distil ``config.pairs`` pairs from ``ds`` against the experts in ``experts_dir``.
+
+    ``out_dir`` is locked for the whole call (a second run into it gets ``LockHeldError``).
+    A folder that already holds a run is refused unless ``resume`` (continue it from its
+    checkpoint; one interrupted before its first checkpoint starts over, saying so) or
+    ``overwrite`` (its run files are removed first). The store must have been trained on ``ds``
+    with these encoders; ``verify=False`` skips the sha256 of the store's files and of the
+    checkpoint (sizes, structure and counters are still checked).
+    """
+    from repblend_fast.checkpoint import CHECKPOINT, CONFIG, METRICS, RUN_FILES
     from repblend_fast.distill import Distiller
     from repblend_fast.experts import TrajectoryStore
+    from repblend_fast.io import remove_stale_temps
+    from repblend_fast.locks import FolderLock
 
     config.validate()
-    store = TrajectoryStore.load(experts_dir, device=config.device)
-    store.check_compatible(
-        method=config.expert_kind, image_encoder=enc.image_id, text_encoder=enc.text_id
-    )
-    size = image_size_for(ds.name, image_size, enc.image_info)
-    images, texts, _ = initial_pairs(ds, enc, config.pairs, size, config.seed, cache_dir=cache_dir)
-    d = Distiller(
-        config,
-        encoder=enc.image,
-        store=store,
-        init_images=images,
-        init_texts=texts,
-        out_dir=out_dir,
-    )
-    ckpt = Path(out_dir) / "checkpoint.safetensors" if out_dir is not None else None
-    if resume:
-        if ckpt is None or not ckpt.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}; run without --resume")
-        d.load_checkpoint(ckpt)
-        logger.info("resumed from %s at iteration %d", ckpt, d.iteration)
-    elif out_dir is not None and (Path(out_dir) / "metrics.jsonl").exists():
-        raise FileExistsError(
-            f"{out_dir} already holds a run (metrics.jsonl): pass --resume to continue it or "
-            "choose another --out"
+    if resume and overwrite:
+        raise ValueError(
+            "--resume continues the run in --out and --overwrite replaces it: pick one"
         )
-    return d.run(progress=progress)
+    out = Path(out_dir) if out_dir is not None else None
+    lock = FolderLock(out, "distill run") if out is not None else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        restart = False
+        if out is not None:
+            remove_stale_temps(out)
+            present = [n for n in RUN_FILES if (out / n).exists()]
+            if present and not (resume or overwrite):
+                raise FileExistsError(
+                    f"{out} already holds a run ({', '.join(present)}): pass --resume to "
+                    "continue it, --overwrite to replace it, or choose another --out"
+                )
+            if resume and not (out / CHECKPOINT).exists():
+                if not present:
+                    raise FileNotFoundError(
+                        f"--resume: {out} holds no run to continue; run without --resume"
+                    )
+                restart = True
+                if (out / CONFIG).exists():
+                    _check_restart_config(out, config, verify)
+        store = TrajectoryStore.load(experts_dir, device=config.device, verify=verify)
+        if not verify:
+            logger.warning(
+                "--no-verify: the sha256 of the expert files and of the checkpoint are not "
+                "checked (sizes, structure, counters and the store's recipe still are)"
+            )
+        _check_store_matches(store, config, enc, ds)
+        size = image_size_for(ds.name, image_size, enc.image_info)
+        images, texts, _ = initial_pairs(
+            ds, enc, config.pairs, size, config.seed, cache_dir=cache_dir
+        )
+        d = Distiller(
+            config,
+            encoder=enc.image,
+            store=store,
+            init_images=images,
+            init_texts=texts,
+            out_dir=out,
+        )
+        # Only now, with every input checked, may an earlier run's files go.
+        if overwrite and out is not None:
+            for n in present:
+                (out / n).unlink(missing_ok=True)
+        elif restart:
+            logger.warning(
+                "%s: the run stopped before its first checkpoint; starting it over from "
+                "iteration 0",
+                out,
+            )
+            for n in (METRICS, CHECKPOINT, "distilled.safetensors"):
+                (out / n).unlink(missing_ok=True)
+        elif resume:
+            d.load_checkpoint(out / CHECKPOINT, verify=verify)
+            logger.info("resumed from %s at iteration %d", out / CHECKPOINT, d.iteration)
+        return d.run(progress=progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+# PairDataset.fingerprint(): a 64-digit sha256. Stores that record something else (imported
+# from another code base) cannot be compared with the data.
+_DATASET_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_store_matches(store, config: DistillConfig, enc: Encoders, ds) -> None:
+    """``ValueError`` listing what differs between the store and this run (method, encoders,
+    training data)."""
+    fp = store.manifest.get("dataset_fingerprint")
+    check_data = isinstance(fp, str) and _DATASET_FINGERPRINT.fullmatch(fp) is not None
+    if not check_data:
+        logger.warning(
+            "expert store %s records dataset %r, not a fingerprint of a dataset: the training "
+            "data of its experts is not checked",
+            store.root,
+            fp,
+        )
+    store.check_compatible(
+        method=config.expert_kind,
+        image_encoder=enc.image_id,
+        text_encoder=enc.text_id,
+        dataset_fingerprint=ds.fingerprint() if check_data else None,
+    )
+
+
+def _check_restart_config(out: Path, config: DistillConfig, verify: bool) -> None:
+    """Before a run without a checkpoint starts over under ``--resume``: its ``config.json``
+    (checked against ``checksums.json``) must be continued by ``config``."""
+    import json
+
+    from repblend_fast.checkpoint import CONFIG, RunRecord, check_continues
+
+    path = out / CONFIG
+    if verify:
+        RunRecord(out).verify(CONFIG)
+    try:
+        saved = DistillConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{path} is unreadable ({exc}); start over with --overwrite instead of --resume"
+        ) from None
+    check_continues(saved, config, path)

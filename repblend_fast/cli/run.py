@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,12 @@ def _register_buffer(sub) -> None:
     g.add_argument("--batch-size", type=int, default=128, help="captions per SGD step")
     g.add_argument("--lr", type=float, default=0.1, help="SGD learning rate of both sides")
     g.add_argument("--seed", type=int, default=0, help="seeds every expert (expert i: a hash)")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished store built with other settings in --out (without it such a "
+        "folder is refused; a rerun with the same settings keeps its experts)",
+    )
     add_threads_arg(b)
     add_progress_arg(b)
     b.set_defaults(func=cmd_buffer)
@@ -72,24 +79,32 @@ def cmd_buffer(args) -> int:
     for flag in ("experts", "epochs", "dim", "batch_size"):
         if getattr(args, flag) < 1:
             raise CLIError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise CLIError(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.seed < 0:
+        raise CLIError(f"--seed must be >= 0, got {args.seed}")
     apply_threads(args.threads)
     ds = dataset_from_args(args)
     enc = encoders_from_args(args)
-    path = train_experts(
-        ds,
-        enc,
-        args.out,
-        method=args.method,
-        num_experts=args.experts,
-        epochs=args.epochs,
-        dim=args.dim,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        cache_dir=args.cache_dir,
-        progress=not args.no_progress,
-    )
+    try:
+        path = train_experts(
+            ds,
+            enc,
+            args.out,
+            method=args.method,
+            num_experts=args.experts,
+            epochs=args.epochs,
+            dim=args.dim,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            cache_dir=args.cache_dir,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
+        raise CLIError(str(exc)) from exc
     print(f"experts written to {path}")
     return 0
 
@@ -139,7 +154,20 @@ def _register_distill(sub) -> None:
     g.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its checkpoint.safetensors",
+        help="continue the run in --out from its checkpoint.safetensors (a run stopped before "
+        "its first checkpoint starts over); --set may change lr_img, lr_txt, lr_lr, lr_sim, "
+        "clamp_lr, iterations and checkpoint_every",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --out (its config, metrics, checkpoint and distilled set)",
+    )
+    g.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the sha256 of the expert files and of the checkpoint (for stores of hundreds "
+        "of GB; sizes, structure and counters are still checked)",
     )
     add_set_arg(g)
     add_threads_arg(d)
@@ -168,49 +196,86 @@ def config_from_args(args) -> DistillConfig:
             over[field] = v
     if args.no_share_encoder:
         over["share_encoder"] = False
-    over.update(parse_set(args.set))
+    sets = parse_set(args.set)
+    over.update(sets)
     try:
         return preset(args.preset, **over)
     except (TypeError, ValueError) as exc:
+        # Name the flag the bad value came from.
+        for name, value in sets.items():
+            if f"DistillConfig.{name}=" in str(exc):
+                raise CLIError(f"--set {name}={json.dumps(value)}: {exc}") from exc
         raise CLIError(str(exc)) from exc
 
 
 def _checkpoint_config(out: Path) -> DistillConfig | None:
-    """The config a run folder's checkpoint was written with (None without a checkpoint)."""
-    from repblend_fast.io import safetensors_metadata
+    """The config a run folder's checkpoint was written with, else its ``config.json``'s (a run
+    stopped before its first checkpoint); None without either."""
+    from repblend_fast.io import read_safetensors_header
 
     ckpt = out / "checkpoint.safetensors"
-    if not ckpt.is_file():
-        return None
-    try:
-        return DistillConfig.from_dict(json.loads(safetensors_metadata(ckpt)["config"]))
-    except Exception as exc:  # a damaged checkpoint: say which file
-        raise CLIError(f"{ckpt}: cannot read the checkpoint's config ({exc})") from exc
+    if ckpt.is_file():
+        try:
+            meta = read_safetensors_header(ckpt).get("__metadata__") or {}
+            return DistillConfig.from_dict(json.loads(meta["config"]))
+        except Exception as exc:  # a damaged checkpoint: say which file
+            raise CLIError(
+                f"{ckpt}: cannot read the checkpoint's config ({exc}); start over with --overwrite"
+            ) from exc
+    cfg = out / "config.json"
+    if cfg.is_file():
+        try:
+            return DistillConfig.from_dict(json.loads(cfg.read_text(encoding="utf-8")))
+        except Exception as exc:
+            raise CLIError(
+                f"{cfg}: unreadable ({exc}); start over with --overwrite instead of --resume"
+            ) from exc
+    return None
 
 
 def cmd_distill(args) -> int:
+    cfg = config_from_args(args)
+    run_distill(args, cfg)
+    print(f"distilled set written to {Path(args.out) / 'distilled.safetensors'}")
+    return 0
+
+
+def run_distill(args, cfg: DistillConfig, *, enc=None, flags: dict[str, str] | None = None):
+    """Everything ``distill`` does once its config is built; returns the DistilledSet.
+
+    Shared with the commands that build the config another way (``authors``): ``args`` carries
+    the data, encoder, ``experts``, ``out``, ``resume``, ``threads`` and progress attributes of
+    ``distill``; ``enc`` replaces the encoders the encoder flags name; ``flags`` renames the flags
+    the messages cite (``{"experts": "--buffer_path", "pairs": "--num_queries"}``).
+    """
     from repblend_fast.distill import DistillationStopped
     from repblend_fast.pipeline import distill
 
+    flag = {"experts": "--experts", "pairs": "--pairs", **(flags or {})}
     check_device(args)
-    cfg = config_from_args(args)
     saved = _checkpoint_config(Path(args.out)) if args.resume else None
     threads = resolve_threads(args.threads, saved.threads if saved is not None else None)
     cfg = cfg.replace(threads=threads)
     if not Path(args.experts, "manifest.json").exists():
+        if Path(args.experts, "manifest.partial.json").exists():
+            raise CLIError(
+                f"{flag['experts']} {args.experts}: an unfinished expert store (its `buffer` run "
+                "was interrupted or is running); rerun the same `buffer` command to finish it"
+            )
         raise CLIError(
-            f"--experts {args.experts}: no manifest.json there; create experts with "
+            f"{flag['experts']} {args.experts}: no manifest.json there; create experts with "
             "`repblend-fast buffer --out DIR` first"
         )
     ds = dataset_from_args(args)
     if cfg.pairs > ds.num_images:
         raise CLIError(
-            f"--pairs {cfg.pairs} exceeds the {ds.num_images} training images of "
-            f"{args.dataset}: lower --pairs"
+            f"{flag['pairs']} {cfg.pairs} exceeds the {ds.num_images} training images of "
+            f"{args.dataset}: lower {flag['pairs']}"
         )
-    enc = encoders_from_args(args)
+    if enc is None:
+        enc = encoders_from_args(args)
     try:
-        distill(
+        return distill(
             ds,
             enc,
             args.experts,
@@ -218,13 +283,13 @@ def cmd_distill(args) -> int:
             out_dir=args.out,
             image_size=args.image_size,
             resume=args.resume,
+            overwrite=getattr(args, "overwrite", False),
+            verify=not getattr(args, "no_verify", False),
             cache_dir=args.cache_dir,
             progress=not args.no_progress,
         )
     except (FileExistsError, FileNotFoundError, ValueError, DistillationStopped) as exc:
         raise CLIError(str(exc)) from exc
-    print(f"distilled set written to {Path(args.out) / 'distilled.safetensors'}")
-    return 0
 
 
 # ----------------------------------------------------------------------------- info

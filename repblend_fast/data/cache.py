@@ -5,9 +5,13 @@ sidecar ``<key>.json`` holding the key parts, shape and dtype. ``key`` is the sh
 canonical JSON of ``key_parts`` — typically the dataset fingerprint, the encoder id (name +
 checkpoint hash), and the preprocessing parameters (image size, mean/std, pooling, augmentation
 view). Any change of a part gives a new key, hence a recompute. Both files are written atomically,
-tensor first, so the sidecar marks a complete entry; an unreadable or inconsistent entry is
-recomputed with a warning. The cache folder defaults to ``$REPBLEND_CACHE_DIR`` or
-``~/.cache/repblend_fast``.
+tensor first, so the sidecar marks a complete entry; the sidecar records the tensor file's size
+and sha256 (computed while writing it), checked, streamed, on every read. An unreadable,
+inconsistent or changed entry (a flipped byte included) is recomputed with a warning naming the
+file: a cache can always be rebuilt, so the right answer to damage is the recompute, never the
+damaged values. Writers of one entry take its lock (:mod:`repblend_fast.locks`, waiting for each
+other) and remove the temporary files a killed writer left. The cache folder defaults to
+``$REPBLEND_CACHE_DIR`` or ``~/.cache/repblend_fast``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,16 @@ from typing import Any
 
 import torch
 
-from repblend_fast.io import atomic_save_safetensors, atomic_write_json, load_safetensors
+from repblend_fast.io import (
+    FileDigest,
+    atomic_write_json,
+    load_safetensors,
+    remove_stale_temps,
+    safetensors_bytes,
+    verify_file,
+    write_atomic,
+)
+from repblend_fast.locks import FolderLock, LockHeldError
 
 CACHE_FORMAT = 1
 ENV_CACHE_DIR = "REPBLEND_CACHE_DIR"
@@ -70,6 +83,13 @@ def _try_load(tensor_path: Path, side_path: Path, canon: str, device) -> torch.T
         raise ValueError(f"cache format {side.get('format')} != {CACHE_FORMAT}")
     if _canonical(side.get("key_parts", {})) != canon:
         raise ValueError("sidecar key parts differ from the requested ones")
+    if "sha256" not in side:
+        raise ValueError("its sidecar records no checksum (written by an older version)")
+    verify_file(
+        tensor_path,
+        FileDigest.from_json({"size": side.get("size"), "sha256": side["sha256"]}, str(side_path)),
+        fix="the entry is recomputed",
+    )
     try:
         t = load_safetensors(tensor_path, device)["features"]
     except Exception as e:  # safetensors raises several error types on a damaged file
@@ -99,8 +119,9 @@ def cached_features(
         device: where the returned tensor lives.
         refresh: recompute and overwrite even on a hit.
 
-    A damaged entry (unreadable file, sidecar mismatch) triggers a ``RuntimeWarning`` and a
-    recompute. Returns the features tensor.
+    A damaged entry (unreadable file, sidecar mismatch, bytes that changed since they were
+    written) triggers a ``RuntimeWarning`` naming the file and a recompute. Returns the features
+    tensor.
     """
     canon = _canonical(key_parts)
     tensor_path, side_path = cache_paths(key_parts, cache_dir)
@@ -121,18 +142,31 @@ def cached_features(
         raise TypeError(f"compute_fn must return a torch.Tensor, got {type(feats).__name__}")
     feats = feats.detach()
     key = tensor_path.stem
-    # Remove the sidecar first so a crash between the two writes leaves no stale "complete" entry.
-    side_path.unlink(missing_ok=True)
-    atomic_save_safetensors({"features": feats}, tensor_path, metadata={"key": key})
-    atomic_write_json(
-        {
-            "format": CACHE_FORMAT,
-            "key": key,
-            "key_parts": json.loads(canon),
-            "shape": list(feats.shape),
-            "dtype": str(feats.dtype),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        },
-        side_path,
-    )
+    lock = FolderLock(tensor_path.parent, "writing a feature cache entry", name=f".{key}.lock")
+    try:
+        lock.acquire()
+    except LockHeldError as exc:
+        warnings.warn(f"{exc}: waiting for it", RuntimeWarning, stacklevel=2)
+        lock.acquire(wait=True)
+    try:
+        remove_stale_temps(tensor_path.parent, [tensor_path.name, side_path.name])
+        # Remove the sidecar first so a crash between the writes leaves no stale "complete" entry.
+        side_path.unlink(missing_ok=True)
+        digest = write_atomic(
+            tensor_path, safetensors_bytes({"features": feats}, metadata={"key": key})
+        )
+        atomic_write_json(
+            {
+                "format": CACHE_FORMAT,
+                "key": key,
+                "key_parts": json.loads(canon),
+                "shape": list(feats.shape),
+                "dtype": str(feats.dtype),
+                **digest.to_json(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+            side_path,
+        )
+    finally:
+        lock.release()
     return feats.to(device)

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from repblend_fast.demo.settings import LABELS
 from repblend_fast.demo.state import DemoRun
 
@@ -167,6 +169,8 @@ def _expert_dir(run: DemoRun, method: str, n: int, epochs: int, batch: int) -> P
         "lr": s.expert_lr,
         "dim": s.dim if method == "repblend" else None,
         "seed": s.seed,
+        # Expert bytes depend on the thread count (the store records it and refuses a mix).
+        "threads": torch.get_num_threads(),
     }
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
     root = Path(run.cache_dir) if run.cache_dir is not None else default_cache_dir()

@@ -7,27 +7,50 @@ Layout of a store directory:
   paired with another expert's text trajectory — the mismatch the LoRS scripts allow), with the
   expert's recipe hash (``config_sha``), seed and per-epoch losses in its header metadata;
 * ``manifest.json``, written last: format version, the flat layout of each modality, encoder ids,
-  dataset fingerprint, training recipe, stored epochs, file names, expert seeds and losses. A
-  directory without a manifest is an unfinished run.
+  dataset fingerprint, training recipe, its hash (``recipe_sha``) and seed, stored epochs, file
+  names, expert seeds and losses, and the size and sha256 of every expert file (``integrity``).
+  A directory without a manifest is an unfinished run;
+* ``manifest.partial.json`` while a build is unfinished: the recipe hash and the digests of the
+  expert files written so far, so that a rerun with the same settings keeps (after checking
+  them) exactly those files.
 
-All writes are atomic (:mod:`repblend_fast.io`); nothing is pickled. :class:`StoreWriter` writes a
-store (keeping the files of an identical earlier run), :class:`TrajectoryStore` validates one
-against its manifest and preloads the snapshots a run needs onto the device once (the research
-code re-read expert files from disk every iteration).
+A build never mixes with a finished store: a writer first demotes an existing manifest to the
+partial record (or, for other settings, refuses unless ``overwrite``, then removes the old store's
+files) before it writes any expert file, and holds the folder's lock
+(:mod:`repblend_fast.locks`) throughout. All writes are atomic (:mod:`repblend_fast.io`); nothing
+is pickled. :class:`StoreWriter` writes a store (keeping the files of an identical earlier run),
+:class:`TrajectoryStore` validates one against its manifest (streamed sha256 of every file unless
+``verify=False``) and preloads the snapshots a run needs onto the device once (the research code
+re-read expert files from disk every iteration).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from repblend_fast.io import atomic_save_safetensors, atomic_write_json, safetensors_metadata
+from repblend_fast.io import (
+    FileDigest,
+    IntegrityError,
+    file_digest,
+    fsync_dir,
+    json_bytes,
+    read_safetensors_header,
+    remove_stale_temps,
+    safetensors_bytes,
+    verify_file,
+    write_atomic,
+)
+from repblend_fast.locks import FolderLock
 from repblend_fast.models.flat import FlatSpec
 from repblend_fast.models.heads import HeadSpec
 
@@ -35,6 +58,8 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
     "MODALITIES",
+    "PARTIAL",
+    "StoreExistsError",
     "StoreWriter",
     "TrajectoryStore",
     "expert_file_name",
@@ -43,9 +68,20 @@ __all__ = [
     "snapshot_key",
 ]
 
+logger = logging.getLogger("repblend_fast.experts")
+
 FORMAT_VERSION = 1
 MODALITIES = ("image", "text")
 MANIFEST = "manifest.json"
+PARTIAL = "manifest.partial.json"
+# Manifest fields that describe the finished build rather than its recipe.
+_BUILD_FIELDS = ("files", "losses", "expert_seeds", "integrity", "recipe_sha", "seed")
+_EXPERT_FILE = re.compile(r"^expert_\d{3,}\.safetensors$")
+
+
+class StoreExistsError(ValueError):
+    """The folder holds a finished store built with other settings (or a damaged one); it is
+    replaced only with ``overwrite=True`` (CLI: ``--overwrite``)."""
 
 
 def snapshot_key(modality: str, epoch: int) -> str:
@@ -79,48 +115,183 @@ def _config_sha(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def recipe_of(manifest: dict) -> dict:
+    """The fields of a manifest that say how its experts were made (all but the build's
+    results): two builds with equal recipes make the same bytes."""
+    return {k: v for k, v in manifest.items() if k not in _BUILD_FIELDS}
+
+
+def _recipe_diff(old: dict, new: dict) -> list[str]:
+    """``["train.seed: 0 -> 1", ...]``, the recipe fields that differ (nested one level)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [
+                f"{k}.{j}: {a.get(j)!r} -> {b.get(j)!r}"
+                for j in sorted(set(a) | set(b))
+                if a.get(j) != b.get(j)
+            ]
+        else:
+            out.append(f"{k}: {a!r} -> {b!r}")
+    return out
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON at ``path``; ``ValueError`` naming it when unreadable."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+
+
 class StoreWriter:
-    """Writes a store: one file per expert, then the manifest.
+    """Writes a store: one file per expert, then the manifest, holding the folder's lock.
 
     Args:
         out_dir: the store directory (created).
         manifest: everything the manifest says besides ``files``, ``expert_seeds`` and
             ``losses`` (those are filled in as experts are written). It must hold ``method``.
-        resume: keep an existing expert file whose recipe hash (over the manifest fields,
-            the expert index and its seed) and tensor names match instead of retraining it.
+        resume: keep an existing expert file of an identical earlier build (same recipe, file
+            unchanged since it was written, same recipe hash, index, seed and tensor names in
+            its header) instead of retraining it.
+        overwrite: replace a finished store built with other settings (without it such a
+            folder is refused with :class:`StoreExistsError`, so that a finished store is never
+            destroyed by a mistyped ``--out``).
+        lock: hold the folder's lock (:class:`repblend_fast.locks.FolderLock`) until
+            :meth:`finish` or :meth:`close`; a second writer gets ``LockHeldError``.
+
+    Whatever the folder held, no expert file is written while a manifest describes another
+    build: an existing manifest is demoted to ``manifest.partial.json`` (same recipe) or removed
+    with the old store's files (``overwrite``) first.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, manifest: dict, *, resume: bool = True):
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        manifest: dict,
+        *,
+        resume: bool = True,
+        overwrite: bool = False,
+        lock: bool = True,
+    ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.manifest = dict(manifest)
         self.resume = resume
-        self._config = {
-            k: v for k, v in manifest.items() if k not in ("files", "losses", "expert_seeds")
-        }
+        self._config = recipe_of(manifest)
+        self.recipe_sha = _config_sha(self._config)
         self.files: list[str] = []
         self.seeds: list[int] = []
         self.losses: list[list[float]] = []
+        self.digests: dict[str, FileDigest] = {}
+        self._known: dict[str, FileDigest] = {}  # digests of an identical earlier build's files
+        self._legacy = False  # the earlier build predates checksums: reuse on header checks
+        self._reused: dict[str, FileDigest] = {}
+        self._lock = FolderLock(self.out_dir, "buffer: writing an expert store") if lock else None
+        if self._lock is not None:
+            self._lock.acquire()
+        try:
+            remove_stale_temps(self.out_dir)
+            self._prepare(overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare(self, overwrite: bool) -> None:
+        """Make the folder safe to write into (see the class docstring)."""
+        mpath, ppath = self.out_dir / MANIFEST, self.out_dir / PARTIAL
+        if mpath.exists():
+            try:
+                old = _read_json(mpath)
+                if not isinstance(old, dict):
+                    raise ValueError(f"{mpath} does not hold a JSON object")
+            except (OSError, ValueError) as exc:
+                if not overwrite:
+                    raise StoreExistsError(
+                        f"{self.out_dir} holds an unreadable expert store ({exc}); pass "
+                        "--overwrite (overwrite=True) to rebuild it, or choose another --out"
+                    ) from None
+                old = None
+            same = old is not None and recipe_of(old) == self._config
+            if old is not None and not same and not overwrite:
+                diff = _recipe_diff(recipe_of(old), self._config)
+                raise StoreExistsError(
+                    f"{self.out_dir} holds a finished expert store built with other settings ("
+                    + "; ".join(diff[:6])
+                    + (", …" if len(diff) > 6 else "")
+                    + "): pass --overwrite (overwrite=True) to replace it, or choose another "
+                    "--out"
+                )
+            if same and self.resume:
+                self._known = _digests(old.get("integrity"), mpath)
+                self._legacy = "integrity" not in old
+            # The manifest goes before any expert file changes; what it vouched for moves into
+            # the partial record.
+            self._write_partial(self._known)
+            mpath.unlink()
+            fsync_dir(self.out_dir)
+            if not same:
+                self._remove_expert_files()
+        elif ppath.exists():
+            try:
+                part = _read_json(ppath)
+                same = isinstance(part, dict) and part.get("recipe_sha") == self.recipe_sha
+            except (OSError, ValueError):
+                same = False
+            if same and self.resume:
+                self._known = _digests({"files": part.get("files")}, ppath)
+            elif not same:
+                # An unfinished build of other settings: nothing finished to protect.
+                logger.info("discarding the unfinished expert build in %s", self.out_dir)
+                self._remove_expert_files()
+        self._write_partial(self._known)
+
+    def _remove_expert_files(self) -> None:
+        for p in self.out_dir.iterdir():
+            if _EXPERT_FILE.match(p.name) and (p.is_file() or p.is_symlink()):
+                p.unlink()
+        fsync_dir(self.out_dir)
+
+    def _write_partial(self, files: dict[str, FileDigest]) -> None:
+        record = {
+            "kind": "repblend_fast.experts-partial",
+            "recipe_sha": self.recipe_sha,
+            "num_experts": self.manifest.get("num_experts"),
+            "files": {k: v.to_json() for k, v in files.items()},
+        }
+        write_atomic(self.out_dir / PARTIAL, json_bytes(record))
 
     def config_sha(self, index: int, seed: int) -> str:
         return _config_sha({**self._config, "expert": index, "expert_seed": seed})
 
     def reusable(self, index: int, seed: int, keys: set[str]) -> list[float] | None:
         """The losses of a valid file of an identical earlier run for expert ``index``, or None."""
-        path = self.out_dir / expert_file_name(index)
-        if not (self.resume and path.is_file()):
+        name = expert_file_name(index)
+        path = self.out_dir / name
+        if not (self.resume and path.is_file()) or path.is_symlink():
+            return None
+        known = self._known.get(name)
+        if known is None and not self._legacy:
             return None
         try:
-            from safetensors import safe_open
-
-            meta = safetensors_metadata(path)
-            with safe_open(str(path), framework="pt") as f:
-                have = set(f.keys())
-            if meta.get("config_sha") == self.config_sha(index, seed) and have == keys:
-                return json.loads(meta["losses"])
-        except Exception:  # an unreadable leftover is simply retrained
+            if known is not None:
+                verify_file(path, known, fix="it is retrained")
+            header = read_safetensors_header(path)
+            meta = header.get("__metadata__") or {}
+            have = set(header) - {"__metadata__"}
+            if meta.get("config_sha") != self.config_sha(index, seed) or have != keys:
+                return None
+            losses = json.loads(meta["losses"])
+            self._reused[name] = known if known is not None else file_digest(path)
+            return losses
+        except IntegrityError as exc:
+            logger.warning("%s", exc)
             return None
-        return None
+        except (OSError, ValueError, KeyError, TypeError):  # an unreadable leftover: retrain it
+            return None
 
     def add(self, index: int, seed: int, losses: list[float], snaps=None) -> None:
         """Record expert ``index`` (it must be the next one); write ``snaps`` (name -> 1-D
@@ -128,6 +299,7 @@ class StoreWriter:
         if index != len(self.files):
             raise ValueError(f"experts must be added in order: expected {len(self.files)}")
         name = expert_file_name(index)
+        path = self.out_dir / name
         if snaps is not None:
             meta = {
                 "format_version": str(FORMAT_VERSION),
@@ -137,21 +309,61 @@ class StoreWriter:
                 "config_sha": self.config_sha(index, seed),
                 "losses": json.dumps(losses),
             }
-            atomic_save_safetensors(snaps, self.out_dir / name, metadata=meta)
+            digest = write_atomic(path, safetensors_bytes(snaps, meta))
+        else:
+            digest = self._reused.get(name)
+            if digest is None:
+                if not path.is_file():
+                    raise ValueError(f"expert {index} was not written and {path} does not exist")
+                digest = file_digest(path)
         self.files.append(name)
         self.seeds.append(seed)
         self.losses.append(losses)
+        self.digests[name] = digest
+        self._write_partial(self.digests)
 
     def finish(self) -> Path:
-        """Write the manifest (last, so a directory with one is complete); returns the dir."""
+        """Write the manifest (last, so a directory with one is complete), remove the partial
+        record and release the lock; returns the dir."""
         manifest = {
             **self.manifest,
             "files": self.files,
             "expert_seeds": self.seeds,
             "losses": self.losses,
+            "recipe_sha": self.recipe_sha,
+            "seed": self.manifest.get("seed", (self.manifest.get("train") or {}).get("seed")),
+            "integrity": {
+                "algorithm": "sha256",
+                "files": {k: self.digests[k].to_json() for k in self.files},
+            },
         }
-        atomic_write_json(manifest, self.out_dir / MANIFEST)
+        write_atomic(self.out_dir / MANIFEST, json_bytes(manifest))
+        (self.out_dir / PARTIAL).unlink(missing_ok=True)
+        fsync_dir(self.out_dir)
+        self.close()
         return self.out_dir
+
+    def close(self) -> None:
+        """Release the folder's lock (the store stays unfinished unless :meth:`finish` ran)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _digests(integrity: Any, where: Path) -> dict[str, FileDigest]:
+    """``{file name: FileDigest}`` of a manifest's ``integrity`` (or a partial record)."""
+    if not isinstance(integrity, dict) or not isinstance(integrity.get("files"), dict):
+        return {}
+    return {str(k): FileDigest.from_json(v, f"{where}: {k}") for k, v in integrity["files"].items()}
 
 
 _REQUIRED = (
@@ -189,6 +401,10 @@ class TrajectoryStore:
         self._snaps = snapshots
         self.epochs = list(epochs)
         self._epoch_pos = {e: i for i, e in enumerate(self.epochs)}
+        # sha256 of manifest.json as loaded: a checkpoint records it to name the store it
+        # continues (set by load).
+        self.manifest_sha256: str | None = None
+        self.verified = False
 
     # --- construction ---------------------------------------------------------------------
 
@@ -200,24 +416,45 @@ class TrajectoryStore:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         epochs: Iterable[int] | None = None,
+        verify: bool = True,
     ) -> TrajectoryStore:
         """Validate ``directory`` against its manifest and preload the snapshots of ``epochs``
-        (default: all stored epochs) onto ``device`` as ``dtype``."""
-        from safetensors import safe_open
+        (default: all stored epochs) onto ``device`` as ``dtype``.
 
+        Every listed file must be a plain file inside the store (a symbolic link leaving it is
+        refused) with the size the manifest records, a valid safetensors header holding exactly
+        the manifest's snapshots, and the recipe hash of this store in its header; with
+        ``verify`` (default) its sha256, streamed, must match the manifest too. Snapshots must
+        be finite. Anything else raises ``ValueError`` (``IntegrityError`` for changed bytes)
+        naming the file and what to do. ``verify=False`` skips only the sha256 (the reading
+        that costs as much as loading; for stores of hundreds of GB).
+        """
         root = Path(directory)
         mpath = root / MANIFEST
         if not mpath.is_file():
+            if (root / PARTIAL).is_file():
+                raise FileNotFoundError(
+                    f"{root} holds an unfinished expert store (no {MANIFEST}; its training was "
+                    "interrupted or is running): rerun the same `buffer` command to finish it "
+                    "(finished experts are kept)"
+                )
             raise FileNotFoundError(
                 f"no {MANIFEST} in {root}: not an expert directory, or its training did not "
                 "finish (rerun the expert training with the same settings; finished experts are "
                 "kept)"
             )
+        raw = mpath.read_bytes()
         try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{mpath} is not valid JSON ({e}); retrain the experts") from e
-        cls._validate_manifest(manifest, mpath)
+            manifest = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{mpath} is not valid JSON ({e}); retrain the experts") from None
+        try:
+            cls._validate_manifest(manifest, mpath)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(
+                f"{mpath}: malformed manifest ({type(e).__name__}: {e}); rebuild the store with "
+                "`buffer`"
+            ) from None
         stored = [int(e) for e in manifest["epochs"]]
         if epochs is None:
             use = stored
@@ -232,18 +469,29 @@ class TrajectoryStore:
         numel = {m: int(manifest["modalities"][m]["numel"]) for m in MODALITIES}
         n_exp = int(manifest["num_experts"])
         want = {snapshot_key(m, t) for m in MODALITIES for t in stored}
+        records = cls._integrity(manifest, mpath, verify)
+        recipe = recipe_of(manifest)
+        seeds = manifest.get("expert_seeds")
+        fix = "restore the store's own file or rebuild the store with `buffer`"
 
-        # Validate every file's header before allocating or reading any tensor data.
-        for name in manifest["files"]:
-            path = root / name
-            if not path.is_file():
+        # Validate every file before allocating or reading any tensor data.
+        for i, name in enumerate(manifest["files"]):
+            path = cls._member(root, name, mpath)
+            header = read_safetensors_header(path)
+            meta = header.pop("__metadata__", None) or {}
+            keys = set(header)
+            shapes = {k: tuple(int(d) for d in header[k]["shape"]) for k in keys}
+            dtypes = {k: str(header[k]["dtype"]) for k in keys}
+            if (
+                isinstance(seeds, list)
+                and "config_sha" in meta
+                and meta["config_sha"]
+                != _config_sha({**recipe, "expert": i, "expert_seed": seeds[i]})
+            ):
                 raise ValueError(
-                    f"expert file {path} listed in {mpath} is missing; restore it or retrain"
+                    f"{path} was trained with other settings than {mpath} describes (another "
+                    f"store's file, or another expert's); {fix}"
                 )
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                keys = set(f.keys())
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
-                dtypes = {k: f.get_slice(k).get_dtype() for k in keys}
             counts = {m: sum(k.startswith(m + "/") for k in keys) for m in MODALITIES}
             if counts["image"] != counts["text"]:
                 raise ValueError(
@@ -268,6 +516,18 @@ class TrajectoryStore:
                     )
                 if not dtypes[k].startswith("F") and not dtypes[k].startswith("BF"):
                     raise ValueError(f"{path}: tensor {k} has non-float dtype {dtypes[k]}")
+            # Bytes last: a structural problem gets the more specific message above.
+            if name in records:
+                size = path.stat().st_size
+                if size != records[name].size:
+                    raise IntegrityError(
+                        f"{path} has {size} bytes but {mpath} records {records[name].size} "
+                        f"(truncated, extended or replaced); {fix}"
+                    )
+                if verify:
+                    verify_file(path, records[name], fix=fix)
+
+        from safetensors import safe_open
 
         snaps = {
             m: torch.empty(n_exp, len(use), numel[m], dtype=dtype, device=device)
@@ -277,8 +537,57 @@ class TrajectoryStore:
             with safe_open(str(root / name), framework="pt", device="cpu") as f:
                 for m in MODALITIES:
                     for j, t in enumerate(use):
-                        snaps[m][i, j].copy_(f.get_tensor(snapshot_key(m, t)))
-        return cls(root, manifest, snaps, use)
+                        snap = f.get_tensor(snapshot_key(m, t))
+                        if not bool(torch.isfinite(snap).all()):
+                            raise ValueError(
+                                f"{root / name}: snapshot {snapshot_key(m, t)} holds non-finite "
+                                f"values; {fix}"
+                            )
+                        snaps[m][i, j].copy_(snap)
+        store = cls(root, manifest, snaps, use)
+        store.manifest_sha256 = hashlib.sha256(raw).hexdigest()
+        store.verified = verify
+        return store
+
+    @staticmethod
+    def _integrity(manifest: dict, mpath: Path, verify: bool) -> dict[str, FileDigest]:
+        """The manifest's file records; a store without them is refused when verifying."""
+        integ = manifest.get("integrity")
+        if integ is None:
+            if verify:
+                raise IntegrityError(
+                    f"{mpath} records no checksums of its expert files (written by an older "
+                    "version of repblend_fast): rerun the same `buffer` command to add them "
+                    "(the experts are kept), or pass --no-verify (verify=False) to use it as is"
+                )
+            return {}
+        records = _digests(integ, mpath)
+        lacking = [n for n in manifest["files"] if n not in records]
+        if lacking:
+            raise IntegrityError(
+                f"{mpath} records no checksum for {lacking[:3]}: the manifest was edited or "
+                "damaged; rebuild the store with `buffer`"
+            )
+        return records
+
+    @staticmethod
+    def _member(root: Path, name: str, mpath: Path) -> Path:
+        """``root / name`` after checking that it is a regular file inside the store."""
+        path = root / name
+        if path.is_symlink():
+            target = path.resolve()
+            if not target.is_relative_to(root.resolve()):
+                raise ValueError(
+                    f"{path} is a symbolic link to {target}, outside the store: expert files "
+                    "must live in the store (copy the file in instead of linking it)"
+                )
+        if not path.exists():
+            raise ValueError(
+                f"expert file {path} listed in {mpath} is missing; restore it or retrain"
+            )
+        if not path.is_file():
+            raise ValueError(f"{path} listed in {mpath} is not a regular file")
+        return path
 
     @staticmethod
     def _validate_manifest(man: dict, mpath: Path) -> None:
@@ -296,14 +605,28 @@ class TrajectoryStore:
         if man["method"] not in ("repblend", "lors"):
             raise ValueError(f"{mpath}: unknown method {man['method']!r}")
         files = man["files"]
-        if not isinstance(files, list) or len(files) != int(man["num_experts"]):
-            raise ValueError(
-                f"{mpath}: num_experts is {man['num_experts']} but {len(files)} files are listed"
-            )
+        n_exp = man["num_experts"]
+        if not _is_int(n_exp) or n_exp < 1:
+            raise ValueError(f"{mpath}: num_experts must be a positive integer, got {n_exp!r}")
+        if not isinstance(files, list) or len(files) != n_exp:
+            listed = len(files) if isinstance(files, list) else "no list of"
+            raise ValueError(f"{mpath}: num_experts is {n_exp} but {listed} files are listed")
+        for name in files:
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise ValueError(f"{mpath}: expert file names must be plain names, got {name!r}")
+        if len(set(files)) != len(files):
+            raise ValueError(f"{mpath}: an expert file is listed twice")
+        seeds = man.get("expert_seeds")
+        if seeds is not None and (
+            not isinstance(seeds, list) or len(seeds) != n_exp or not all(map(_is_int, seeds))
+        ):
+            raise ValueError(f"{mpath}: expert_seeds must list one integer per expert")
+        if not isinstance(man["modalities"], dict):
+            raise ValueError(f"{mpath}: modalities must be an object")
         for m in MODALITIES:
             lay = man["modalities"].get(m)
-            if not isinstance(lay, dict) or "numel" not in lay:
-                raise ValueError(f"{mpath}: no layout for the {m} modality")
+            if not isinstance(lay, dict) or not _is_int(lay.get("numel")) or lay["numel"] < 1:
+                raise ValueError(f"{mpath}: no valid layout for the {m} modality")
             if "shapes" in lay:
                 total = sum(math.prod(s) for s in lay["shapes"])
                 if total != int(lay["numel"]):
@@ -311,11 +634,11 @@ class TrajectoryStore:
                         f"{mpath}: {m} layout shapes sum to {total} elements but numel is "
                         f"{lay['numel']}"
                     )
-        if not man["epochs"]:
+        epochs = man["epochs"]
+        if not isinstance(epochs, list) or not epochs:
             raise ValueError(f"{mpath}: no epochs stored")
-        for name in files:
-            if Path(name).name != name:
-                raise ValueError(f"{mpath}: expert file names must be plain names, got {name!r}")
+        if not all(_is_int(e) and e >= 0 for e in epochs) or len(set(epochs)) != len(epochs):
+            raise ValueError(f"{mpath}: epochs must be distinct integers >= 0, got {epochs!r}")
 
     # --- access -----------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,14 @@ __all__ = [
     "train_experts_lors",
     "train_experts_symmetric",
 ]
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def expert_seed(seed: int, index: int) -> int:
@@ -96,7 +105,20 @@ class ExpertRecipe:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # Types first: a float count or a NaN rate would otherwise train silently wrong experts.
+        for name in ("num_experts", "epochs", "batch_size", "seed"):
+            v = getattr(self, name)
+            if not _is_int(v):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+        for name in ("lr", "lr_txt", "logit_scale", "dropout"):
+            v = getattr(self, name)
+            if v is None and name == "lr_txt":
+                continue
+            if not _is_real(v) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
         if self.keep_epochs is not None:
+            if not all(_is_int(e) for e in self.keep_epochs):
+                raise ValueError(f"keep_epochs must be integers, got {self.keep_epochs!r}")
             object.__setattr__(self, "keep_epochs", tuple(int(e) for e in self.keep_epochs))
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
@@ -104,6 +126,12 @@ class ExpertRecipe:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_txt is not None and not self.lr_txt > 0:
+            raise ValueError(f"lr_txt must be > 0, got {self.lr_txt}")
+        if not 1 <= self.logit_scale <= 1000:
+            raise ValueError(
+                f"logit_scale must be in [1, 1000] (temperature 0.001 to 1), got {self.logit_scale}"
+            )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         self.kept()  # validates epochs / keep_epochs
@@ -291,12 +319,15 @@ def _train_and_store(
     *,
     resume: bool,
     progress: bool,
+    overwrite: bool = False,
 ) -> Path:
     """Train experts ``0..num_experts-1`` (keeping valid files of an identical earlier run when
-    ``resume``), one file each, then the manifest."""
+    ``resume``), one file each, then the manifest; the writer holds the folder's lock."""
     from tqdm.auto import tqdm
 
-    writer = StoreWriter(out_dir, _manifest(recipe, student, identity), resume=resume)
+    writer = StoreWriter(
+        out_dir, _manifest(recipe, student, identity), resume=resume, overwrite=overwrite
+    )
     last = max(recipe.kept())
     keys = {snapshot_key(m, t) for m in MODALITIES for t in recipe.kept()}
     bar = tqdm(
@@ -316,9 +347,10 @@ def _train_and_store(
             bar.set_description(f"{student.method} expert {i + 1}/{recipe.num_experts}")
             snaps, losses = _train_one(recipe, student, es, bar)
             writer.add(i, es, losses, snaps)
+        return writer.finish()
     finally:
         bar.close()
-    return writer.finish()
+        writer.close()
 
 
 def train_experts_symmetric(
@@ -334,6 +366,7 @@ def train_experts_symmetric(
     dataset_fingerprint: str | None = None,
     device: str | torch.device | None = None,
     resume: bool = True,
+    overwrite: bool = False,
     progress: bool = True,
     **recipe_kw: Any,
 ) -> Path:
@@ -351,8 +384,12 @@ def train_experts_symmetric(
         dataset_fingerprint: identifies the training data (default: a hash of the inputs).
         device: where to train (default: ``img_feats``'s device).
         resume: keep expert files of an identical earlier run instead of retraining them.
+        overwrite: replace a finished store of other settings in ``out_dir`` (refused
+            otherwise: :class:`repblend_fast.experts.store.StoreExistsError`).
     """
     recipe = ExpertRecipe.from_kwargs(recipe, recipe_kw)
+    if not _is_int(dim) or dim < 1:
+        raise ValueError(f"dim must be a positive integer, got {dim!r}")
     if img_feats.dim() == 2:
         img_feats = img_feats.unsqueeze(0)
     if img_feats.dim() != 3:
@@ -399,7 +436,9 @@ def train_experts_symmetric(
         "text_encoder": text_encoder,
         "dataset_fingerprint": dataset_fingerprint,
     }
-    return _train_and_store(recipe, student, out_dir, identity, resume=resume, progress=progress)
+    return _train_and_store(
+        recipe, student, out_dir, identity, resume=resume, progress=progress, overwrite=overwrite
+    )
 
 
 def train_experts_lors(
@@ -415,6 +454,7 @@ def train_experts_lors(
     dataset_fingerprint: str | None = None,
     device: str | torch.device | None = None,
     resume: bool = True,
+    overwrite: bool = False,
     progress: bool = True,
     **recipe_kw: Any,
 ) -> Path:
@@ -486,4 +526,6 @@ def train_experts_lors(
         "text_encoder": text_encoder,
         "dataset_fingerprint": dataset_fingerprint,
     }
-    return _train_and_store(recipe, student, out_dir, identity, resume=resume, progress=progress)
+    return _train_and_store(
+        recipe, student, out_dir, identity, resume=resume, progress=progress, overwrite=overwrite
+    )
