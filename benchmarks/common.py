@@ -22,6 +22,11 @@ import torch
 from repblend_fast.stats import quantile
 
 PROVIDERS = ("reference", "compile", "triton", "cuda")
+"""``reference``: the op in plain eager torch at the inputs' dtype (what a user would otherwise
+write; for the trajectory op the fp32 expression, not the float64-accumulating yardstick of
+``repblend_fast.reference``); ``compile``: ``torch.compile`` of that same eager code; ``triton``,
+``cuda``: the fused kernels. Speed-ups are ratios to the first two; the float64 reference only
+checks parity."""
 MODES = ("fwd", "fwd+bwd", "double-bwd")
 
 
@@ -52,13 +57,16 @@ def git_sha() -> str:
 
 
 @functools.cache
-def copy_bandwidth_gbps(device_type: str) -> float:
-    """Measured ``dst.copy_(src)`` bandwidth (bytes read + written per second) in GB/s."""
+def copy_bandwidth_gbps(device_type: str, nbytes: int) -> float:
+    """Measured ``dst.copy_(src)`` bandwidth (bytes read + written per second) in GB/s, for a copy
+    that moves ``nbytes`` in all (reads ``nbytes / 2``, writes as many): the yardstick of a
+    memory-bound benchmark with that byte model, measured in the same run (so caches and clocks
+    are in the same state; a small copy stays in L2 like a small benchmark does)."""
     device = torch.device(device_type)
-    n = (64 if device.type == "cuda" else 16) * 2**20  # 256 MiB / 64 MiB of fp32
+    n = max(1, int(nbytes) // 8)  # fp32 elements per side
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    stats = time_fn(lambda: dst.copy_(src), device, warmup=2, reps=10)
+    stats = time_fn(lambda: dst.copy_(src), device, warmup=2, budget_s=0.1)
     return 2 * n * 4 / (stats["median_ms"] * 1e-3) / 1e9
 
 
@@ -67,6 +75,8 @@ def copy_bandwidth_gbps(device_type: str) -> float:
 
 
 def _compile_allowed(device: torch.device) -> tuple[bool, str]:
+    # On by default on a GPU (the eager code's compiled form is a baseline every speed-up is
+    # reported against); opt-in on a CPU, where inductor spends minutes compiling C++.
     if device.type == "cpu" and os.environ.get("REPBLEND_BENCH_COMPILE", "0") != "1":
         return False, (
             "torch.compile on a CPU builds C++ kernels for minutes: set REPBLEND_BENCH_COMPILE=1"
@@ -305,7 +315,7 @@ def record(
     if bytes_moved is not None:
         info["bytes"] = bytes_moved
         info["gbps"] = bytes_moved / sec / 1e9
-        info["copy_gbps"] = copy_bandwidth_gbps(device.type)
+        info["copy_gbps"] = copy_bandwidth_gbps(device.type, int(bytes_moved))
         info["bw_fraction"] = info["gbps"] / info["copy_gbps"]
     if flops is not None:
         info["flops"] = flops

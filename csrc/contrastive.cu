@@ -8,6 +8,8 @@
 //             (A = sum S (Z - lse) for InfoNCE/CWCL, the row KL for KL) and the WBCE counts;
 //   backward: one block per problem writes dcos = g s dL/dZ, dtarget and dscale; then one block per
 //             (problem, row, side) forms dx_j = r_j (du_j - [|x_j| >= 1e-12] u_j (u_j . du_j)).
+//   row_parallel (large B, few problems): the loss and dL/dZ steps split each problem into row
+//             (and column) blocks writing partial sums, then one fixed-order combine per problem.
 // Inputs: img, txt [K, B, D] and target [K, B, B] of one dtype (fp32, fp16 or bf16), scale [K]
 // fp32; all arithmetic and every statistic is fp32.
 #include <ATen/ATen.h>
@@ -40,6 +42,14 @@ constexpr float kMassEps = 1e-6f;  // WBCE class-weight / CWCL mass regulariser 
 constexpr float kNormEps = 1e-12f;  // F.normalize clamp (NORM_EPS)
 constexpr int kThreads = 256;
 constexpr int kTile = 16;
+// Row-parallel grid (used when the caller passes row_parallel: large B, few problems; the rule is
+// row_parallel() in repblend_fast/ops/contrastive.py). Softmax losses: a block owns kLines lines
+// (rows, or columns for the column statistics) and kParts threads share each line; elementwise
+// losses and dL/dZ: a block owns kRowsPerBlock rows. Every block writes partial sums that one more
+// launch combines in a fixed order (no atomics: bit-identical from run to run).
+constexpr int kLines = 32;
+constexpr int kParts = 8;
+constexpr int kRowsPerBlock = 8;
 
 __device__ __forceinline__ bool is_softmax(int loss) {
   return loss == kInfonce || loss == kCwcl || loss == kKl;
@@ -283,19 +293,254 @@ __global__ void loss_kernel(const float* __restrict__ cos, const T* __restrict__
   }
 }
 
+// Online log-sum-exp state (max, sum of exp(x - max)) merged with one more value or state. A part
+// that has seen nothing holds (-inf, 0) and contributes nothing; NaN values keep the sum NaN (fmaxf
+// drops a NaN from the max, expf(NaN - m) does not), as in the serial kernel.
+__device__ __forceinline__ void lse_push(float& m, float& l, float x) {
+  const float mn = fmaxf(m, x);
+  l = (m == mn ? l : l * expf(m - mn)) + expf(x - mn);
+  m = mn;
+}
+__device__ __forceinline__ void lse_merge(float& m, float& l, float m2, float l2) {
+  if (l2 == 0.f && m2 == -INFINITY) return;
+  const float mn = fmaxf(m, m2);
+  l = (m == mn ? l : l * expf(m - mn)) + (m2 == mn ? l2 : l2 * expf(m2 - mn));
+  m = mn;
+}
+
+// Row-parallel softmax statistics. grid (ceil(B / kLines), K, 2), block (kLines, kParts): block
+// (b, k, dir) owns lines b * kLines + threadIdx.x of direction dir (0: rows, 1: columns); thread
+// (x, y) of it takes elements y, y + kParts, ... of every kLines-wide tile of its line. Tiles are
+// staged through shared memory so that global reads are coalesced in both directions. Two sweeps
+// (the lse's, then the reference's own elementwise terms, as in loss_kernel), the kParts partial
+// states of a line merged in a fixed order; writes the line statistics and the block's partial
+// loss sum to part[k, dir, b].
+template <typename T>
+__global__ void __launch_bounds__(kLines* kParts)
+    line_stats_kernel(const float* __restrict__ cos, const T* __restrict__ tgt,
+                      const float* __restrict__ scale, float* __restrict__ rst,
+                      float* __restrict__ cst, float* __restrict__ part, int64_t B, int64_t nb,
+                      int loss) {
+  __shared__ float zt[kLines][kLines + 1];  // [line][element] of the current tile
+  __shared__ float st[kLines][kLines + 1];
+  __shared__ float r0[kParts][kLines];  // per-part states, merged by threadIdx.y == 0
+  __shared__ float r1[kParts][kLines];
+  __shared__ float r2[kParts][kLines];
+  __shared__ float r3[kParts][kLines];
+  __shared__ float r4[kParts][kLines];
+  __shared__ float line_lse[kLines];
+  __shared__ float line_lss[kLines];
+  __shared__ float contrib[kLines];
+  const int tx = threadIdx.x;
+  const int ty = threadIdx.y;
+  const int64_t k = blockIdx.y;
+  const int dir = blockIdx.z;
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * kLines;
+  const int64_t line = base + tx;
+  const bool kl = loss == kKl;
+  const float s = scale[k];
+  const float* c = cos + k * B * B;
+  const T* t = tgt + k * B * B;
+  float* stats = (dir ? cst : rst) + k * 4 * B;
+
+  // Stage tile [base, base + kLines) x [l0, l0 + kLines) as zt[line][element], coalesced.
+  auto stage = [&](int64_t l0) {
+    for (int i = ty; i < kLines; i += kParts) {
+      const int64_t ln = dir ? base + tx : base + i;
+      const int64_t el = dir ? l0 + i : l0 + tx;
+      const int64_t idx = dir ? el * B + ln : ln * B + el;
+      const bool ok = ln < B && el < B;
+      const float z = ok ? s * c[idx] : 0.f;
+      const float x = ok ? static_cast<float>(t[idx]) : 0.f;
+      if (dir) {
+        zt[tx][i] = z;
+        st[tx][i] = x;
+      } else {
+        zt[i][tx] = z;
+        st[i][tx] = x;
+      }
+    }
+  };
+
+  float m = -INFINITY, lz = 0.f, ssum = 0.f, ms = -INFINITY, ls = 0.f;
+  for (int64_t l0 = 0; l0 < B; l0 += kLines) {
+    stage(l0);
+    __syncthreads();
+    if (line < B) {
+      for (int j = ty; j < kLines && l0 + j < B; j += kParts) {
+        const float x = st[tx][j];
+        lse_push(m, lz, zt[tx][j]);
+        ssum += x;
+        if (kl) lse_push(ms, ls, 10.f * x);
+      }
+    }
+    __syncthreads();
+  }
+  r0[ty][tx] = m;
+  r1[ty][tx] = lz;
+  r2[ty][tx] = ssum;
+  r3[ty][tx] = ms;
+  r4[ty][tx] = ls;
+  __syncthreads();
+  if (ty == 0) {
+    for (int p = 1; p < kParts; ++p) {
+      lse_merge(m, lz, r0[p][tx], r1[p][tx]);
+      ssum += r2[p][tx];
+      if (kl) lse_merge(ms, ls, r3[p][tx], r4[p][tx]);
+    }
+    line_lse[tx] = m + logf(lz);
+    line_lss[tx] = kl ? ms + logf(ls) : 0.f;
+    r2[0][tx] = ssum;
+  }
+  __syncthreads();
+  const float lse = line_lse[tx];
+  const float lse_s = line_lss[tx];
+  // Second sweep: the reference's elementwise terms S (Z - lse) (InfoNCE/CWCL) or
+  // p (log p - log q) with p = softmax(10 S) (KL), see loss_kernel.
+  float a = 0.f;
+  for (int64_t l0 = 0; l0 < B; l0 += kLines) {
+    stage(l0);
+    __syncthreads();
+    if (line < B) {
+      for (int j = ty; j < kLines && l0 + j < B; j += kParts) {
+        const float logq = zt[tx][j] - lse;
+        const float x = st[tx][j];
+        if (kl) {
+          const float logp = 10.f * x - lse_s;
+          a += expf(logp) * (logp - logq);
+        } else {
+          a += x * logq;
+        }
+      }
+    }
+    __syncthreads();
+  }
+  r1[ty][tx] = a;
+  __syncthreads();
+  if (ty == 0) {
+    for (int p = 1; p < kParts; ++p) a += r1[p][tx];
+    float cv = 0.f;
+    if (line < B) {
+      const float sm = r2[0][tx];
+      stats[line] = lse;
+      stats[B + line] = sm;
+      stats[2 * B + line] = a;
+      stats[3 * B + line] = lse_s;
+      cv = loss == kCwcl ? a / (sm + kMassEps) : a;
+    }
+    contrib[tx] = cv;
+  }
+  __syncthreads();
+  if (tx == 0 && ty == 0) {
+    float tot = 0.f;
+    for (int i = 0; i < kLines; ++i) tot += contrib[i];
+    part[(k * 4 + dir) * nb + blockIdx.x] = tot;
+  }
+}
+
+// Row-parallel elementwise losses. grid (ceil(B / kRowsPerBlock), K), block kThreads: block (b, k)
+// sums rows [b * kRowsPerBlock, ...) into part[k, 0..3, b] = (positive-class sum, negative-class
+// sum, positive count, negative count) (BCE/MSE: every element in the first sum), and zeroes the
+// rows' unused softmax statistics.
+template <typename T>
+__global__ void elem_rows_kernel(const float* __restrict__ cos, const T* __restrict__ tgt,
+                                 const float* __restrict__ scale, float* __restrict__ rst,
+                                 float* __restrict__ cst, float* __restrict__ part, int64_t B,
+                                 int64_t nb, int loss, float eps) {
+  __shared__ float sh[32];
+  const int64_t k = blockIdx.y;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
+  const int64_t rows = B - r0 < kRowsPerBlock ? B - r0 : kRowsPerBlock;
+  const float s = scale[k];
+  const float* c = cos + k * B * B + r0 * B;
+  const T* t = tgt + k * B * B + r0 * B;
+  float sp = 0.f, sn = 0.f, np = 0.f, nn = 0.f;
+  for (int64_t i = threadIdx.x; i < rows * B; i += blockDim.x) {
+    const float z = s * c[i];
+    const float x = static_cast<float>(t[i]);
+    const float ell = elem_loss(loss, z, x, eps);
+    // Class masks as in loss_kernel.
+    const float pos = x > 0.5f ? 1.f : 0.f;
+    if (loss == kWbce) {
+      sp += ell * pos;
+      sn += ell * (1.f - pos);
+    } else {
+      sp += ell;
+    }
+    np += pos;
+    nn += 1.f - pos;
+  }
+  for (int64_t i = threadIdx.x; i < 4 * rows; i += blockDim.x) {
+    const int64_t j = i / rows;
+    const int64_t r = r0 + (i - j * rows);
+    rst[k * 4 * B + j * B + r] = 0.f;
+    cst[k * 4 * B + j * B + r] = 0.f;
+  }
+  sp = block_sum(sp, sh);
+  sn = block_sum(sn, sh);
+  np = block_sum(np, sh);
+  nn = block_sum(nn, sh);
+  if (threadIdx.x == 0) {
+    float* pk = part + k * 4 * nb + blockIdx.x;
+    pk[0] = sp;
+    pk[nb] = sn;
+    pk[2 * nb] = np;
+    pk[3 * nb] = nn;
+  }
+}
+
+// Fixed-order sum of n values by one warp: lane i takes i, i + 32, ..., then a butterfly.
+__device__ __forceinline__ float warp_sum_strided(const float* __restrict__ v, int64_t n) {
+  float acc = 0.f;
+  for (int64_t i = threadIdx.x; i < n; i += 32) acc += v[i];
+  return warp_sum(acc);
+}
+
+// grid (K), block 32: combines the row-parallel partials part[k, 0..3, 0..nb) into loss[k] and the
+// class counts.
+__global__ void loss_final_kernel(const float* __restrict__ part, float* __restrict__ out,
+                                  float* __restrict__ cnt, int64_t B, int64_t nb, int loss) {
+  const int64_t k = blockIdx.x;
+  const float* pk = part + k * 4 * nb;
+  const float bf = static_cast<float>(B);
+  const float s0 = warp_sum_strided(pk, nb);
+  const float s1 = warp_sum_strided(pk + nb, nb);
+  if (is_softmax(loss)) {
+    if (threadIdx.x == 0) {
+      out[k] = loss == kKl ? 0.5f * (s0 + s1) / (bf * bf) : -0.5f * (s0 + s1) / bf;
+      cnt[2 * k] = 0.f;
+      cnt[2 * k + 1] = 0.f;
+    }
+    return;
+  }
+  const float np = warp_sum_strided(pk + 2 * nb, nb);
+  const float nn = warp_sum_strided(pk + 3 * nb, nb);
+  if (threadIdx.x == 0) {
+    out[k] = loss == kWbce ? 0.5f * (s0 / (np + kMassEps) + s1 / (nn + kMassEps))
+                           : (s0 + s1) / (bf * bf);
+    cnt[2 * k] = np;
+    cnt[2 * k + 1] = nn;
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // backward
 
-// grid (K), block kThreads: dcos = g s dL/dZ, dtarget = g dL/dS, dscale = g sum(dL/dZ cos).
+// grid (ceil(B / rows), K), block kThreads: block (b, k) writes rows [b * rows, ...) of
+// dcos = g s dL/dZ and dtarget = g dL/dS. One block per problem (rows = B) writes
+// dscale = g sum(dL/dZ cos) itself; with several (the row-parallel grid) each writes its partial
+// sum to part[k, b] and dscale_final_kernel combines them.
 template <typename T>
 __global__ void dz_kernel(const float* __restrict__ gout, const float* __restrict__ cos,
                           const T* __restrict__ tgt, const float* __restrict__ scale,
                           const float* __restrict__ rst, const float* __restrict__ cst,
                           const float* __restrict__ cnt, float* __restrict__ dcos,
-                          T* __restrict__ dtgt, float* __restrict__ dscale, int64_t B, int loss,
-                          float eps) {
+                          T* __restrict__ dtgt, float* __restrict__ dscale,
+                          float* __restrict__ part, int64_t B, int64_t rows, int loss, float eps) {
   __shared__ float sh[32];
-  const int64_t k = blockIdx.x;
+  const int64_t k = blockIdx.y;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * rows * B;
+  const int64_t last = (first + rows * B < B * B) ? first + rows * B : B * B;
   const float g = gout[k];
   const float s = scale[k];
   const float* c = cos + k * B * B;
@@ -305,8 +550,8 @@ __global__ void dz_kernel(const float* __restrict__ gout, const float* __restric
   const float bf = static_cast<float>(B);
   const float w_p = 0.5f / (cnt[2 * k] + kMassEps);
   const float w_n = 0.5f / (cnt[2 * k + 1] + kMassEps);
-  float part = 0.f;
-  for (int64_t i = threadIdx.x; i < B * B; i += blockDim.x) {
+  float acc = 0.f;
+  for (int64_t i = first + threadIdx.x; i < last; i += blockDim.x) {
     const int64_t j = i / B;
     const int64_t l = i - j * B;
     const float cv = c[i];
@@ -343,12 +588,26 @@ __global__ void dz_kernel(const float* __restrict__ gout, const float* __restric
       dz *= w;
       dsv *= w;
     }
-    part += dz * cv;
+    acc += dz * cv;
     dcos[k * B * B + i] = g * s * dz;
     dtgt[k * B * B + i] = static_cast<T>(g * dsv);
   }
-  const float tot = block_sum(part, sh);
-  if (threadIdx.x == 0) dscale[k] = g * tot;
+  const float tot = block_sum(acc, sh);
+  if (threadIdx.x == 0) {
+    if (gridDim.x == 1) {
+      dscale[k] = g * tot;
+    } else {
+      part[k * gridDim.x + blockIdx.x] = tot;
+    }
+  }
+}
+
+// grid (K), block 32: dscale[k] = g[k] * (fixed-order sum of part[k, 0..nb)).
+__global__ void dscale_final_kernel(const float* __restrict__ gout, const float* __restrict__ part,
+                                    float* __restrict__ dscale, int64_t nb) {
+  const int64_t k = blockIdx.x;
+  const float tot = warp_sum_strided(part + k * nb, nb);
+  if (threadIdx.x == 0) dscale[k] = gout[k] * tot;
 }
 
 // grid (B, K, 2), block kThreads, dynamic shared memory B floats. z = 0: d_img rows (dcos read
@@ -435,7 +694,7 @@ void check_f32(const char* op, const char* name, const at::Tensor& t, at::IntArr
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 contrastive_fwd_cuda(const at::Tensor& img_in, const at::Tensor& txt_in,
                      const at::Tensor& target_in, const at::Tensor& scale_in, int64_t loss,
-                     double eps) {
+                     double eps, bool row_parallel) {
   const char* op = "repblend_fast::contrastive_fwd";
   check_inputs(op, img_in, txt_in, target_in, scale_in, loss, eps);
   const c10::cuda::CUDAGuard guard(img_in.device());
@@ -464,10 +723,34 @@ contrastive_fwd_cuda(const at::Tensor& img_in, const at::Tensor& txt_in,
         img.data_ptr<scalar_t>(), txt.data_ptr<scalar_t>(), n_img.data_ptr<float>(),
         n_txt.data_ptr<float>(), cos.data_ptr<float>(), B, D);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    loss_kernel<scalar_t><<<K, kThreads, 0, stream>>>(
-        cos.data_ptr<float>(), target.data_ptr<scalar_t>(), scale.data_ptr<float>(),
-        out.data_ptr<float>(), rst.data_ptr<float>(), cst.data_ptr<float>(),
-        cnt.data_ptr<float>(), B, static_cast<int>(loss), static_cast<float>(eps));
+    if (!row_parallel) {
+      loss_kernel<scalar_t><<<K, kThreads, 0, stream>>>(
+          cos.data_ptr<float>(), target.data_ptr<scalar_t>(), scale.data_ptr<float>(),
+          out.data_ptr<float>(), rst.data_ptr<float>(), cst.data_ptr<float>(),
+          cnt.data_ptr<float>(), B, static_cast<int>(loss), static_cast<float>(eps));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    const bool softmax = loss == kInfonce || loss == kCwcl || loss == kKl;
+    const int64_t per = softmax ? kLines : kRowsPerBlock;
+    const int64_t nb = (B + per - 1) / per;
+    // Every partial slot the combine reads is written by exactly one block.
+    auto part = at::empty({K, 4, nb}, f32);
+    if (softmax) {
+      line_stats_kernel<scalar_t><<<dim3(nb, K, 2), dim3(kLines, kParts), 0, stream>>>(
+          cos.data_ptr<float>(), target.data_ptr<scalar_t>(), scale.data_ptr<float>(),
+          rst.data_ptr<float>(), cst.data_ptr<float>(), part.data_ptr<float>(), B, nb,
+          static_cast<int>(loss));
+    } else {
+      elem_rows_kernel<scalar_t><<<dim3(nb, K), kThreads, 0, stream>>>(
+          cos.data_ptr<float>(), target.data_ptr<scalar_t>(), scale.data_ptr<float>(),
+          rst.data_ptr<float>(), cst.data_ptr<float>(), part.data_ptr<float>(), B, nb,
+          static_cast<int>(loss), static_cast<float>(eps));
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    loss_final_kernel<<<K, 32, 0, stream>>>(part.data_ptr<float>(), out.data_ptr<float>(),
+                                            cnt.data_ptr<float>(), B, nb,
+                                            static_cast<int>(loss));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, cos, n_img, n_txt, rst, cst, cnt};
@@ -477,7 +760,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_bwd_cuda(
     const at::Tensor& grad_in, const at::Tensor& img_in, const at::Tensor& txt_in,
     const at::Tensor& target_in, const at::Tensor& scale_in, const at::Tensor& cos_in,
     const at::Tensor& n_img_in, const at::Tensor& n_txt_in, const at::Tensor& rst_in,
-    const at::Tensor& cst_in, const at::Tensor& cnt_in, int64_t loss, double eps) {
+    const at::Tensor& cst_in, const at::Tensor& cnt_in, int64_t loss, double eps,
+    bool row_parallel) {
   const char* op = "repblend_fast::contrastive_bwd";
   check_inputs(op, img_in, txt_in, target_in, scale_in, loss, eps);
   const int64_t K = img_in.size(0), B = img_in.size(1), D = img_in.size(2);
@@ -512,12 +796,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_bwd_cuda(
               48 * 1024 / sizeof(float), " rows); use impl='triton' or 'reference'");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, img.scalar_type(), "contrastive_bwd",
                                   [&] {
-    dz_kernel<scalar_t><<<K, kThreads, 0, stream>>>(
+    const int64_t rows = row_parallel ? kRowsPerBlock : B;
+    const int64_t nb = (B + rows - 1) / rows;
+    auto part = at::empty({row_parallel ? K * nb : 1}, f32);
+    dz_kernel<scalar_t><<<dim3(nb, K), kThreads, 0, stream>>>(
         grad.data_ptr<float>(), cos.data_ptr<float>(), target.data_ptr<scalar_t>(),
         scale.data_ptr<float>(), rst.data_ptr<float>(), cst.data_ptr<float>(),
         cnt.data_ptr<float>(), dcos.data_ptr<float>(), d_tgt.data_ptr<scalar_t>(),
-        dscale.data_ptr<float>(), B, static_cast<int>(loss), static_cast<float>(eps));
+        dscale.data_ptr<float>(), part.data_ptr<float>(), B, rows, static_cast<int>(loss),
+        static_cast<float>(eps));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (nb > 1) {
+      dscale_final_kernel<<<K, 32, 0, stream>>>(grad.data_ptr<float>(), part.data_ptr<float>(),
+                                                dscale.data_ptr<float>(), nb);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     dx_kernel<scalar_t><<<dim3(B, K, 2), kThreads, smem, stream>>>(
         dcos.data_ptr<float>(), cos.data_ptr<float>(), img.data_ptr<scalar_t>(),
         txt.data_ptr<scalar_t>(), n_img.data_ptr<float>(), n_txt.data_ptr<float>(),
@@ -532,12 +825,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_bwd_cuda(
 
 TORCH_LIBRARY_FRAGMENT(repblend_fast, m) {
   m.def(
-      "contrastive_fwd(Tensor img, Tensor txt, Tensor target, Tensor scale, int loss, float eps)"
-      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "contrastive_fwd(Tensor img, Tensor txt, Tensor target, Tensor scale, int loss, float eps, "
+      "bool row_parallel) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "contrastive_bwd(Tensor grad, Tensor img, Tensor txt, Tensor target, Tensor scale, "
       "Tensor cos, Tensor n_img, Tensor n_txt, Tensor row_stats, Tensor col_stats, "
-      "Tensor counts, int loss, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor counts, int loss, float eps, bool row_parallel) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(repblend_fast, CUDA, m) {

@@ -20,6 +20,16 @@ logger = logging.getLogger("repblend_fast.ext")
 
 CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 
+CXX_FLAGS = ["-O3"]
+NVCC_FLAGS = ["-O3", "-lineinfo"]
+"""Compiler flags of the extension (``setup.py`` repeats them; ``tests/test_csrc_build.py`` checks
+that the two agree and builds with these). No ``--use_fast_math``: it flushes denormals to zero,
+swaps ``expf`` / ``logf`` / division for approximate intrinsics and lets the compiler reorder
+arithmetic, which changes exactly what the kernels are written to keep (``sigmoid`` rounding like
+torch's before BCE takes its log, NaN and infinity propagating as in the reference, the fp32
+tolerances of docs/design.md §4). Only a GPU parity run could show it harmless, and none has been
+made."""
+
 
 def csrc_sources(csrc_dir: str = CSRC) -> list[str]:
     """All C++/CUDA sources of the extension, sorted (empty when ``csrc/`` is not shipped)."""
@@ -47,8 +57,8 @@ def jit_build(verbose: bool = False) -> None:
         name="repblend_fast_C",
         sources=sources,
         build_directory=build_dir(),
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo"],
+        extra_cflags=CXX_FLAGS,
+        extra_cuda_cflags=NVCC_FLAGS,
         is_python_module=False,
         verbose=verbose,
     )

@@ -566,8 +566,9 @@ def _cuda_home() -> str | None:
 _BUILD_SCRIPT = r"""
 import sys, torch
 from torch.utils.cpp_extension import load
+from repblend_fast import _ext
 load(name="repblend_contrastive_check", sources=sys.argv[2:], build_directory=sys.argv[1],
-     extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "--use_fast_math"], is_python_module=False)
+     extra_cflags=_ext.CXX_FLAGS, extra_cuda_cflags=_ext.NVCC_FLAGS, is_python_module=False)
 for name in ("contrastive_fwd", "contrastive_bwd"):
     print(getattr(torch.ops.repblend_fast, name).default._schema)
 """

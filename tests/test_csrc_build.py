@@ -4,8 +4,10 @@ op registrations or unresolved symbols fail too). No kernel runs: this works wit
 
 from __future__ import annotations
 
+import ast
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -76,14 +78,16 @@ BUILD_SCRIPT = textwrap.dedent(
         name="repblend_fast_buildcheck",
         sources=_ext.csrc_sources(),
         build_directory=build_dir,
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo"],
+        extra_cflags=_ext.CXX_FLAGS,
+        extra_cuda_cflags=_ext.NVCC_FLAGS,
         extra_ldflags=["-L" + d for d in ldirs.split(":") if d],
         is_python_module=False,
         verbose=False,
     )
     missing = [n for n in expected.split(",") if not hasattr(torch.ops.repblend_fast, n)]
     assert not missing, f"ops not registered: {missing}"
+    for name in expected.split(","):
+        print("SCHEMA", getattr(torch.ops.repblend_fast, name).default._schema)
     print(f"built in {time.time() - t0:.0f} s")
     """
 )
@@ -114,6 +118,35 @@ def test_csrc_compiles_and_registers_ops(tmp_path):
         timeout=1500,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    schemas = [line[7:] for line in proc.stdout.splitlines() if line.startswith("SCHEMA ")]
+    # The dispatcher passes the row-parallel choice of repblend_fast.ops.contrastive.row_parallel
+    # to both contrastive ops (the row-parallel kernels are compiled above with the rest).
+    for name in ("contrastive_fwd", "contrastive_bwd"):
+        (schema,) = [s for s in schemas if s.startswith(f"repblend_fast::{name}(")]
+        assert "bool row_parallel)" in schema, schema
+    # Every kernel template of csrc/ is instantiated for every dtype the ops dispatch on
+    # (AT_DISPATCH_FLOATING_TYPES_AND2: float, double, half, bfloat16), so the build covers them.
+    for path in glob.glob(os.path.join(CSRC, "*.cu")):
+        with open(path) as f:
+            src = f.read()
+        assert "AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16" in src, path
+
+
+def test_build_flags_are_one_definition_without_fast_math():
+    """setup.py and the JIT build compile with the same flags, and neither with --use_fast_math
+    (approximate exp/log/division and flushed denormals would change what the GPU parity tests
+    pin; no GPU run has shown it harmless)."""
+    from repblend_fast import _ext
+
+    assert "--use_fast_math" not in _ext.NVCC_FLAGS + _ext.CXX_FLAGS
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        setup_src = f.read()
+    code = "\n".join(line.split("#")[0] for line in setup_src.splitlines())
+    assert "fast_math" not in code
+    m = re.search(r'extra_compile_args=\{"cxx": (\[[^\]]*\]), "nvcc": (\[[^\]]*\])\}', code)
+    assert m is not None, "setup.py: extra_compile_args not found"
+    assert ast.literal_eval(m.group(1)) == _ext.CXX_FLAGS
+    assert ast.literal_eval(m.group(2)) == _ext.NVCC_FLAGS
 
 
 def test_every_op_source_registers_with_the_shared_library():
