@@ -92,8 +92,8 @@ class DistillConfig:
         checkpoint_every: save a resumable checkpoint every k iterations (0 = only at the end).
         nan_patience: consecutive non-finite iterations tolerated before the run stops.
         guard: the robust outer optimisation of docs/algorithm.md §14 (trust region, spike
-            rejection, loss-jump rollback, η momentum reset at the clamp) and the collapse
-            detector. Off: plain SGD with momentum, as the research code.
+            rejection, loss-jump rollback, η momentum reset at the clamp). Off: plain SGD with
+            momentum, as the research code (whose runs can collapse without a sign).
         trust_region: per-pair update bound, as a fraction of the group's RMS row norm (images,
             texts, similarity rows); 0 = no bound.
         spike_factor: an iteration whose meta-gradient norm in a group exceeds this multiple of
@@ -148,14 +148,14 @@ class DistillConfig:
     seed: int = 0
     checkpoint_every: int = 100
     nan_patience: int = 5
-    guard: bool = False
+    guard: bool = True
     trust_region: float = 0.1
     spike_factor: float = 10.0
     loss_jump: float = 3.0
     guard_window: int = 20
     guard_warmup: int = 3
     guard_cooldown: int = 10
-    collapse_window: int = 0
+    collapse_window: int = 50
     device: str = "cpu"
     threads: int = 0
 
