@@ -16,6 +16,7 @@ import math
 import os
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -472,8 +473,14 @@ class Distiller:
         return rec
 
     # ----------------------------------------------------------------- run / output
-    def run(self, progress: bool = True) -> DistilledSet:
+    def run(
+        self, progress: bool = True, on_iteration: Callable[[Distiller], None] | None = None
+    ) -> DistilledSet:
         """Run the remaining iterations (checkpointing as configured) and write the outputs.
+
+        ``on_iteration(distiller)`` is called before the first remaining iteration and after
+        each one (e.g. to evaluate the set at a few iteration counts; it must not change the
+        distiller's state).
 
         With an ``out_dir``, the run holds the folder's lock (a second writer gets
         ``LockHeldError``), removes temporary files a killed writer left, and records every file
@@ -499,9 +506,13 @@ class Distiller:
                 desc=f"distill[{cfg.method}]",
                 unit="it",
             )
+            if on_iteration is not None:
+                on_iteration(self)
             with StopOnSignal() as stop:
                 while self.iteration < cfg.iterations:
                     rec = self.step()
+                    if on_iteration is not None:
+                        on_iteration(self)
                     bar.update(1)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", ms=f"{rec['ms']:.0f}")
                     if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:

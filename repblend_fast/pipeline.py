@@ -222,8 +222,10 @@ def distill(
     verify: bool = True,
     cache_dir=None,
     progress: bool = True,
+    on_iteration=None,
 ):
-    """Distil ``config.pairs`` pairs from ``ds`` against the experts in ``experts_dir``.
+    """Distil ``config.pairs`` pairs from ``ds`` against the experts in ``experts_dir``
+    (``on_iteration``: see :meth:`repblend_fast.distill.Distiller.run`).
 
     ``out_dir`` is locked for the whole call (a second run into it gets ``LockHeldError``).
     A folder that already holds a run is refused unless ``resume`` (continue it from its
@@ -299,7 +301,7 @@ def distill(
         elif resume:
             d.load_checkpoint(out / CHECKPOINT, verify=verify)
             logger.info("resumed from %s at iteration %d", out / CHECKPOINT, d.iteration)
-        return d.run(progress=progress)
+        return d.run(progress=progress, on_iteration=on_iteration)
     finally:
         if lock is not None:
             lock.release()

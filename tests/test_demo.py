@@ -176,6 +176,9 @@ def test_demo_writes_report_metrics_and_figures(tiny_run):
         assert d["iterations"] == (3 if name == "repblend" else 1)
         assert d["loss_start"] > 0 and "eta_img" in d
     assert m["distillation"]["lors"]["reductions"]
+    # The RepBlend learning curve: evaluated at 0, 1, 2 of its 3 iterations (the final
+    # evaluation is the last point), rendered in the report.
+    assert [p["iteration"] for p in m["distillation"]["repblend"]["curve"]] == [0, 1, 2]
     assert set(m["diagnostics"]) == {"random", "lors", "repblend"}
     assert 0 <= m["diagnostics"]["repblend"]["concentration_img"] <= 1
     stages = [s["stage"] for s in m["timings"]["stages"]]
@@ -191,6 +194,7 @@ def test_demo_writes_report_metrics_and_figures(tiny_run):
         assert label in rep
     assert " ± " in rep and "![loss curves](loss_curves.png)" in rep
     assert "## Time" in rep
+    assert "Learning curve of RepBlend" in rep and "| iterations | 0 | 1 | 2 | 3 |" in rep
 
 
 def test_demo_refuses_to_overwrite(tiny_run, capsys):

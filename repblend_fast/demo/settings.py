@@ -47,6 +47,9 @@ class DemoSettings:
             each method's research-code cadence, 20 for RepBlend and the baselines compared with
             it, 10 for LoRS).
         eval_temperature: the logit temperature of every evaluation (0.07, docs/algorithm.md §8).
+        curve_points: the report's learning curve of the RepBlend set: this many evenly spaced
+            iteration counts, 0 and the last included (the last is the final evaluation; 0 or 1
+            = no curve).
         full_epochs: epochs of the full-data baseline (normal epochs over all pairs).
     """
 
@@ -68,6 +71,7 @@ class DemoSettings:
     eval_epochs: int = 101
     eval_every: int | None = None
     eval_temperature: float = EVAL_TEMPERATURE
+    curve_points: int = 4
     full_epochs: int = 10
 
     def validate(self) -> DemoSettings:
@@ -82,6 +86,7 @@ class DemoSettings:
             (self.eval_epochs >= 1, "eval_epochs", ">= 1"),
             (self.eval_every is None or self.eval_every >= 1, "eval_every", ">= 1 or None"),
             (0 < self.eval_temperature < float("inf"), "eval_temperature", "finite and > 0"),
+            (self.curve_points >= 0, "curve_points", ">= 0"),
             (self.full_epochs >= 1, "full_epochs", ">= 1"),
             (self.image_size is None or self.image_size >= 8, "image_size", ">= 8"),
             (self.lors_image_size is None or self.lors_image_size >= 8, "lors_image_size", ">= 8"),
@@ -90,6 +95,15 @@ class DemoSettings:
             if not ok:
                 raise ValueError(f"DemoSettings.{name}={getattr(self, name)!r}: expected {want}")
         return self
+
+    def curve_at(self, iterations: int) -> list[int]:
+        """The iteration counts at which the RepBlend set is evaluated for the learning curve:
+        ``curve_points`` evenly spaced counts from 0 to ``iterations``, the last left out (the
+        final evaluation is that point)."""
+        k = self.curve_points
+        if k <= 1 or iterations <= 0:
+            return []
+        return sorted({round(i * iterations / (k - 1)) for i in range(k - 1)})
 
     def every(self, method: str) -> int:
         """How often the test split is scored when evaluating ``method``'s set (and the baselines

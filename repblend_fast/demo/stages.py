@@ -110,6 +110,13 @@ def stage_distill(run: DemoRun, method: str) -> None:
     from repblend_fast.report import read_jsonl
 
     cfg = run.configs[method]
+    curve: list[dict[str, Any]] = []
+    at = set(run.settings.curve_at(cfg.iterations)) if method == "repblend" else set()
+
+    def on_iteration(dist) -> None:
+        if dist.iteration in at:
+            curve.append(_curve_point(run, method, dist))
+
     d = distill(
         run.train,
         run.enc,
@@ -119,6 +126,7 @@ def stage_distill(run: DemoRun, method: str) -> None:
         image_size=run.sizes[method],
         cache_dir=run.cache_dir,
         progress=run.progress,
+        on_iteration=on_iteration,
     )
     run.distilled[method] = d
     recs = read_jsonl(run.out / method / "metrics.jsonl") if cfg.iterations else []
@@ -130,12 +138,44 @@ def stage_distill(run: DemoRun, method: str) -> None:
         "metrics_jsonl": f"{method}/metrics.jsonl",
         "image_size": run.sizes[method],
     }
+    if curve:
+        meta["curve"] = curve
     run.dist_meta[method] = meta
     if meta.get("loss_start") is not None:
         run.clock.note(
             f"{LABELS[method]} matching loss {meta['loss_start']:.3f} -> {meta['loss_end']:.3f} "
             f"(first/last 10% of iterations), η image {d.eta_img:.4g}, text {d.eta_txt:.4g}"
         )
+
+
+def _curve_point(run: DemoRun, method: str, dist) -> dict[str, Any]:
+    """The held-out evaluation of the set as it stands at ``dist.iteration`` (the learning
+    curve of the report)."""
+    from repblend_fast.evaluate import evaluate_distilled
+    from repblend_fast.pipeline import encode_images
+
+    s, cfg = run.settings, run.configs[method]
+    r = dist.result()
+    res = evaluate_distilled(
+        encode_images(run.enc, r.images, run.size),
+        r.texts.float(),
+        r.similarity,
+        lr_img=r.eta_img,
+        lr_txt=r.eta_txt,
+        test=run.ftest,
+        dim=s.dim,
+        num_eval=s.num_eval,
+        loss=cfg.loss,
+        eps=cfg.eps,
+        epochs=s.eval_epochs,
+        eval_every=s.every(method),
+        logit_scale=1.0 / s.eval_temperature,
+    )
+    run.clock.note(
+        f"{LABELS[method]} at iteration {dist.iteration}: held-out mean recall "
+        f"{res['best']['mean']['mean']:.1f} ± {res['best']['std']['mean']:.1f}"
+    )
+    return {"iteration": dist.iteration, "best": res["best"], "last": res["last"]}
 
 
 def _loss_summary(records: list[dict[str, Any]]) -> dict[str, Any]:

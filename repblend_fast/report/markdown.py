@@ -22,6 +22,7 @@ from repblend_fast.report.tables import (
     fmt_value,
     method_label,
     ordered_methods,
+    pm,
     results_table,
     verdict_lines,
 )
@@ -144,8 +145,36 @@ def _distillation(metrics: dict[str, Any], labels: dict[str, str], run_dir: Path
         out += [f"Reduced settings of {labels.get(name, name)}: {r}.", ""]
     if (run_dir / LOSS_PNG).exists():
         out += [f"![loss curves]({LOSS_PNG})", ""]
+    out += _learning_curves(dist, metrics.get("methods", {}), labels)
     out += _distillation_settings(metrics, labels)
     out.append("")
+    return out
+
+
+def _learning_curves(dist, methods, labels: dict[str, str]) -> list[str]:
+    """Held-out mean recall of a distilled set at a few iteration counts (same protocol as the
+    results table, best epoch, mean ± std over evaluation seeds); the last point is the set's
+    final evaluation."""
+    out: list[str] = []
+    for name, d in dist.items():
+        curve = list(d.get("curve") or [])
+        if not curve:
+            continue
+        final = methods.get(name, {}).get("best")
+        if final and d.get("iterations") is not None:
+            curve.append({"iteration": d["iterations"], "best": final})
+        head = " | ".join(str(p["iteration"]) for p in curve)
+        vals = " | ".join(pm(p["best"]) for p in curve)
+        out += [
+            f"**Learning curve of {labels.get(name, name)}** (held-out mean recall of the set as "
+            "it stood after that many iterations; best epoch, mean ± std over the evaluation "
+            "seeds):",
+            "",
+            f"| iterations | {head} |",
+            "|---|" + "---:|" * len(curve),
+            f"| mean recall | {vals} |",
+            "",
+        ]
     return out
 
 
