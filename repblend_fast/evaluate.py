@@ -334,6 +334,39 @@ def evaluate_distilled(
     return report
 
 
+def evaluate_distilled_set(
+    distilled,
+    *,
+    encoders,
+    size: int,
+    test: FeaturePairs,
+    loss: str,
+    eps: float = 1e-6,
+    lr_img: float | None = None,
+    lr_txt: float | None = None,
+    **protocol: Any,
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """:func:`evaluate_distilled` of a :class:`repblend_fast.distill.DistilledSet`: its images
+    encoded by the frozen ``encoders`` at ``size`` px first, its learned learning rates unless
+    ``lr_img``/``lr_txt`` are given. ``protocol``: ``dim``, ``num_eval``, ``epochs``,
+    ``eval_every``, ``logit_scale``, ... Returns ``(results, image features [N, d_f])``."""
+    from repblend_fast.pipeline import encode_images
+
+    img = encode_images(encoders, distilled.images, size)
+    res = evaluate_distilled(
+        img,
+        distilled.texts.float(),
+        distilled.similarity,
+        lr_img=distilled.eta_img if lr_img is None else lr_img,
+        lr_txt=distilled.eta_txt if lr_txt is None else lr_txt,
+        test=test,
+        loss=loss,
+        eps=eps,
+        **protocol,
+    )
+    return res, img
+
+
 def evaluate_full_data(
     train: FeaturePairs,
     test: FeaturePairs,

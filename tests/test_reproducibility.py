@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from test_cli import _common
 
 from repblend_fast.cli import main
 from repblend_fast.io import load_safetensors
@@ -50,7 +51,7 @@ def _distill(tiny_pairs, experts, out, iterations, *extra):
     return main(
         [
             "distill",
-            *_data_args(tiny_pairs, out.parent / "cache"),
+            *_common(tiny_pairs, out.parent / "cache"),
             "--experts",
             str(experts),
             "--out",
@@ -73,22 +74,6 @@ def _distill(tiny_pairs, experts, out, iterations, *extra):
     )
 
 
-def _data_args(ann, cache):
-    return [
-        "--dataset",
-        "generic",
-        "--annotations",
-        str(ann),
-        "--image-encoder",
-        "resnet18",
-        "--random-init-encoder",
-        "--image-size",
-        "16",
-        "--cache-dir",
-        str(cache),
-    ]
-
-
 @pytest.fixture(scope="module")
 def experts(tiny_pairs, tmp_path_factory):
     root = tmp_path_factory.mktemp("repro")
@@ -96,7 +81,7 @@ def experts(tiny_pairs, tmp_path_factory):
     rc = main(
         [
             "buffer",
-            *_data_args(tiny_pairs, root / "cache"),
+            *_common(tiny_pairs, root / "cache"),
             "--experts",
             "2",
             "--epochs",

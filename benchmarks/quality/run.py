@@ -167,8 +167,8 @@ class Study:
     def distill_row(self, method: str, n: int, seed: int, workdir: Path) -> dict[str, Any]:
         from repblend_fast.config import EVAL_EVERY, preset
         from repblend_fast.distill import DistillationStopped
-        from repblend_fast.evaluate import evaluate_distilled
-        from repblend_fast.pipeline import distill, encode_images
+        from repblend_fast.evaluate import evaluate_distilled_set
+        from repblend_fast.pipeline import distill
 
         over = dict(DISTILLED[method], pairs=n, seed=seed, iterations=REPBLEND_ITERATIONS)
         if method in ENCODER_STUDENTS:
@@ -190,13 +190,10 @@ class Study:
             )
         except DistillationStopped as exc:
             return {**out, "stopped": str(exc)}
-        img = encode_images(self.enc, d.images, self.size)
-        res = evaluate_distilled(
-            img,
-            d.texts.float(),
-            d.similarity,
-            lr_img=d.eta_img,
-            lr_txt=d.eta_txt,
+        res, _ = evaluate_distilled_set(
+            d,
+            encoders=self.enc,
+            size=self.size,
             test=self.ftest,
             dim=DIM,
             num_eval=NUM_EVAL,

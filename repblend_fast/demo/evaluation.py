@@ -20,7 +20,7 @@ def stage_evaluate(run: DemoRun) -> None:
     _evaluate_full(run)
 
 
-def _eval_kw(run: DemoRun, method: str) -> dict[str, Any]:
+def eval_protocol(run: DemoRun, method: str) -> dict[str, Any]:
     """The evaluation protocol of ``method``'s set (baselines use RepBlend's)."""
     s = run.settings
     return {
@@ -33,13 +33,11 @@ def _eval_kw(run: DemoRun, method: str) -> dict[str, Any]:
 
 
 def _evaluate_distilled_sets(run: DemoRun) -> None:
-    from repblend_fast.evaluate import evaluate_distilled
-    from repblend_fast.pipeline import encode_images
+    from repblend_fast.evaluate import evaluate_distilled_set
 
     s = run.settings
     for method, d in run.distilled.items():
         cfg = run.configs[method]
-        img = encode_images(run.enc, d.images, run.size)
         run.clock.note(f"evaluating {LABELS[method]} ({s.num_eval} seeds)")
         caps, sims = nearest_captions(d.texts, run.ftrain.txt, run.train.captions)
         entry = {
@@ -51,16 +49,14 @@ def _evaluate_distilled_sets(run: DemoRun) -> None:
             "nearest_similarity": sims,
         }
         try:
-            res = evaluate_distilled(
-                img,
-                d.texts.float(),
-                d.similarity,
-                lr_img=d.eta_img,
-                lr_txt=d.eta_txt,
+            res, img = evaluate_distilled_set(
+                d,
+                encoders=run.enc,
+                size=run.size,
                 num_eval=s.num_eval,
                 loss=cfg.loss,
                 eps=cfg.eps,
-                **_eval_kw(run, method),
+                **eval_protocol(run, method),
             )
         except ValueError as exc:  # e.g. a learned lr that went negative: report, go on
             run.methods[method] = {**entry, "error": str(exc), "note": f"evaluation failed: {exc}"}
@@ -121,7 +117,7 @@ def _evaluate_subsets(run: DemoRun) -> None:
                 seeds=[k],
                 loss=loss,
                 eps=rb.eps,
-                **_eval_kw(run, "repblend"),
+                **eval_protocol(run, "repblend"),
             )
             per_seed.append({**r["per_seed"][0], "subset_seed": s.seed + k})
         protocol = (

@@ -7,17 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from repblend_fast.config import EVAL_EVERY, EVAL_TEMPERATURE, DistillConfig, preset
+from repblend_fast.report.tables import DEFAULT_LABELS
 
 FORMAT_VERSION = 1
-LABELS = {
-    "repblend": "RepBlend",
-    "lors": "LoRS",
-    "random": "Random subset",
-    "random_infonce": "Random subset (InfoNCE)",
-    "kcenter": "k-center coreset (InfoNCE)",
-    "herding": "Herding coreset (InfoNCE)",
-    "full": "Full data",
-}
+# The row label of each method of the demo's report (one table: the report's).
+LABELS = DEFAULT_LABELS
 
 
 @dataclass

@@ -151,25 +151,18 @@ def stage_distill(run: DemoRun, method: str) -> None:
 def _curve_point(run: DemoRun, method: str, dist) -> dict[str, Any]:
     """The held-out evaluation of the set as it stands at ``dist.iteration`` (the learning
     curve of the report)."""
-    from repblend_fast.evaluate import evaluate_distilled
-    from repblend_fast.pipeline import encode_images
+    from repblend_fast.demo.evaluation import eval_protocol
+    from repblend_fast.evaluate import evaluate_distilled_set
 
-    s, cfg = run.settings, run.configs[method]
-    r = dist.result()
-    res = evaluate_distilled(
-        encode_images(run.enc, r.images, run.size),
-        r.texts.float(),
-        r.similarity,
-        lr_img=r.eta_img,
-        lr_txt=r.eta_txt,
-        test=run.ftest,
-        dim=s.dim,
-        num_eval=s.num_eval,
+    cfg = run.configs[method]
+    res, _ = evaluate_distilled_set(
+        dist.result(),
+        encoders=run.enc,
+        size=run.size,
+        num_eval=run.settings.num_eval,
         loss=cfg.loss,
         eps=cfg.eps,
-        epochs=s.eval_epochs,
-        eval_every=s.every(method),
-        logit_scale=1.0 / s.eval_temperature,
+        **eval_protocol(run, method),
     )
     run.clock.note(
         f"{LABELS[method]} at iteration {dist.iteration}: held-out mean recall "
