@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from repblend_fast import distributed
 from repblend_fast.checkpoint import (
     CHECKPOINT,
     CONFIG,
@@ -149,7 +150,8 @@ class Distiller:
         init_images: ``[N, 3, H, W]`` initial synthetic images (usually random real ones).
         init_texts: ``[N, d_t]`` initial synthetic texts (their caption embeddings).
         out_dir: where checkpoints, ``metrics.jsonl``, ``config.json`` and
-            ``distilled.safetensors`` go (``None``: nothing is written).
+            ``distilled.safetensors`` go (``None``: nothing is written). Under torchrun only
+            rank 0 writes it (docs/distributed.md).
     """
 
     def __init__(
@@ -163,6 +165,8 @@ class Distiller:
         out_dir: str | os.PathLike | None = None,
     ):
         config.validate()
+        # Several processes (torchrun): each unrolls its share of the K trajectories.
+        self._dist = distributed.step_sync(config.num_trajectories)
         # Results depend on the CPU thread count: run with the configured one, or record the
         # one in use, so that config.json and every checkpoint say which it was.
         if config.threads:
@@ -176,6 +180,8 @@ class Distiller:
                 "DistillConfig.device='cuda' but no CUDA device is available: use 'cpu'"
             )
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        if self._dist is not None and not self._dist.ctx.is_main:
+            self.out_dir = None  # rank 0 writes the run folder
         n = config.pairs
         if init_images.dim() != 4 or init_images.shape[0] != n:
             raise ValueError(
@@ -327,14 +333,19 @@ class Distiller:
         t0 = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        picks, starts, targets, plans = [], [], [], []
-        for e, t, plan in self.sampler.draw():
+        draws = self.sampler.draw()  # all K trajectories, on every rank
+        picks = [(e, t) for e, t, _ in draws]
+        starts, targets, plans = [], [], []
+        for e, t, plan in draws if self._dist is None else self._dist.mine(draws):
             start, target = self._snapshots(e, t)
-            picks.append((e, t))
             starts.append(start)
             targets.append(target)
             plans.append(plan)
-        (loss, loss_img, loss_txt), grads = self._meta_gradients(starts, targets, plans)
+        losses, grads = self._meta_gradients(starts, targets, plans)
+        synced = {}
+        if self._dist is not None:  # one all-reduce: the means over all K trajectories
+            losses, grads, synced = self._dist.average(losses, grads)
+        loss, loss_img, loss_txt = losses
         stats = self.opt.step(grads, loss)
         vals = read_back(
             {
@@ -344,8 +355,11 @@ class Distiller:
                 "eta_img": self.eta_img,
                 "eta_txt": self.eta_txt,
                 **stats,
+                **synced,
             }
         )
+        if self._dist is not None:
+            self._dist.after_step(self, vals)
         rec = self._record(picks, vals)
         rec["ms"] = (time.perf_counter() - t0) * 1e3
         if self.device.type == "cuda":
@@ -497,18 +511,22 @@ class Distiller:
         if lock is not None:
             lock.acquire()
         try:
+            if self._dist is not None:
+                self._dist.start(self)  # every rank starts from rank 0's state
             if self.out_dir is not None:
                 self._open_outputs()
             bar = tqdm(
                 total=cfg.iterations,
                 initial=self.iteration,
-                disable=not progress,
+                disable=not progress or not distributed.is_main(),
                 desc=f"distill[{cfg.method}]",
                 unit="it",
             )
             if on_iteration is not None:
                 on_iteration(self)
             with StopOnSignal() as stop:
+                if self._dist is not None:
+                    self._dist.stop_source = stop  # ranks stop after the same iteration
                 while self.iteration < cfg.iterations:
                     rec = self.step()
                     if on_iteration is not None:
@@ -517,14 +535,17 @@ class Distiller:
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", ms=f"{rec['ms']:.0f}")
                     if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
                         self.save_checkpoint()
-                    if stop.signum is not None:
+                    signum = stop.signum if self._dist is None else self._dist.stop_signum
+                    if signum is not None:
                         bar.close()
-                        raise RunInterrupted(stop.signum, self.iteration, self.save_checkpoint())
+                        raise RunInterrupted(signum, self.iteration, self.save_checkpoint())
             bar.close()
             result = self.result()
             if self.out_dir is not None:
                 self.save_checkpoint()
                 result.save(self.out_dir / DISTILLED, cfg, record=self._run_record())
+            if self._dist is not None:
+                self._dist.finish()
             return result
         finally:
             if lock is not None:
@@ -582,6 +603,19 @@ class Distiller:
         self._metrics_log().append(rec)
 
     # ----------------------------------------------------------------- checkpoints
+    def _restore(self, t: dict[str, torch.Tensor]) -> None:
+        """Set the state to :meth:`state_tensors` ``t`` (already validated)."""
+        # In place: the optimiser holds these leaves.
+        for name, p in self._params().items():
+            p.copy_(t[name].to(p.device, p.dtype))
+        self.g.set_state(t["rng"])
+        self.sampler.load_state_tensors(t)
+        self.iteration, self.bad_streak = int(t["iteration"]), int(t["bad_streak"])
+        self.opt.load_state_tensors(t)
+        if "collapse.losses" in t:
+            self.collapse_losses = t["collapse.losses"].tolist()
+            self.collapse_pinned = int(t["collapse.pinned"])
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Everything needed to continue bit-for-bit, as named tensors."""
         t = {
@@ -650,16 +684,7 @@ class Distiller:
             keep = read_metrics_for_resume(
                 self.out_dir / METRICS, int(t["iteration"]), ck.metrics, verify=verify
             )
-        # In place: the optimiser holds these leaves.
-        for name, p in self._params().items():
-            p.copy_(t[name].to(p.device, p.dtype))
-        self.g.set_state(t["rng"])
-        self.sampler.load_state_tensors(t)
-        self.iteration, self.bad_streak = int(t["iteration"]), int(t["bad_streak"])
-        self.opt.load_state_tensors(t)
-        if "collapse.losses" in t:
-            self.collapse_losses = t["collapse.losses"].tolist()
-            self.collapse_pinned = int(t["collapse.pinned"])
+        self._restore(t)
         if keep is not None:
             self._mlog = MetricsLog(self.out_dir / METRICS, keep)
         self._resumed_from = path

@@ -260,6 +260,7 @@ def evaluate_distilled(
     seeds: Sequence[int] | None = None,
     logit_scale: float = DEFAULT_LOGIT_SCALE,
     progress: bool = False,
+    shard_seeds: bool = False,
     **train_kw: Any,
 ) -> dict[str, Any]:
     """Train ``num_eval`` fresh head pairs on the pairs (docs/algorithm.md §8) and report retrieval.
@@ -269,6 +270,8 @@ def evaluate_distilled(
             ``[N, N]`` or ``None``).
         test: real test features; val: optional real validation features.
         seeds: one training seed per run (default ``0 .. num_eval-1``).
+        shard_seeds: under torchrun, spread the seeds over the processes (every rank must call;
+            each returns the whole result, the rows of a seed identical to a one-process run's).
         train_kw: more :func:`train_on_pairs` options (epochs, loss, sampling, eval_every, ...).
 
     Returns a JSON-serialisable dict:
@@ -283,7 +286,6 @@ def evaluate_distilled(
     seeds = list(range(num_eval)) if seeds is None else list(seeds)
     if not seeds:
         raise ValueError("need at least one evaluation run (num_eval >= 1)")
-    per_seed = []
     specs = (HeadSpec(img_feats.shape[1], dim), HeadSpec(txt_feats.shape[1], dim))
 
     def eval_fn(ep: int, pi: torch.Tensor, pt: torch.Tensor) -> dict[str, Any]:
@@ -292,7 +294,7 @@ def evaluate_distilled(
             out["val"] = evaluate_heads(pi, pt, *specs, val, logit_scale=logit_scale)
         return out
 
-    for sd in seeds:
+    def run_seed(sd: int) -> dict[str, Any]:
         res = train_on_pairs(
             img_feats,
             txt_feats,
@@ -320,7 +322,14 @@ def evaluate_distilled(
             vbest = _select(res.history, "val")
             row["val_epoch"] = vbest["epoch"]
             row["val_selected"] = vbest["test"]
-        per_seed.append(row)
+        return row
+
+    if shard_seeds:
+        from repblend_fast.distributed import map_shards
+
+        per_seed = map_shards(run_seed, seeds, "evaluate:seeds")
+    else:
+        per_seed = [run_seed(sd) for sd in seeds]
     report: dict[str, Any] = {
         "per_seed": per_seed,
         "best": mean_std([r["best"] for r in per_seed]),
@@ -420,6 +429,7 @@ def evaluate_file(
     lr_txt: float | None = None,
     cache_dir=None,
     note: Callable[[str], None] | None = None,
+    shard_seeds: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a saved distilled set (``distilled.safetensors`` or its run folder) with the
     docs/algorithm.md §8 protocol on the real ``test`` split.
@@ -437,6 +447,8 @@ def evaluate_file(
             as docs/algorithm.md §8 fixes it).
         lr_img, lr_txt: override the learned learning rates.
         note: receives one-line remarks (e.g. that the images are resized).
+        shard_seeds: under torchrun, spread the evaluation seeds (and the random subsets) over
+            the processes; every rank must call and returns the whole result.
 
     Returns ``{"kind", "distilled", "dataset", "image_encoder", "text_encoder", "methods":
     {"distilled": {...}, ["random": {...}]}}`` with :func:`evaluate_distilled`'s results; raises
@@ -444,7 +456,7 @@ def evaluate_file(
     """
     from repblend_fast.config import EVAL_EVERY
     from repblend_fast.coresets import random_subset
-    from repblend_fast.pipeline import encode_images, image_features, image_size_for, text_features
+    from repblend_fast.pipeline import image_features, image_size_for, text_features
 
     _verify_distilled(path, note)
     path, d, (cfg_loss, eps, method) = _read_distilled(path)
@@ -474,23 +486,18 @@ def evaluate_file(
         text_features(test, encoders, cache_dir=cache_dir),
         test.cap2img,
     )
-    img = encode_images(encoders, d.images, size)
-    kw = dict(
+    kw = dict(dim=dim, epochs=epochs, eval_every=eval_every, logit_scale=scale)
+    res, _ = evaluate_distilled_set(
+        d,
+        encoders=encoders,
+        size=size,
         test=ftest,
-        dim=dim,
-        epochs=epochs,
-        eval_every=eval_every,
         loss=loss,
         eps=eps,
-        logit_scale=scale,
-    )
-    res = evaluate_distilled(
-        img,
-        d.texts.float(),
-        d.similarity,
-        lr_img=lr_img if lr_img is not None else d.eta_img,
-        lr_txt=lr_txt if lr_txt is not None else d.eta_txt,
+        lr_img=lr_img,
+        lr_txt=lr_txt,
         num_eval=num_eval,
+        shard_seeds=shard_seeds,
         **kw,
     )
     result: dict[str, Any] = {
@@ -510,11 +517,29 @@ def evaluate_file(
             text_features(train, encoders, cache_dir=cache_dir),
             train.cap2img,
         )
-        per_seed = []
-        for k in range(num_eval):
+
+        def random_seed(k: int) -> dict[str, Any]:
             ri, rt, _ = random_subset(ftrain, min(n, ftrain.img.shape[0]), seed=k)
-            r = evaluate_distilled(ri, rt, None, lr_img=0.1, lr_txt=0.1, seeds=[k], **kw)
-            per_seed.append(r["per_seed"][0])
+            r = evaluate_distilled(
+                ri,
+                rt,
+                None,
+                lr_img=0.1,
+                lr_txt=0.1,
+                seeds=[k],
+                test=ftest,
+                loss=loss,
+                eps=eps,
+                **kw,
+            )
+            return r["per_seed"][0]
+
+        if shard_seeds:
+            from repblend_fast.distributed import map_shards
+
+            per_seed = map_shards(random_seed, range(num_eval), "evaluate:random")
+        else:
+            per_seed = [random_seed(k) for k in range(num_eval)]
         result["methods"]["random"] = {
             "label": "random subset",
             "pairs": n,

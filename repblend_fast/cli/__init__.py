@@ -21,14 +21,25 @@ its pid), an operating-system error such as a full disk or a read-only folder â€
 line naming the flag or file and what to do; 128 + N when signal N stopped a run after it wrote
 a checkpoint (130 for Ctrl-C); 1 for an unexpected error (a bug): one line, and ``--debug`` prints
 the traceback (of any error).
+
+Under ``torchrun --nproc-per-node N -m repblend_fast COMMAND`` (``buffer``, ``distill`` and
+``evaluate``; docs/distributed.md) :func:`main` joins the process group first and leaves it at
+the end; only rank 0 prints results, logs and progress bars. A rank that fails prints its message
+(once, whichever ranks meet it) and publishes it, so the other ranks stop at their next wait
+instead of hanging; every failing rank also leaves its message in the launcher's error file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
+import os
 import sys
+import time
 import traceback
+import warnings
 
 from repblend_fast.cli import authors, bench, compat, demo, evaluate, run
 from repblend_fast.cli.common import CLIError, HelpFormatter
@@ -53,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the traceback of an error (exit statuses stay the same)",
     )
+    ap.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="under torchrun: how long a collective waits for the other processes, and how long "
+        "a silent process is waited for, before the command stops with an error",
+    )
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in GROUPS:
         group.register(sub)
@@ -67,26 +86,97 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     prefix = f"repblend-fast {args.command}"
+    ctx, joined = None, False
     try:
-        return int(args.func(args) or 0)
+        ctx, joined = _join(args)
+        if ctx is None:
+            return int(args.func(args) or 0)
+        prefix += f" [rank {ctx.rank}]"
+        if ctx.is_main:
+            return int(args.func(args) or 0)
+        # Results, logs, warnings and progress bars come from rank 0.
+        if hasattr(args, "no_progress"):
+            args.no_progress = True
+        logging.getLogger().setLevel(logging.ERROR)
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return int(args.func(args) or 0)
     except BaseException as exc:
         status, message = _classify(exc)
         if status is None:
             raise  # SystemExit and friends
-        if args.debug:
+        show = True
+        if ctx is not None:
+            show = ctx.report_failure(exc, message, status, collective=_collective(exc))
+            _error_file(f"{prefix}: {message}")
+        if args.debug and show:
             traceback.print_exc()
-        print(f"{prefix}: {message}", file=sys.stderr)
+        if show:
+            print(f"{prefix}: {message}", file=sys.stderr)
         return status
+    finally:
+        if joined:
+            from repblend_fast import distributed
+
+            distributed.close()
+
+
+def _join(args) -> tuple:
+    """``(context, joined here)``: the process group of a torchrun launch (None without one)."""
+    from repblend_fast import distributed
+
+    ctx = distributed.current()
+    if ctx is not None or not distributed.launched():
+        return ctx, False
+    device = getattr(args, "device", "cpu")
+    if device == "cuda":
+        from repblend_fast.cli.common import check_device
+
+        check_device(args)
+    ctx = distributed.init(device, timeout=args.dist_timeout)
+    if ctx is not None and not getattr(args, "distributed", False):
+        raise CLIError(
+            f"`repblend-fast {args.command}` runs in one process: launch it without torchrun "
+            "(buffer, distill and evaluate can use several)"
+        )
+    return ctx, ctx is not None
+
+
+def _collective(exc: BaseException) -> bool:
+    """Failures every rank meets at the same point (decided on values all ranks share)."""
+    from repblend_fast.checkpoint import RunInterrupted
+    from repblend_fast.distill import DistillationStopped
+    from repblend_fast.distributed import RanksDiverged
+
+    return isinstance(exc, (DistillationStopped, RunInterrupted, KeyboardInterrupt, RanksDiverged))
+
+
+def _error_file(message: str) -> None:
+    """The launcher's per-process error file (torchrun shows it in its failure summary)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump({"message": message, "timestamp": int(time.time())}, fh)
+    except OSError:
+        pass
 
 
 def _classify(exc: BaseException) -> tuple[int | None, str]:
     """``(exit status, one-line message)`` of an exception that ends a command."""
     from repblend_fast.checkpoint import RunInterrupted
     from repblend_fast.distill import DistillationStopped
+    from repblend_fast.distributed import DistributedError, PeerFailed
     from repblend_fast.io import IntegrityError
     from repblend_fast.locks import LockHeldError
 
+    if isinstance(exc, PeerFailed):
+        return (exc.status if exc.status is not None else 1), str(exc)
     if isinstance(exc, (CLIError, IntegrityError, LockHeldError, DistillationStopped)):
+        return 2, f"error: {exc}"
+    if isinstance(exc, DistributedError):
         return 2, f"error: {exc}"
     if isinstance(exc, RunInterrupted):
         return 128 + exc.signum, str(exc)

@@ -154,10 +154,18 @@ def resolve_threads(value: str | int | None, default: int | None = None) -> int:
 
 
 def apply_threads(value: str | int | None, default: int | None = None) -> int:
-    """Resolve ``--threads`` and set torch's intra-op thread count; returns the count."""
+    """Resolve ``--threads`` and set torch's intra-op thread count; returns the count. Under
+    torchrun rank 0 resolves it and every rank uses its count (``auto`` reads the load, which
+    differs between processes, and results depend on the count)."""
     import torch
 
-    n = resolve_threads(value, default)
+    from repblend_fast import distributed
+
+    ctx = distributed.current()
+    if ctx is None:
+        n = resolve_threads(value, default)
+    else:
+        n = ctx.from_main("threads", lambda: resolve_threads(value, default))
     torch.set_num_threads(n)
     return n
 

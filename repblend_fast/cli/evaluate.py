@@ -68,10 +68,11 @@ def register(sub) -> None:
         help="also write the full result to this JSON file (default: print only)",
     )
     add_threads_arg(p)
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=cmd_evaluate, distributed=True)
 
 
 def cmd_evaluate(args) -> int:
+    from repblend_fast import distributed
     from repblend_fast.evaluate import evaluate_file
     from repblend_fast.report import results_table
 
@@ -99,7 +100,8 @@ def cmd_evaluate(args) -> int:
             lr_img=args.lr_img,
             lr_txt=args.lr_txt,
             cache_dir=args.cache_dir,
-            note=lambda msg: print(msg, file=sys.stderr),
+            note=lambda msg: print(msg, file=sys.stderr) if distributed.is_main() else None,
+            shard_seeds=True,
         )
     except (FileNotFoundError, ValueError) as exc:
         raise CLIError(f"--distilled {args.distilled}: {exc}") from exc
@@ -113,7 +115,7 @@ def cmd_evaluate(args) -> int:
     print(results_table(result, "best"))
     print("last epoch:")
     print(results_table(result, "last"))
-    if args.json:
+    if args.json and distributed.is_main():
         from repblend_fast.io import atomic_write_json
 
         atomic_write_json(result, args.json)

@@ -69,7 +69,7 @@ def _register_buffer(sub) -> None:
     )
     add_threads_arg(b)
     add_progress_arg(b)
-    b.set_defaults(func=cmd_buffer)
+    b.set_defaults(func=cmd_buffer, distributed=True)
 
 
 def cmd_buffer(args) -> int:
@@ -172,7 +172,7 @@ def _register_distill(sub) -> None:
     add_set_arg(g)
     add_threads_arg(d)
     add_progress_arg(d)
-    d.set_defaults(func=cmd_distill)
+    d.set_defaults(func=cmd_distill, distributed=True)
 
 
 _FLAG_FIELDS = (
@@ -247,15 +247,31 @@ def run_distill(args, cfg: DistillConfig, *, enc=None, flags: dict[str, str] | N
     the data, encoder, ``experts``, ``out``, ``resume``, ``threads`` and progress attributes of
     ``distill``; ``enc`` replaces the encoders the encoder flags name; ``flags`` renames the flags
     the messages cite (``{"experts": "--buffer_path", "pairs": "--num_queries"}``).
+
+    Under torchrun every rank runs this: rank 0 decides the thread count (a resumed run's comes
+    from its checkpoint) and alone uses ``--out`` (lock, checks, resume, outputs); the others
+    distil without a run folder and start from rank 0's state (docs/distributed.md).
     """
+    from repblend_fast import distributed
     from repblend_fast.distill import DistillationStopped
     from repblend_fast.pipeline import distill
 
     flag = {"experts": "--experts", "pairs": "--pairs", **(flags or {})}
     check_device(args)
-    saved = _checkpoint_config(Path(args.out)) if args.resume else None
-    threads = resolve_threads(args.threads, saved.threads if saved is not None else None)
+    ctx = distributed.current()
+    if ctx is not None:
+        try:
+            distributed.check_divisible(cfg.num_trajectories, ctx.world)
+        except ValueError as exc:
+            raise CLIError(f"--set num_trajectories={cfg.num_trajectories}: {exc}") from None
+
+    def decide_threads() -> int:
+        saved = _checkpoint_config(Path(args.out)) if args.resume else None
+        return resolve_threads(args.threads, saved.threads if saved is not None else None)
+
+    threads = decide_threads() if ctx is None else ctx.from_main("threads", decide_threads)
     cfg = cfg.replace(threads=threads)
+    writes = ctx is None or ctx.is_main
     if not Path(args.experts, "manifest.json").exists():
         if Path(args.experts, "manifest.partial.json").exists():
             raise CLIError(
@@ -280,10 +296,10 @@ def run_distill(args, cfg: DistillConfig, *, enc=None, flags: dict[str, str] | N
             enc,
             args.experts,
             cfg,
-            out_dir=args.out,
+            out_dir=args.out if writes else None,
             image_size=args.image_size,
-            resume=args.resume,
-            overwrite=getattr(args, "overwrite", False),
+            resume=args.resume and writes,
+            overwrite=getattr(args, "overwrite", False) and writes,
             verify=not getattr(args, "no_verify", False),
             cache_dir=args.cache_dir,
             progress=not args.no_progress,

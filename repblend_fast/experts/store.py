@@ -12,7 +12,10 @@ Layout of a store directory:
   A directory without a manifest is an unfinished run;
 * ``manifest.partial.json`` while a build is unfinished: the recipe hash and the digests of the
   expert files written so far, so that a rerun with the same settings keeps (after checking
-  them) exactly those files.
+  them) exactly those files. In a build spread over several processes (torchrun) rank 0 owns
+  the lock, this record and the manifest, and every other rank ``r`` records the files it
+  writes in its own ``manifest.partial.rank{r}.json``; the next writer of the folder merges
+  those records into ``manifest.partial.json`` whatever its number of processes.
 
 A build never mixes with a finished store: a writer first demotes an existing manifest to the
 partial record (or, for other settings, refuses unless ``overwrite``, then removes the old store's
@@ -74,6 +77,8 @@ FORMAT_VERSION = 1
 MODALITIES = ("image", "text")
 MANIFEST = "manifest.json"
 PARTIAL = "manifest.partial.json"
+PARTIAL_RANK = "manifest.partial.rank{}.json"  # a rank > 0's record in a distributed build
+_RANK_PARTIAL = re.compile(r"^manifest\.partial\.rank\d+\.json$")
 # Manifest fields that describe the finished build rather than its recipe.
 _BUILD_FIELDS = ("files", "losses", "expert_seeds", "integrity", "recipe_sha", "seed")
 _EXPERT_FILE = re.compile(r"^expert_\d{3,}\.safetensors$")
@@ -162,6 +167,11 @@ class StoreWriter:
             destroyed by a mistyped ``--out``).
         lock: hold the folder's lock (:class:`repblend_fast.locks.FolderLock`) until
             :meth:`finish` or :meth:`close`; a second writer gets ``LockHeldError``.
+        follow, rank: for rank ``rank > 0`` of a build spread over several processes, the
+            :meth:`shard_info` of rank 0's writer, which prepared the folder and holds its lock:
+            this writer takes no lock, changes nothing but the expert files it writes
+            (:meth:`write_expert`) and records them in its own ``manifest.partial.rank{r}.json``
+            (``ValueError`` when its recipe differs from rank 0's).
 
     Whatever the folder held, no expert file is written while a manifest describes another
     build: an existing manifest is demoted to ``manifest.partial.json`` (same recipe) or removed
@@ -176,6 +186,8 @@ class StoreWriter:
         resume: bool = True,
         overwrite: bool = False,
         lock: bool = True,
+        follow: dict | None = None,
+        rank: int = 0,
     ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -190,6 +202,13 @@ class StoreWriter:
         self._known: dict[str, FileDigest] = {}  # digests of an identical earlier build's files
         self._legacy = False  # the earlier build predates checksums: reuse on header checks
         self._reused: dict[str, FileDigest] = {}
+        self._written: dict[str, FileDigest] = {}
+        self._partial = PARTIAL if follow is None else PARTIAL_RANK.format(int(rank))
+        self._follower = follow is not None
+        if follow is not None:
+            self._lock = None
+            self._follow(follow, int(rank))
+            return
         self._lock = FolderLock(self.out_dir, "buffer: writing an expert store") if lock else None
         if self._lock is not None:
             self._lock.acquire()
@@ -200,9 +219,53 @@ class StoreWriter:
             self.close()
             raise
 
+    def _follow(self, info: dict, rank: int) -> None:
+        if info.get("recipe_sha") != self.recipe_sha:
+            diff = _recipe_diff(info.get("recipe") or {}, self._config)
+            raise ValueError(
+                f"rank {rank} would train other experts than rank 0 ("
+                + ("; ".join(diff[:6]) or "the recipe hashes differ")
+                + "): give every rank the same flags, --threads included"
+            )
+        self._known = _digests({"files": info.get("known")}, self.out_dir / PARTIAL)
+        self._legacy = bool(info.get("legacy"))
+
+    def shard_info(self) -> dict:
+        """What the writers of the other ranks of a distributed build follow (JSON)."""
+        return {
+            "recipe_sha": self.recipe_sha,
+            "recipe": self._config,
+            "known": {k: v.to_json() for k, v in self._known.items()},
+            "legacy": self._legacy,
+        }
+
+    def _rank_records(self) -> dict[str, FileDigest]:
+        """The digests the ranks of an unfinished distributed build of this recipe recorded."""
+        out: dict[str, FileDigest] = {}
+        for p in sorted(self.out_dir.iterdir()):
+            if not _RANK_PARTIAL.match(p.name):
+                continue
+            try:
+                rec = _read_json(p)
+                if isinstance(rec, dict) and rec.get("recipe_sha") == self.recipe_sha:
+                    out.update(_digests({"files": rec.get("files")}, p))
+            except (OSError, ValueError):
+                continue  # an unreadable record vouches for nothing: its files are retrained
+        return out
+
+    def _remove_rank_records(self) -> None:
+        gone = False
+        for p in self.out_dir.iterdir():
+            if _RANK_PARTIAL.match(p.name):
+                p.unlink(missing_ok=True)
+                gone = True
+        if gone:
+            fsync_dir(self.out_dir)
+
     def _prepare(self, overwrite: bool) -> None:
         """Make the folder safe to write into (see the class docstring)."""
         mpath, ppath = self.out_dir / MANIFEST, self.out_dir / PARTIAL
+        ranks = self._rank_records()
         if mpath.exists():
             try:
                 old = _read_json(mpath)
@@ -226,7 +289,7 @@ class StoreWriter:
                     "--out"
                 )
             if same and self.resume:
-                self._known = _digests(old.get("integrity"), mpath)
+                self._known = {**_digests(old.get("integrity"), mpath), **ranks}
                 self._legacy = "integrity" not in old
             # The manifest goes before any expert file changes; what it vouched for moves into
             # the partial record.
@@ -242,12 +305,13 @@ class StoreWriter:
             except (OSError, ValueError):
                 same = False
             if same and self.resume:
-                self._known = _digests({"files": part.get("files")}, ppath)
+                self._known = {**_digests({"files": part.get("files")}, ppath), **ranks}
             elif not same:
                 # An unfinished build of other settings: nothing finished to protect.
                 logger.info("discarding the unfinished expert build in %s", self.out_dir)
                 self._remove_expert_files()
         self._write_partial(self._known)
+        self._remove_rank_records()  # merged into the partial record just written
 
     def _remove_expert_files(self) -> None:
         for p in self.out_dir.iterdir():
@@ -262,7 +326,13 @@ class StoreWriter:
             "num_experts": self.manifest.get("num_experts"),
             "files": {k: v.to_json() for k, v in files.items()},
         }
-        write_atomic(self.out_dir / PARTIAL, json_bytes(record))
+        write_atomic(self.out_dir / self._partial, json_bytes(record))
+
+    def _vouched(self) -> dict[str, FileDigest]:
+        """The files this writer's partial record vouches for."""
+        if self._follower:
+            return {**self._reused, **self._written}
+        return {**self._known, **self._written, **self.digests}
 
     def config_sha(self, index: int, seed: int) -> str:
         return _config_sha({**self._config, "expert": index, "expert_seed": seed})
@@ -286,6 +356,8 @@ class StoreWriter:
                 return None
             losses = json.loads(meta["losses"])
             self._reused[name] = known if known is not None else file_digest(path)
+            if self._follower:
+                self._write_partial(self._vouched())
             return losses
         except IntegrityError as exc:
             logger.warning("%s", exc)
@@ -293,25 +365,53 @@ class StoreWriter:
         except (OSError, ValueError, KeyError, TypeError):  # an unreadable leftover: retrain it
             return None
 
-    def add(self, index: int, seed: int, losses: list[float], snaps=None) -> None:
+    def reused_digest(self, index: int) -> FileDigest:
+        """The digest of expert ``index``'s file, which :meth:`reusable` accepted."""
+        return self._reused[expert_file_name(index)]
+
+    def _write_file(self, index: int, seed: int, losses: list[float], snaps) -> FileDigest:
+        name = expert_file_name(index)
+        meta = {
+            "format_version": str(FORMAT_VERSION),
+            "method": self.manifest["method"],
+            "expert": str(index),
+            "expert_seed": str(seed),
+            "config_sha": self.config_sha(index, seed),
+            "losses": json.dumps(losses),
+        }
+        digest = write_atomic(self.out_dir / name, safetensors_bytes(snaps, meta))
+        self._written[name] = digest
+        return digest
+
+    def write_expert(self, index: int, seed: int, losses: list[float], snaps) -> FileDigest:
+        """Write expert ``index``'s file (any order) and record it in this writer's partial
+        record; rank 0 lists it in the manifest later with :meth:`add`."""
+        digest = self._write_file(index, seed, losses, snaps)
+        self._write_partial(self._vouched())
+        return digest
+
+    def add(
+        self,
+        index: int,
+        seed: int,
+        losses: list[float],
+        snaps=None,
+        *,
+        digest: FileDigest | None = None,
+    ) -> None:
         """Record expert ``index`` (it must be the next one); write ``snaps`` (name -> 1-D
-        tensor) to its file unless it was reused (``snaps=None``)."""
+        tensor) to its file unless it was reused or written already (``snaps=None``; ``digest``:
+        the file's, when another rank wrote it)."""
+        if self._follower:
+            raise ValueError("only rank 0's writer lists experts in the manifest")
         if index != len(self.files):
             raise ValueError(f"experts must be added in order: expected {len(self.files)}")
         name = expert_file_name(index)
         path = self.out_dir / name
         if snaps is not None:
-            meta = {
-                "format_version": str(FORMAT_VERSION),
-                "method": self.manifest["method"],
-                "expert": str(index),
-                "expert_seed": str(seed),
-                "config_sha": self.config_sha(index, seed),
-                "losses": json.dumps(losses),
-            }
-            digest = write_atomic(path, safetensors_bytes(snaps, meta))
-        else:
-            digest = self._reused.get(name)
+            digest = self._write_file(index, seed, losses, snaps)
+        elif digest is None:
+            digest = self._reused.get(name) or self._written.get(name)
             if digest is None:
                 if not path.is_file():
                     raise ValueError(f"expert {index} was not written and {path} does not exist")
@@ -320,7 +420,7 @@ class StoreWriter:
         self.seeds.append(seed)
         self.losses.append(losses)
         self.digests[name] = digest
-        self._write_partial(self.digests)
+        self._write_partial(self._vouched())
 
     def finish(self) -> Path:
         """Write the manifest (last, so a directory with one is complete), remove the partial
@@ -337,8 +437,11 @@ class StoreWriter:
                 "files": {k: self.digests[k].to_json() for k in self.files},
             },
         }
+        if self._follower:
+            raise ValueError("only rank 0's writer writes the manifest")
         write_atomic(self.out_dir / MANIFEST, json_bytes(manifest))
         (self.out_dir / PARTIAL).unlink(missing_ok=True)
+        self._remove_rank_records()
         fsync_dir(self.out_dir)
         self.close()
         return self.out_dir

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from repblend_fast import distributed
 from repblend_fast.experts.store import (
     FORMAT_VERSION,
     MODALITIES,
@@ -322,12 +323,24 @@ def _train_and_store(
     overwrite: bool = False,
 ) -> Path:
     """Train experts ``0..num_experts-1`` (keeping valid files of an identical earlier run when
-    ``resume``), one file each, then the manifest; the writer holds the folder's lock."""
+    ``resume``), one file each, then the manifest; the writer holds the folder's lock. Under
+    torchrun the experts are spread over the processes (:func:`_train_sharded`)."""
     from tqdm.auto import tqdm
 
-    writer = StoreWriter(
-        out_dir, _manifest(recipe, student, identity), resume=resume, overwrite=overwrite
-    )
+    manifest = _manifest(recipe, student, identity)
+    ctx = distributed.current()
+    if ctx is not None:
+        return _train_sharded(
+            ctx,
+            recipe,
+            student,
+            out_dir,
+            manifest,
+            resume=resume,
+            progress=progress,
+            overwrite=overwrite,
+        )
+    writer = StoreWriter(out_dir, manifest, resume=resume, overwrite=overwrite)
     last = max(recipe.kept())
     keys = {snapshot_key(m, t) for m in MODALITIES for t in recipe.kept()}
     bar = tqdm(
@@ -351,6 +364,85 @@ def _train_and_store(
     finally:
         bar.close()
         writer.close()
+
+
+def _train_sharded(
+    ctx: distributed.Context,
+    recipe: ExpertRecipe,
+    student: _Student,
+    out_dir: str | os.PathLike,
+    manifest: dict[str, Any],
+    *,
+    resume: bool,
+    progress: bool,
+    overwrite: bool,
+) -> Path:
+    """:func:`_train_and_store` over the W processes of a torchrun launch: expert ``e`` on rank
+    ``e mod W`` (its bytes depend only on its seed, not on the rank or on W).
+
+    Rank 0 prepares the folder (lock, earlier manifest demoted or removed, the records of an
+    interrupted build merged) and tells the other ranks which existing files they may keep;
+    every rank writes its experts' files and records them as it goes (rank 0 in
+    ``manifest.partial.json``, rank r in ``manifest.partial.rank{r}.json``, so a killed build
+    keeps every finished expert, whatever the world size of the rerun); once every rank has
+    reported, rank 0 lists all of them in the manifest. No rank reports success before the
+    manifest is written.
+    """
+    from tqdm.auto import tqdm
+
+    writer: StoreWriter | None = None
+
+    def prepare() -> dict:
+        nonlocal writer
+        writer = StoreWriter(out_dir, manifest, resume=resume, overwrite=overwrite)
+        return writer.shard_info()
+
+    try:
+        info = ctx.from_main("buffer:prepare", prepare)
+        if not ctx.is_main:
+            writer = StoreWriter(out_dir, manifest, resume=resume, follow=info, rank=ctx.rank)
+        last = max(recipe.kept())
+        keys = {snapshot_key(m, t) for m in MODALITIES for t in recipe.kept()}
+        mine = ctx.shard(range(recipe.num_experts))
+        bar = tqdm(
+            total=len(mine) * last,
+            disable=not progress or not ctx.is_main,
+            desc=f"{student.method} experts",
+            unit="epoch",
+        )
+        done: dict[str, list] = {}
+        try:
+            for i in mine:
+                es = expert_seed(recipe.seed, i)
+                losses = writer.reusable(i, es, keys)
+                if losses is not None:
+                    digest = writer.reused_digest(i)
+                    bar.update(last)
+                else:
+                    bar.set_description(
+                        f"{student.method} expert {i + 1}/{recipe.num_experts} "
+                        f"(rank 0 of {ctx.world})"
+                    )
+                    snaps, losses = _train_one(recipe, student, es, bar)
+                    digest = writer.write_expert(i, es, losses, snaps)
+                done[str(i)] = [es, losses, digest.to_json()]
+        finally:
+            bar.close()
+        reports: dict[str, list] = {}
+        for part in ctx.exchange("buffer:experts", done):
+            reports.update(part)
+        if ctx.is_main:
+            from repblend_fast.io import FileDigest
+
+            for i in range(recipe.num_experts):
+                es, losses, digest = reports[str(i)]
+                writer.add(i, es, losses, digest=FileDigest.from_json(digest, f"expert {i}"))
+            writer.finish()
+        ctx.barrier("buffer:manifest")
+        return Path(out_dir)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def train_experts_symmetric(
