@@ -13,16 +13,19 @@ batch the first ``min(128, N)`` items of a fresh permutation (the reference
 the learned target (identity when none); no blending; dropout 0.1 on during training, off for
 test embeddings; fixed s = 1/0.07. The test score matrix is ``s · Û V̂ᵀ``; see
 :mod:`repblend_fast.metrics`.
+
+This module holds the protocol (:func:`train_on_pairs`, :func:`evaluate_heads`), its repetition
+over seeds (:func:`evaluate_distilled`, of a :class:`~repblend_fast.distill.DistilledSet` with
+:func:`evaluate_distilled_set`) and the full-data baseline (:func:`evaluate_full_data`). Reading
+and checking a saved set or run folder is :mod:`repblend_fast.evaluate_saved`
+(``evaluate_file``, also importable from here).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -95,6 +98,82 @@ def _batches(n: int, batch_size: int, sampling: str, gen: torch.Generator) -> li
     raise ValueError(f"sampling must be 'reference' or 'epoch', got {sampling!r}")
 
 
+def _training_inputs(
+    img_feats: torch.Tensor,
+    txt_feats: torch.Tensor,
+    target: torch.Tensor | None,
+    *,
+    epochs: int,
+    batch_size: int,
+    eval_every: int,
+    device: str | torch.device | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(x [N, d_f], y [N, d_t], target [N, N] or None)`` checked and moved to ``device``
+    (default: ``img_feats``'s) in fp32, detached."""
+    if img_feats.dim() != 2 or txt_feats.dim() != 2 or img_feats.shape[0] != txt_feats.shape[0]:
+        raise ValueError(
+            f"need img_feats [N, d_f] and txt_feats [N, d_t] with equal N, got "
+            f"{tuple(img_feats.shape)} and {tuple(txt_feats.shape)}"
+        )
+    n = img_feats.shape[0]
+    if n < 1 or epochs < 1 or batch_size < 1 or eval_every < 1:
+        raise ValueError("need N >= 1, epochs >= 1, batch_size >= 1, eval_every >= 1")
+    dev = torch.device(device) if device is not None else img_feats.device
+    x = img_feats.detach().to(dev, torch.float32)
+    y = txt_feats.detach().to(dev, torch.float32)
+    if target is not None:
+        if tuple(target.shape) != (n, n):
+            raise ValueError(f"target must be [N, N] = [{n}, {n}], got {tuple(target.shape)}")
+        target = target.detach().to(dev, torch.float32)
+    return x, y, target
+
+
+def _fresh_heads(
+    spec_i: HeadSpec, spec_t: HeadSpec, seed: int, dev: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Freshly initialised flat image and text heads on ``dev`` (leaves requiring grad), drawn
+    from one CPU generator seeded with ``seed``, image head first."""
+    g_init = torch.Generator().manual_seed(int(seed))
+    p_img = init_head_flat(spec_i.d_in, spec_i.dim, generator=g_init).to(dev).requires_grad_(True)
+    p_txt = init_head_flat(spec_t.d_in, spec_t.dim, generator=g_init).to(dev).requires_grad_(True)
+    return p_img, p_txt
+
+
+def _train_epoch(
+    batches: list[torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    target: torch.Tensor | None,
+    eye: torch.Tensor,
+    heads: tuple[torch.Tensor, torch.Tensor],
+    specs: tuple[HeadSpec, HeadSpec],
+    opt: torch.optim.Optimizer,
+    g_drop: torch.Generator,
+    *,
+    dropout: float,
+    logit_scale: float,
+    loss: str,
+    eps: float,
+) -> float:
+    """One SGD step of both heads per batch of indices; returns the epoch's mean loss per pair
+    (the loss against the block ``target[I, I]``, or the identity when there is no target)."""
+    (p_img, p_txt), (spec_i, spec_t) = heads, specs
+    total, count = 0.0, 0
+    for idx in batches:
+        idx = idx.to(x.device)
+        b = idx.numel()
+        s_blk = target[idx[:, None], idx] if target is not None else eye[:b, :b]
+        u = head_forward(p_img, x[idx], spec_i, dropout=dropout, generator=g_drop)
+        v = head_forward(p_txt, y[idx], spec_t, dropout=dropout, generator=g_drop)
+        ell = contrastive_loss(u, v, s_blk, logit_scale=logit_scale, loss=loss, eps=eps)
+        opt.zero_grad(set_to_none=True)
+        ell.backward()
+        opt.step()
+        total += ell.item() * b
+        count += b
+    return total / count
+
+
 def train_on_pairs(
     img_feats: torch.Tensor,
     txt_feats: torch.Tensor,
@@ -142,25 +221,18 @@ def train_on_pairs(
     Returns a :class:`TrainResult`. Training stops early (``diverged=True``) on a non-finite loss.
     """
     lr_i, lr_t = check_lr(lr_img, "img"), check_lr(lr_txt, "txt")
-    if img_feats.dim() != 2 or txt_feats.dim() != 2 or img_feats.shape[0] != txt_feats.shape[0]:
-        raise ValueError(
-            f"need img_feats [N, d_f] and txt_feats [N, d_t] with equal N, got "
-            f"{tuple(img_feats.shape)} and {tuple(txt_feats.shape)}"
-        )
-    n = img_feats.shape[0]
-    if n < 1 or epochs < 1 or batch_size < 1 or eval_every < 1:
-        raise ValueError("need N >= 1, epochs >= 1, batch_size >= 1, eval_every >= 1")
-    dev = torch.device(device) if device is not None else img_feats.device
-    x = img_feats.detach().to(dev, torch.float32)
-    y = txt_feats.detach().to(dev, torch.float32)
-    if target is not None:
-        if tuple(target.shape) != (n, n):
-            raise ValueError(f"target must be [N, N] = [{n}, {n}], got {tuple(target.shape)}")
-        target = target.detach().to(dev, torch.float32)
+    x, y, target = _training_inputs(
+        img_feats,
+        txt_feats,
+        target,
+        epochs=epochs,
+        batch_size=batch_size,
+        eval_every=eval_every,
+        device=device,
+    )
+    n, dev = x.shape[0], x.device
     spec_i, spec_t = HeadSpec(x.shape[1], dim), HeadSpec(y.shape[1], dim)
-    g_init = torch.Generator().manual_seed(int(seed))
-    p_img = init_head_flat(spec_i.d_in, dim, generator=g_init).to(dev).requires_grad_(True)
-    p_txt = init_head_flat(spec_t.d_in, dim, generator=g_init).to(dev).requires_grad_(True)
+    p_img, p_txt = _fresh_heads(spec_i, spec_t, seed, dev)
     g_batch = torch.Generator().manual_seed(int(seed) + 1_000_003)
     g_drop = torch.Generator(device=dev).manual_seed(int(seed) + 2_000_003)
     opt = torch.optim.SGD(
@@ -171,6 +243,8 @@ def train_on_pairs(
     )
     result = TrainResult(p_img.detach(), p_txt.detach(), spec_i, spec_t)
     eye = torch.eye(min(batch_size, n), device=dev)
+    heads, specs = (p_img, p_txt), (spec_i, spec_t)
+    step_kw = dict(dropout=dropout, logit_scale=logit_scale, loss=loss, eps=eps)
     epoch_iter: Any = range(epochs)
     if progress:
         from tqdm.auto import tqdm
@@ -179,20 +253,9 @@ def train_on_pairs(
     for ep in epoch_iter:
         scale = decay_factor if decay_epoch is not None and ep >= decay_epoch else 1.0
         opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = lr_i * scale, lr_t * scale
-        total, count = 0.0, 0
-        for idx in _batches(n, batch_size, sampling, g_batch):
-            idx = idx.to(dev)
-            b = idx.numel()
-            s_blk = target[idx[:, None], idx] if target is not None else eye[:b, :b]
-            u = head_forward(p_img, x[idx], spec_i, dropout=dropout, generator=g_drop)
-            v = head_forward(p_txt, y[idx], spec_t, dropout=dropout, generator=g_drop)
-            ell = contrastive_loss(u, v, s_blk, logit_scale=logit_scale, loss=loss, eps=eps)
-            opt.zero_grad(set_to_none=True)
-            ell.backward()
-            opt.step()
-            total += ell.item() * b
-            count += b
-        result.losses.append(total / count)
+        batches = _batches(n, batch_size, sampling, g_batch)
+        mean = _train_epoch(batches, x, y, target, eye, heads, specs, opt, g_drop, **step_kw)
+        result.losses.append(mean)
         if not math.isfinite(result.losses[-1]):
             result.diverged = True
         last = ep == epochs - 1 or result.diverged
@@ -411,218 +474,11 @@ def evaluate_full_data(
     )
 
 
-# ------------------------------------------------------------------------------ saved sets
-def evaluate_file(
-    path: str | os.PathLike,
-    *,
-    encoders,
-    test,
-    train=None,
-    image_size: int | None = None,
-    dim: int = 256,
-    num_eval: int = 3,
-    epochs: int = 101,
-    eval_every: int | None = None,
-    loss: str | None = None,
-    temperature: float = 0.07,
-    lr_img: float | None = None,
-    lr_txt: float | None = None,
-    cache_dir=None,
-    note: Callable[[str], None] | None = None,
-    shard_seeds: bool = False,
-) -> dict[str, Any]:
-    """Evaluate a saved distilled set (``distilled.safetensors`` or its run folder) with the
-    docs/algorithm.md §8 protocol on the real ``test`` split.
+def __getattr__(name: str) -> Any:
+    # evaluate_file lives in repblend_fast.evaluate_saved (which imports this module); it is
+    # still importable from here, loaded on first use.
+    if name == "evaluate_file":
+        from repblend_fast.evaluate_saved import evaluate_file
 
-    Args:
-        encoders: the frozen :class:`repblend_fast.pipeline.Encoders` the set was distilled with.
-        test: the real test split (a :class:`repblend_fast.data.PairDataset`).
-        train: with a training split, also evaluate random real subsets of the same size (one
-            per seed, same loss, lr 0.1) as a baseline.
-        image_size: the encoder's input resolution (default: the dataset's).
-        loss: training loss (default: the set's config, else ``wbce``).
-        eval_every: score the test split every this many epochs (default: the set's method's
-            cadence, :data:`repblend_fast.config.EVAL_EVERY`: 20 for RepBlend, 10 for LoRS).
-        temperature: the logit temperature of evaluation (0.07 whatever the distillation used,
-            as docs/algorithm.md §8 fixes it).
-        lr_img, lr_txt: override the learned learning rates.
-        note: receives one-line remarks (e.g. that the images are resized).
-        shard_seeds: under torchrun, spread the evaluation seeds (and the random subsets) over
-            the processes; every rank must call and returns the whole result.
-
-    Returns ``{"kind", "distilled", "dataset", "image_encoder", "text_encoder", "methods":
-    {"distilled": {...}, ["random": {...}]}}`` with :func:`evaluate_distilled`'s results; raises
-    ``FileNotFoundError`` / ``ValueError`` with a one-line reason for a file it cannot use.
-    """
-    from repblend_fast.config import EVAL_EVERY
-    from repblend_fast.coresets import random_subset
-    from repblend_fast.pipeline import image_features, image_size_for, text_features
-
-    _verify_distilled(path, note)
-    path, d, (cfg_loss, eps, method) = _read_distilled(path)
-    _check_finite(path, d)
-    if eval_every is None:
-        eval_every = EVAL_EVERY[method]
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    scale = 1.0 / temperature
-    loss = loss or cfg_loss
-    n = _check_set_shapes(path, d)
-    d_t = int(encoders.text.dim)
-    if d.texts.shape[1] != d_t:
-        raise ValueError(
-            f"{path}: the distilled texts are {d.texts.shape[1]}-dimensional but the text encoder "
-            f"embeds captions in {d_t} dimensions: evaluate with the text encoder the set was "
-            "distilled with (--text-encoder)"
-        )
-    size = image_size_for(test.name, image_size, encoders.image_info)
-    if tuple(d.images.shape[-2:]) != (size, size) and note is not None:
-        note(
-            f"note: distilled images are {tuple(d.images.shape[-2:])} px, the test images "
-            f"{size} px: resizing the distilled images for the encoder"
-        )
-    ftest = FeaturePairs(
-        image_features(test, encoders, size, cache_dir=cache_dir),
-        text_features(test, encoders, cache_dir=cache_dir),
-        test.cap2img,
-    )
-    kw = dict(dim=dim, epochs=epochs, eval_every=eval_every, logit_scale=scale)
-    res, _ = evaluate_distilled_set(
-        d,
-        encoders=encoders,
-        size=size,
-        test=ftest,
-        loss=loss,
-        eps=eps,
-        lr_img=lr_img,
-        lr_txt=lr_txt,
-        num_eval=num_eval,
-        shard_seeds=shard_seeds,
-        **kw,
-    )
-    result: dict[str, Any] = {
-        "kind": "repblend_fast.evaluation",
-        "distilled": str(path),
-        "dataset": test.name,
-        "image_encoder": encoders.image_id,
-        "text_encoder": encoders.text_id,
-        "loss": loss,
-        "eval_every": eval_every,
-        "temperature": temperature,
-        "methods": {"distilled": {"label": "distilled", "pairs": n, **res}},
-    }
-    if train is not None:
-        ftrain = FeaturePairs(
-            image_features(train, encoders, size, cache_dir=cache_dir),
-            text_features(train, encoders, cache_dir=cache_dir),
-            train.cap2img,
-        )
-
-        def random_seed(k: int) -> dict[str, Any]:
-            ri, rt, _ = random_subset(ftrain, min(n, ftrain.img.shape[0]), seed=k)
-            r = evaluate_distilled(
-                ri,
-                rt,
-                None,
-                lr_img=0.1,
-                lr_txt=0.1,
-                seeds=[k],
-                test=ftest,
-                loss=loss,
-                eps=eps,
-                **kw,
-            )
-            return r["per_seed"][0]
-
-        if shard_seeds:
-            from repblend_fast.distributed import map_shards
-
-            per_seed = map_shards(random_seed, range(num_eval), "evaluate:random")
-        else:
-            per_seed = [random_seed(k) for k in range(num_eval)]
-        result["methods"]["random"] = {
-            "label": "random subset",
-            "pairs": n,
-            "per_seed": per_seed,
-            "best": mean_std([p["best"] for p in per_seed]),
-            "last": mean_std([p["last"] for p in per_seed]),
-            "lr_img": 0.1,
-            "lr_txt": 0.1,
-        }
-    return result
-
-
-def _verify_distilled(path: str | os.PathLike, note: Callable[[str], None] | None) -> None:
-    """Check a distilled set against its run folder's ``checksums.json`` (``IntegrityError``
-    if its bytes changed since the run wrote them); a file without one is only noted."""
-    from repblend_fast.checkpoint import CHECKSUMS, DISTILLED, RunRecord
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / DISTILLED
-    if not p.is_file():
-        return  # _read_distilled says so
-    if (p.parent / CHECKSUMS).is_file():
-        RunRecord(p.parent).verify(
-            p.name, fix="distil it again (or restore the run folder's own file)"
-        )
-    elif note is not None:
-        note(f"note: {p} has no {CHECKSUMS} beside it; its bytes are not checked")
-
-
-def _check_finite(path: Path, d) -> None:
-    """``ValueError`` for a set holding NaN or Inf: training on it gives meaningless numbers
-    (an all-NaN set used to score "0.0 ± 0.0")."""
-    parts = {"images": d.images, "texts": d.texts}
-    if d.similarity is not None:
-        parts["similarity"] = d.similarity
-    bad = {k: float((~torch.isfinite(v)).float().mean()) for k, v in parts.items() if v.numel()}
-    bad = {k: f for k, f in bad.items() if f > 0}
-    if bad:
-        what = ", ".join(f"{k} {100 * f:.3g}%" for k, f in bad.items())
-        raise ValueError(
-            f"{path}: the distilled set holds non-finite values ({what} NaN/Inf) and cannot be "
-            "evaluated; distil again with lower learning rates (lr_img, lr_txt) or a clamp_lr"
-        )
-
-
-def _read_distilled(path: str | os.PathLike):
-    """``(file path, DistilledSet, (loss, eps, method) of its config)`` of a saved set or its run
-    folder; ``FileNotFoundError`` / ``ValueError`` naming the file otherwise."""
-    from repblend_fast.config import DistillConfig
-    from repblend_fast.distill import DistilledSet
-    from repblend_fast.io import safetensors_metadata
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "distilled.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: file not found (pass a distilled.safetensors written by "
-            "`repblend-fast distill` or `demo`, or its run directory)"
-        )
-    try:
-        d = DistilledSet.load(path)
-    except Exception as exc:  # a foreign or truncated file: say which
-        raise ValueError(f"{path}: cannot read a distilled set ({exc})") from exc
-    cfg_loss, eps, method = "wbce", 1e-6, "repblend"
-    try:
-        meta = safetensors_metadata(path)
-        if "config" in meta:
-            c = DistillConfig.from_dict(json.loads(meta["config"]))
-            cfg_loss, eps, method = c.loss, c.eps, c.method
-    except (ValueError, TypeError, KeyError):
-        pass
-    return path, d, (cfg_loss, eps, method)
-
-
-def _check_set_shapes(path: Path, d) -> int:
-    """``N`` of a distilled set whose tensors have consistent shapes (``ValueError`` if not)."""
-    if d.images.dim() != 4 or d.images.shape[1] != 3:
-        raise ValueError(f"{path}: images must be [N, 3, H, W], got {tuple(d.images.shape)}")
-    n = d.images.shape[0]
-    if d.texts.dim() != 2 or d.texts.shape[0] != n:
-        raise ValueError(f"{path}: texts must be [N={n}, d_t], got {tuple(d.texts.shape)}")
-    if d.similarity is not None and tuple(d.similarity.shape) != (n, n):
-        raise ValueError(f"{path}: similarity must be [{n}, {n}], got {tuple(d.similarity.shape)}")
-    return n
+        return evaluate_file
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """``repblend-fast evaluate``: the train-on-distilled evaluation of a saved set
-(:func:`repblend_fast.evaluate.evaluate_file`)."""
+(:func:`repblend_fast.evaluate_saved.evaluate_file`)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def register(sub) -> None:
 
 def cmd_evaluate(args) -> int:
     from repblend_fast import distributed
-    from repblend_fast.evaluate import evaluate_file
+    from repblend_fast.evaluate_saved import evaluate_file
     from repblend_fast.report import results_table
 
     check_device(args)

@@ -2,7 +2,7 @@
 
 Both kinds train with a contrastive loss against identity targets (symmetric CLIP InfoNCE by
 default) on batches of captions with plain SGD (momentum 0, weight decay 0), and store their
-trajectories with :class:`repblend_fast.experts.store.StoreWriter`:
+trajectories with :class:`repblend_fast.experts.writer.StoreWriter`:
 
 - **RepBlend** (:func:`train_experts_symmetric`): an image head ``d_f -> dim`` and a text head
   ``d_t -> dim`` on frozen encoders. The encoders are frozen, so experts train on cached features
@@ -11,20 +11,18 @@ trajectories with :class:`repblend_fast.experts.store.StoreWriter`:
 - **LoRS / MTT-VL** (:func:`train_experts_lors`): the image side is the whole image encoder (its
   pooled features must have the text head's width), the text side a head ``d_t -> d_f``.
 
-What differs between the two is a :class:`_Student` (how each side is initialised and embeds a
-batch, and how the manifest describes it); everything else is :class:`ExpertRecipe` and
-:func:`_train_one`.
+What differs between the two is a :class:`~repblend_fast.experts.students.Student` (how each side
+is initialised and embeds a batch, and how the manifest describes it;
+:mod:`repblend_fast.experts.students`); the recipe is
+:class:`~repblend_fast.experts.recipe.ExpertRecipe`. This module holds the loop
+(:func:`_train_one`), the manifest of a build, and the build itself, in one process or spread
+over the processes of a torchrun launch.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import math
-import numbers
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +30,11 @@ import torch
 import torch.nn as nn
 
 from repblend_fast import distributed
-from repblend_fast.experts.store import (
-    FORMAT_VERSION,
-    MODALITIES,
-    StoreWriter,
-    head_layout,
-    module_layout,
-    snapshot_key,
-)
-from repblend_fast.models.flat import FlatSpec, functional_forward
-from repblend_fast.models.heads import HeadSpec, head_forward, init_head_flat
+from repblend_fast.experts.manifest import FORMAT_VERSION, MODALITIES, snapshot_key
+from repblend_fast.experts.recipe import ExpertRecipe, expert_seed, tensor_fingerprint
+from repblend_fast.experts.students import Student, lors_student, repblend_student
+from repblend_fast.experts.writer import StoreWriter
+from repblend_fast.models.heads import init_head_flat
 
 __all__ = [
     "ExpertRecipe",
@@ -52,166 +45,7 @@ __all__ = [
 ]
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_real(v: object) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-def expert_seed(seed: int, index: int) -> int:
-    """The seed of expert ``index`` in a run seeded with ``seed`` (well mixed, 63-bit)."""
-    digest = hashlib.sha256(f"repblend-expert:{int(seed)}:{int(index)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def tensor_fingerprint(*tensors: torch.Tensor) -> str:
-    """``sha256:<hex>`` over the shapes, dtypes and bytes of ``tensors`` (a dataset fingerprint)."""
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return "sha256:" + h.hexdigest()[:32]
-
-
-@dataclass(frozen=True)
-class ExpertRecipe:
-    """How experts are trained, for both kinds.
-
-    Attributes:
-        num_experts, epochs: how many experts, and epochs per expert. Training stops after the
-            last epoch in ``keep_epochs`` (later epochs could not change any stored snapshot).
-        batch_size: captions per SGD step.
-        lr, lr_txt: SGD learning rates of the image side and the text head (``lr_txt`` defaults
-            to ``lr``); momentum 0, weight decay 0, no decay.
-        logit_scale, loss: ``s = 1/τ`` and the contrastive loss (identity targets).
-        dropout: head dropout during expert training (on, as in the research code).
-        keep_epochs: which snapshots to store (default all ``0..epochs``; 0 = initialisation).
-        seed: run seed; expert ``i`` uses :func:`expert_seed` ``(seed, i)`` for its
-            initialisation (image side first, then text head, from one CPU generator), its
-            caption order and its dropout masks.
-    """
-
-    num_experts: int
-    epochs: int
-    batch_size: int = 128
-    lr: float = 0.1
-    lr_txt: float | None = None
-    logit_scale: float = 1 / 0.07
-    loss: str = "infonce"
-    dropout: float = 0.1
-    keep_epochs: tuple[int, ...] | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        # Types first: a float count or a NaN rate would otherwise train silently wrong experts.
-        for name in ("num_experts", "epochs", "batch_size", "seed"):
-            v = getattr(self, name)
-            if not _is_int(v):
-                raise ValueError(f"{name} must be an integer, got {v!r}")
-        for name in ("lr", "lr_txt", "logit_scale", "dropout"):
-            v = getattr(self, name)
-            if v is None and name == "lr_txt":
-                continue
-            if not _is_real(v) or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
-        if self.keep_epochs is not None:
-            if not all(_is_int(e) for e in self.keep_epochs):
-                raise ValueError(f"keep_epochs must be integers, got {self.keep_epochs!r}")
-            object.__setattr__(self, "keep_epochs", tuple(int(e) for e in self.keep_epochs))
-        if self.num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.lr_txt is not None and not self.lr_txt > 0:
-            raise ValueError(f"lr_txt must be > 0, got {self.lr_txt}")
-        if not 1 <= self.logit_scale <= 1000:
-            raise ValueError(
-                f"logit_scale must be in [1, 1000] (temperature 0.001 to 1), got {self.logit_scale}"
-            )
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        self.kept()  # validates epochs / keep_epochs
-
-    @property
-    def text_lr(self) -> float:
-        return self.lr if self.lr_txt is None else self.lr_txt
-
-    def kept(self) -> list[int]:
-        """The stored epochs, sorted (``ValueError`` for an invalid ``keep_epochs``)."""
-        if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
-        if self.keep_epochs is None:
-            return list(range(self.epochs + 1))
-        keep = sorted(set(self.keep_epochs))
-        bad = [e for e in keep if e < 0 or e > self.epochs]
-        if not keep or bad:
-            raise ValueError(
-                f"keep_epochs must be a non-empty subset of 0..{self.epochs} (epoch 0 = "
-                f"initialisation); got {sorted(self.keep_epochs)}"
-            )
-        return keep
-
-    @classmethod
-    def from_kwargs(cls, recipe: ExpertRecipe | None, kw: dict[str, Any]) -> ExpertRecipe:
-        """``recipe`` with the keyword fields in ``kw`` applied (``TypeError`` for unknown ones)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kw) - names)
-        if unknown:
-            raise TypeError(f"unknown expert recipe arguments {unknown}; known: {sorted(names)}")
-        if recipe is None:
-            return cls(**kw)
-        return dataclasses.replace(recipe, **kw)
-
-
-@dataclass
-class _Student:
-    """What one kind of expert trains: initial flat vectors and batch embeddings of each side.
-
-    ``embed_img(flat, captions [B], views [B], gen) -> [B, D]`` and ``embed_txt(flat, captions,
-    gen) -> [B, D]`` give the un-normalised embeddings of a batch of captions' pairs.
-    """
-
-    method: str
-    layouts: dict
-    init_img: Callable[[torch.Generator], torch.Tensor]
-    txt_spec: HeadSpec
-    embed_img: Callable
-    embed_txt: Callable
-    dim: int
-    d_img: int
-    d_txt: int
-    encoder_mode: str
-    n_img: int
-    num_views: int
-    c2i: torch.Tensor
-    device: torch.device
-
-
-def _check_pairs(n_img: int, txt_feats: torch.Tensor, cap2img: torch.Tensor) -> None:
-    if txt_feats.dim() != 2:
-        raise ValueError(f"txt_feats must be [N_cap, d_t], got shape {tuple(txt_feats.shape)}")
-    if cap2img.dim() != 1 or cap2img.dtype != torch.long:
-        raise ValueError(
-            f"cap2img must be a 1-D int64 tensor (image index of each caption), got "
-            f"{cap2img.dtype} of shape {tuple(cap2img.shape)}"
-        )
-    if cap2img.numel() != txt_feats.shape[0]:
-        raise ValueError(
-            f"cap2img has {cap2img.numel()} entries but there are {txt_feats.shape[0]} captions"
-        )
-    if cap2img.numel() == 0:
-        raise ValueError("no captions to train on")
-    lo, hi = int(cap2img.min()), int(cap2img.max())
-    if lo < 0 or hi >= n_img:
-        raise ValueError(f"cap2img values must lie in [0, {n_img}), got [{lo}, {hi}]")
-
-
-def _train_one(recipe: ExpertRecipe, student: _Student, es: int, bar):
+def _train_one(recipe: ExpertRecipe, student: Student, es: int, bar):
     """Train one expert seeded with ``es``; returns ``({key: snapshot}, mean loss per epoch)``
     with the snapshots on the CPU."""
     from repblend_fast.ops import contrastive_loss
@@ -274,7 +108,7 @@ def _train_one(recipe: ExpertRecipe, student: _Student, es: int, bar):
     return snaps, losses
 
 
-def _manifest(recipe: ExpertRecipe, student: _Student, identity: dict[str, str]) -> dict[str, Any]:
+def _manifest(recipe: ExpertRecipe, student: Student, identity: dict[str, str]) -> dict[str, Any]:
     keep = recipe.kept()
     return {
         "format_version": FORMAT_VERSION,
@@ -314,7 +148,7 @@ def _manifest(recipe: ExpertRecipe, student: _Student, identity: dict[str, str])
 
 def _train_and_store(
     recipe: ExpertRecipe,
-    student: _Student,
+    student: Student,
     out_dir: str | os.PathLike,
     identity: dict[str, str],
     *,
@@ -369,7 +203,7 @@ def _train_and_store(
 def _train_sharded(
     ctx: distributed.Context,
     recipe: ExpertRecipe,
-    student: _Student,
+    student: Student,
     out_dir: str | os.PathLike,
     manifest: dict[str, Any],
     *,
@@ -480,53 +314,19 @@ def train_experts_symmetric(
             otherwise: :class:`repblend_fast.experts.store.StoreExistsError`).
     """
     recipe = ExpertRecipe.from_kwargs(recipe, recipe_kw)
-    if not _is_int(dim) or dim < 1:
-        raise ValueError(f"dim must be a positive integer, got {dim!r}")
-    if img_feats.dim() == 2:
-        img_feats = img_feats.unsqueeze(0)
-    if img_feats.dim() != 3:
-        raise ValueError(
-            f"img_feats must be [N_img, d_f] or [V, N_img, d_f], got {tuple(img_feats.shape)}"
-        )
-    _check_pairs(img_feats.shape[1], txt_feats, cap2img)
-    dev = torch.device(device) if device is not None else img_feats.device
-    num_views, n_img, d_f = img_feats.shape
-    d_t = txt_feats.shape[1]
-    if dataset_fingerprint is None:
-        dataset_fingerprint = tensor_fingerprint(img_feats, txt_feats, cap2img)
-    feats = img_feats.to(dev, torch.float32)
-    texts = txt_feats.to(dev, torch.float32)
-    c2i = cap2img.to(dev)
-    ispec, tspec = HeadSpec(d_f, dim), HeadSpec(d_t, dim)
-    dropout = recipe.dropout
-
-    def embed_img(flat, caps, views, gen):
-        h = feats[views, c2i[caps]]
-        return head_forward(flat, h, ispec, dropout=dropout, generator=gen)
-
-    def embed_txt(flat, caps, gen):
-        return head_forward(flat, texts[caps], tspec, dropout=dropout, generator=gen)
-
-    student = _Student(
-        method="repblend",
-        layouts={"image": head_layout(ispec), "text": head_layout(tspec)},
-        init_img=lambda g: init_head_flat(d_f, dim, generator=g),
-        txt_spec=tspec,
-        embed_img=embed_img,
-        embed_txt=embed_txt,
+    student, fingerprint = repblend_student(
+        img_feats,
+        txt_feats,
+        cap2img,
         dim=dim,
-        d_img=d_f,
-        d_txt=d_t,
-        encoder_mode="frozen",
-        n_img=n_img,
-        num_views=num_views,
-        c2i=c2i,
-        device=dev,
+        dropout=recipe.dropout,
+        device=device,
+        dataset_fingerprint=dataset_fingerprint,
     )
     identity = {
         "image_encoder": image_encoder,
         "text_encoder": text_encoder,
-        "dataset_fingerprint": dataset_fingerprint,
+        "dataset_fingerprint": fingerprint,
     }
     return _train_and_store(
         recipe, student, out_dir, identity, resume=resume, progress=progress, overwrite=overwrite
@@ -561,62 +361,19 @@ def train_experts_lors(
     :func:`train_experts_symmetric` (``image_encoder`` is the encoder's id string).
     """
     recipe = ExpertRecipe.from_kwargs(recipe, recipe_kw)
-    if images.dim() == 4:
-        images = images.unsqueeze(0)
-    if images.dim() != 5:
-        raise ValueError(
-            f"images must be [N_img, C, H, W] or [V, N_img, C, H, W], got {tuple(images.shape)}"
-        )
-    _check_pairs(images.shape[1], txt_feats, cap2img)
-    dev = torch.device(device) if device is not None else images.device
-    num_views, n_img = images.shape[:2]
-    d_t = txt_feats.shape[1]
-    if dataset_fingerprint is None:
-        dataset_fingerprint = tensor_fingerprint(images, txt_feats, cap2img)
-
-    encoder = encoder.to(dev).eval()
-    ispec = FlatSpec.from_module(encoder, trainable_only=False)
-    theta0 = ispec.flatten(encoder).to(dev, torch.float32)
-    pix = images.to(dev, torch.float32)
-    with torch.no_grad():
-        probe = functional_forward(encoder, ispec, theta0, pix[0, :1])
-    if probe.dim() != 2:
-        raise ValueError(
-            f"the image encoder must return pooled features [B, d_f]; got {tuple(probe.shape)} "
-            "(build it with num_classes=0, e.g. via load_image_encoder)"
-        )
-    d_f = int(probe.shape[1])
-    texts = txt_feats.to(dev, torch.float32)
-    c2i = cap2img.to(dev)
-    tspec = HeadSpec(d_t, d_f)
-    dropout = recipe.dropout
-
-    def embed_img(flat, caps, views, gen):
-        return functional_forward(encoder, ispec, flat, pix[views, c2i[caps]])
-
-    def embed_txt(flat, caps, gen):
-        return head_forward(flat, texts[caps], tspec, dropout=dropout, generator=gen)
-
-    student = _Student(
-        method="lors",
-        layouts={"image": module_layout(ispec), "text": head_layout(tspec)},
-        init_img=lambda g: theta0.clone(),
-        txt_spec=tspec,
-        embed_img=embed_img,
-        embed_txt=embed_txt,
-        dim=d_f,
-        d_img=d_f,
-        d_txt=d_t,
-        encoder_mode="trained-eval",
-        n_img=n_img,
-        num_views=num_views,
-        c2i=c2i,
-        device=dev,
+    student, fingerprint = lors_student(
+        encoder,
+        images,
+        txt_feats,
+        cap2img,
+        dropout=recipe.dropout,
+        device=device,
+        dataset_fingerprint=dataset_fingerprint,
     )
     identity = {
         "image_encoder": image_encoder,
         "text_encoder": text_encoder,
-        "dataset_fingerprint": dataset_fingerprint,
+        "dataset_fingerprint": fingerprint,
     }
     return _train_and_store(
         recipe, student, out_dir, identity, resume=resume, progress=progress, overwrite=overwrite
