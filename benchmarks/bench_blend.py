@@ -19,8 +19,12 @@ MODES = ("fwd", "fwd+bwd")
 
 
 def cases(shapes: str) -> list[tuple[str, dict]]:
-    if shapes in ("ci", "tiny"):
+    if shapes == "tiny":
+        grid, dtypes = [(20, 8, 256, 192)], ["float32"]
+    elif shapes == "ci":
         grid, dtypes = [(20, k, 256, 192) for k in (1, 8)], ["float32"]
+    elif shapes == "check":
+        grid, dtypes = [(20, 8, 2304, 768)], ["float32", "bfloat16"]
     elif shapes == "paper":
         grid = [(b, k, 2304, 768) for b in (20, 128) for k in (1, 8)]
         dtypes = ["float32", "bfloat16"]

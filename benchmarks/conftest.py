@@ -2,11 +2,13 @@
 
 * collects ``bench_*.py`` (the default test paths stay ``tests/``, so a plain ``python -m pytest``
   never runs these);
-* ``--shapes {ci,paper,scale}`` picks the shape set each ``bench_<op>.py`` parametrises over
-  (via its ``cases(shapes)`` function);
+* ``--shapes {tiny,ci,check,paper,scale}`` picks the shape set each ``bench_<op>.py``
+  parametrises over (via its ``cases(shapes)`` function);
 * adds the machine description (GPU, CUDA, torch, triton, CPU, git sha) to the JSON's
   ``machine_info``;
 * ``--skips-json PATH`` records which providers were skipped and why (for ``report.py``);
+* ``--records-jsonl PATH`` appends each benchmark's ``extra_info`` as it finishes (for
+  ``report.py``; kept when a timeout stops the run before pytest-benchmark writes its JSON);
 * ``REPBLEND_BENCH_THREADS=n`` sets torch's CPU threads (1 keeps a shared 2-core machine's OpenMP
   barriers from stalling behind other processes).
 """
@@ -24,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SHAPES = ("ci", "paper", "scale")
+SHAPES = ("ci", "check", "paper", "scale")
 
 
 def pytest_configure(config):
@@ -40,14 +42,22 @@ def pytest_addoption(parser):
         "--shapes",
         choices=SHAPES + ("tiny",),
         default="ci",
-        help="benchmark shape set: ci (CPU, seconds), paper (RepBlend's sizes), scale (up to "
-        "memory); tiny (the step benchmark's unit-test size; = ci for the op benchmarks)",
+        help="benchmark shape set: ci (CPU, seconds), check (a few paper-sized cases per op: "
+        "the GPU script's), paper (RepBlend's sizes), scale (up to memory); tiny (one small "
+        "case per op, the step benchmark's unit-test size: the GPU script's dry run)",
     )
 
     parser.addoption(
         "--skips-json",
         default=None,
         help="write the skipped benchmarks and their reasons to this JSON file",
+    )
+    parser.addoption(
+        "--records-jsonl",
+        default=None,
+        help="append each benchmark's extra_info to this JSON-lines file as soon as it finishes "
+        "(a run stopped by a timeout keeps what it measured; pytest-benchmark's own JSON is "
+        "written only at the end)",
     )
 
 
@@ -59,6 +69,24 @@ def pytest_runtest_logreport(report):
         lr = report.longrepr
         reason = lr[2] if isinstance(lr, tuple) and len(lr) == 3 else str(lr)
         _SKIPS.append({"test": report.nodeid, "reason": reason.removeprefix("Skipped: ")})
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    path = item.config.getoption("--records-jsonl")
+    if not path or report.when != "call" or not report.passed:
+        return
+    bench = getattr(item, "funcargs", {}).get("benchmark")
+    info = dict(getattr(bench, "extra_info", None) or {})
+    if "median_ms" not in info:
+        return
+    info["name"] = item.name
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(info) + "\n")
+        fh.flush()
 
 
 def pytest_sessionfinish(session, exitstatus):

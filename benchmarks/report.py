@@ -3,7 +3,9 @@
 Inputs it understands (detected by content):
 
 * pytest-benchmark JSON (``--benchmark-json``) of the op / step suites: one row per benchmark
-  from its ``extra_info``, with the speed-up over the ``reference`` provider of the same case;
+  from its ``extra_info``, with its speed-up over the fp32 eager torch row (``reference``; the
+  step suite: ``repblend-authors``) and over that row's ``torch.compile`` (``compile``; the step
+  suite: the fast path with ``compile=step``) of the same case (``÷ eager``, ``÷ compile``);
 * the step benchmark's records (``repblend_fast.bench.run_bench`` JSON list);
 * the step profiler's JSON (``run_profile``);
 * ``*.skips.json`` written by ``--skips-json`` (which providers were skipped, and why);
@@ -42,6 +44,13 @@ def kind_of(data) -> str:
         return "profile"
     if isinstance(data, dict) and "skips" in data:
         return "skips"
+    if isinstance(data, dict) and "op_records" in data:
+        return "op-records"
+    if isinstance(data, dict) and data.get("kind") in (
+        "repblend_fast.smoke",
+        "repblend_fast.parity",
+    ):
+        return data["kind"].split(".")[1]
     if isinstance(data, list) and (not data or "provider" in data[0]):
         return "step"
     return "unknown"
@@ -57,13 +66,19 @@ def combine(paths: list[str | Path]) -> dict:
         "step": [],
         "profiles": [],
         "skips": [],
+        "smoke": [],
+        "parity": [],
         "sources": [],
         "unreadable": [],
     }
     for p in paths:
         p = Path(p)
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
+            text = p.read_text(encoding="utf-8")
+            if p.suffix == ".jsonl":
+                data = {"op_records": [json.loads(line) for line in text.splitlines() if line]}
+            else:
+                data = json.loads(text)
         except (OSError, ValueError) as exc:
             out["unreadable"].append(f"{p.name}: {exc}")
             continue
@@ -81,12 +96,16 @@ def combine(paths: list[str | Path]) -> dict:
             if data:
                 keys = ("device", "cpu", "cpu_count", "gpu", "cuda", "torch", "triton", "git_sha")
                 out["machine"].update({k: data[0].get(k) for k in keys if k in data[0]})
+        elif kind == "op-records":
+            out["ops"] += data["op_records"]
+        elif kind in ("smoke", "parity"):
+            out[kind] += data["records"]
         elif kind == "profile":
             out["profiles"].append(data)
         elif kind == "skips":
             out["skips"] += data["skips"]
         elif kind == "combined":
-            for k in ("ops", "step", "profiles", "skips"):
+            for k in ("ops", "step", "profiles", "skips", "smoke", "parity"):
                 out[k] += data.get(k, [])
             out["machine"].update(data.get("machine", {}))
         else:
@@ -109,6 +128,8 @@ def results_name(doc: dict) -> str:
 
 
 def _shape(s) -> str:
+    if isinstance(s, dict) and "name" in s:  # a step-benchmark configuration
+        return str(s["name"])
     if isinstance(s, dict):
         return " ".join(f"{k}={v}" for k, v in s.items())
     return str(s)
@@ -118,42 +139,117 @@ def _num(v, fmt: str = ".3g") -> str:
     return "–" if v is None else format(v, fmt)
 
 
+def _role(r: dict) -> str | None:
+    """``eager`` (the fp32 eager torch row a speed-up is measured against), ``compile`` (its
+    ``torch.compile``) or None; op benchmarks name them by provider, the step benchmark by
+    ``role``."""
+    if "role" in r:
+        return r["role"]
+    return {"reference": "eager", "compile": "compile"}.get(r.get("provider"))
+
+
+def _case_key(r: dict, mode=None) -> tuple:
+    # The step's fast rows run a bf16 encoder on a GPU ("float32+bf16-encoder"): same case.
+    dtype = str(r.get("dtype", "")).split("+")[0]
+    return (r.get("op"), mode or r.get("mode"), _shape(r.get("shape")), dtype)
+
+
+def baselines(ops: list[dict]) -> dict[str, dict[tuple, float]]:
+    """``{"eager": {case: ms}, "compile": {case: ms}}`` of the rows that are baselines."""
+    out: dict[str, dict[tuple, float]] = {"eager": {}, "compile": {}}
+    for r in ops:
+        role = _role(r)
+        if role not in out or r.get("median_ms") is None:
+            continue
+        for mode in r.get("baseline_modes") or [r.get("mode")]:
+            out[role][_case_key(r, mode)] = r["median_ms"]
+    return out
+
+
+def _ratio(base: float | None, ms: float | None) -> str:
+    return f"{base / ms:.2f}×" if base and ms else "–"
+
+
 def ops_markdown(ops: list[dict]) -> str:
+    """One table per op; ``÷ eager`` and ``÷ compile`` are the baseline's time divided by the
+    row's (the speed-up over the fp32 eager torch row and over its ``torch.compile``, same case
+    and run; the float64 reference is only an accuracy yardstick)."""
     if not ops:
         return ""
-    ref = {}
-    for r in ops:
-        if r.get("provider") == "reference":
-            key = (r.get("op"), r.get("mode"), _shape(r.get("shape")), r.get("dtype"))
-            ref[key] = r.get("median_ms")
+    base = baselines(ops)
     lines = []
     for op in dict.fromkeys(r.get("op") for r in ops):
         rows = [r for r in ops if r.get("op") == op]
         lines += [f"### {op}", ""]
         lines.append(
-            "| mode | shape | dtype | provider | median ms | p20–p80 ms | ÷ reference "
+            "| mode | shape | dtype | provider | median ms | p20–p80 ms | ÷ eager | ÷ compile "
             "| throughput | peak MiB | max err |"
         )
-        lines.append("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+        lines.append("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
-            key = (r.get("op"), r.get("mode"), _shape(r.get("shape")), r.get("dtype"))
-            base = ref.get(key)
+            key = _case_key(r)
             med = r.get("median_ms")
-            speed = f"{base / med:.2f}×" if base and med else "–"
+            eager = _ratio(base["eager"].get(key), med)
+            comp = _ratio(base["compile"].get(key), med)
+            if op == "step" and not str(r.get("provider")).startswith("repblend"):
+                eager = comp = "–"  # the step's baselines are RepBlend's; LoRS has none here
             if "gbps" in r:
-                thr = f"{r['gbps']:.1f} GB/s ({100 * r.get('bw_fraction', 0):.0f}% of copy)"
+                thr = f"{r['gbps']:.1f} GB/s ({100 * r.get('bw_fraction', 0):.0f}% of copy"
+                thr += f" {r['copy_gbps']:.0f} GB/s)" if r.get("copy_gbps") else ")"
             elif "tflops" in r:
                 thr = f"{r['tflops']:.3g} TFLOP/s"
             else:
                 thr = "–"
+            err = r.get("max_abs_err", r.get("parity_rel_err"))
             lines.append(
                 f"| {r.get('mode')} | {_shape(r.get('shape'))} | {r.get('dtype')} | "
                 f"{r.get('provider')} | {_num(med, '.4g')} | "
-                f"{_num(r.get('p20_ms'), '.4g')}–{_num(r.get('p80_ms'), '.4g')} | {speed} | "
-                f"{thr} | {_num(r.get('peak_mib'), '.1f')} | {_num(r.get('max_abs_err'), '.2g')} |"
+                f"{_num(r.get('p20_ms'), '.4g')}–{_num(r.get('p80_ms'), '.4g')} | {eager} | "
+                f"{comp} | {thr} | {_num(r.get('peak_mib'), '.1f')} | {_num(err, '.2g')} |"
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def smoke_markdown(recs: list[dict]) -> str:
+    if not recs:
+        return ""
+    lines = [
+        "| op | impl | status | first call s | call ms | rel. err | reason |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    for r in recs:
+        lines.append(
+            f"| {r.get('op')} | {r.get('impl')} | {r.get('status')} | "
+            f"{_num(r.get('first_call_s'), '.3g')} | {_num(r.get('call_ms'), '.3g')} | "
+            f"{_num(r.get('rel_err'), '.2g')} | {str(r.get('reason', '')).replace('|', '/')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parity_markdown(recs: list[dict]) -> str:
+    """Per configuration and meta-gradient: the worst gradient's error against the fp32 reference
+    path and float64, its bound, and the bf16 encoder's own error the bound comes from."""
+    if not recs:
+        return ""
+    lines = [
+        "| shape | meta-grad | autocast | impl | compile | verdict | worst | vs fp32 | vs float64 "
+        "| bound | x vs fp32 | bf16 encoder (features / VJP) | fp32 vs float64 |",
+        "|---|---|---|---|---|---|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in recs:
+        w = r.get("worst")
+        e32, e64 = r.get("rel_err_vs_fp32", {}), r.get("rel_err_vs_fp64", {})
+        enc = r.get("encoder_error", {})
+        lines.append(
+            f"| {r.get('shape')} | {r.get('meta_grad')} | {r.get('autocast')} | {r.get('impl')} "
+            f"| {r.get('compile')} | {'ok' if r.get('ok') else 'FAILED'} | {w} | "
+            f"{_num(e32.get(w), '.2g')} | {_num(e64.get(w), '.2g')} | "
+            f"{_num(r.get('rtol', {}).get(w), '.2g')} | {_num(e32.get('x'), '.2g')} | "
+            f"{_num(enc.get('features'), '.2g')} / {_num(enc.get('vjp'), '.2g')} | "
+            f"{_num(r.get('max_fp32_vs_fp64'), '.2g')} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def skips_markdown(skips: list[dict]) -> str:
@@ -170,6 +266,7 @@ def skips_markdown(skips: list[dict]) -> str:
 
 def markdown(doc: dict) -> str:
     from repblend_fast.bench import format_step_table
+    from repblend_fast.bench.drivers import add_ratios
     from repblend_fast.profiling import format_profile_table
 
     m = doc.get("machine", {})
@@ -181,7 +278,22 @@ def markdown(doc: dict) -> str:
             f"git {m.get('git_sha')}; {doc.get('created', '')}"
         )
         parts.append("")
+    if doc.get("smoke"):
+        parts += [
+            "## Smoke (fused kernels compile, run and match)",
+            "",
+            smoke_markdown(doc["smoke"]),
+        ]
+    if doc.get("parity"):
+        parts += [
+            "## Parity at the timed settings",
+            "",
+            parity_markdown(doc["parity"]),
+        ]
     if doc.get("step"):
+        # Records of several step files of one run (e.g. gpu_check.sh's per-shape and compile
+        # stages): ratios to the default fast rows of the same configuration across them.
+        add_ratios(doc["step"])
         parts += [
             "## Step benchmark (one distillation iteration)",
             "",

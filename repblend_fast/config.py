@@ -17,6 +17,7 @@ from typing import Any
 SIMILARITIES = ("lowrank", "full", "none")
 META_GRADS = ("exact", "tesla")
 AUTOCAST = ("auto", "none", "bf16", "fp16")
+COMPILE = ("none", "encoder", "step")
 # The accepted logit temperatures (CLIP clamps 1/tau at 100; the presets use 0.07 and 0.1).
 TEMPERATURE_RANGE = (1e-3, 10.0)
 
@@ -85,9 +86,18 @@ class DistillConfig:
         parity_eta_grad: TESLA eta gradient with the per-modality normalisation even when merged
             (the reference's behaviour).
         num_trajectories: K trajectories (experts) per iteration; their gradients are averaged.
-        encoder_autocast: autocast dtype of the frozen encoder on CUDA (``auto`` = bf16 on CUDA,
-            off on a CPU; ``none``, ``bf16``, ``fp16``). Features are cast back to fp32; x, y,
-            S, eta and all flat-parameter arithmetic stay fp32.
+        encoder_autocast: autocast dtype of the frozen encoder (``auto`` = bf16 on CUDA, off on
+            a CPU; ``none``; ``bf16`` or ``fp16`` on any device, a CPU included). Features are
+            cast back to fp32; x, y, S, eta and all flat-parameter arithmetic stay fp32.
+        compile: ``torch.compile`` (RepBlend's symmetric heads student): ``none``; ``encoder``
+            compiles the frozen encoder's forward and its VJP (dynamic batch); ``step`` also
+            compiles each unroll step (static shapes; inductor's default mode, no CUDA graphs).
+            The first iterations pay the compilation (minutes on a CPU).
+        memory_budget_mib: with ``share_encoder`` (RepBlend's symmetric heads), a budget in MiB
+            for the tensors one iteration adds: the frozen encoder's graph is kept for as many
+            touched images as fit, the others are re-encoded in chunks during the VJP, and exact
+            mode checkpoints its steps when that keeps more (0 = no budget: ``encoder_chunk``
+            and ``checkpoint_steps`` as set; the two cannot be combined with a budget).
         seed: seeds every random draw (one explicit generator).
         checkpoint_every: save a resumable checkpoint every k iterations (0 = only at the end).
         nan_patience: consecutive non-finite iterations tolerated before the run stops.
@@ -145,6 +155,8 @@ class DistillConfig:
     parity_eta_grad: bool = False
     num_trajectories: int = 1
     encoder_autocast: str = "auto"
+    compile: str = "none"
+    memory_budget_mib: int = 0
     seed: int = 0
     checkpoint_every: int = 100
     nan_patience: int = 5
@@ -174,6 +186,8 @@ class DistillConfig:
             (self.similarity in SIMILARITIES, "similarity", f"one of {SIMILARITIES}"),
             (self.meta_grad in META_GRADS, "meta_grad", f"one of {META_GRADS}"),
             (self.encoder_autocast in AUTOCAST, "encoder_autocast", f"one of {AUTOCAST}"),
+            (self.compile in COMPILE, "compile", f"one of {COMPILE}"),
+            (self.memory_budget_mib >= 0, "memory_budget_mib", ">= 0 (0 = no budget)"),
             (self.loss in LOSSES, "loss", f"one of {LOSSES}"),
             (self.pairs >= 1, "pairs", ">= 1"),
             (self.iterations >= 0, "iterations", ">= 0"),
@@ -221,6 +235,23 @@ class DistillConfig:
             )
         if self.method == "mtt-vl" and self.similarity != "none":
             raise ValueError("method='mtt-vl' uses identity targets: set similarity='none'")
+        if self.compile != "none" and self.student != "heads":
+            raise ValueError(
+                f"DistillConfig.compile={self.compile!r} compiles RepBlend's frozen encoder and "
+                "heads unroll; this run's image student is the encoder itself: set compile='none'"
+            )
+        if self.memory_budget_mib > 0:
+            if self.student != "heads" or not self.share_encoder:
+                raise ValueError(
+                    "DistillConfig.memory_budget_mib sizes the shared frozen-encoder graph of "
+                    "RepBlend's heads student: it needs method='repblend', symmetric=True and "
+                    "share_encoder=True (or set memory_budget_mib=0)"
+                )
+            if self.encoder_chunk or self.checkpoint_steps:
+                raise ValueError(
+                    "DistillConfig.memory_budget_mib chooses encoder_chunk and checkpoint_steps "
+                    "itself: leave them at 0 / false, or set memory_budget_mib=0"
+                )
         return self
 
     def _check_types(self) -> None:

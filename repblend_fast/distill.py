@@ -237,7 +237,9 @@ class Distiller:
 
     def _autocast_dtype(self) -> torch.dtype | None:
         """The frozen encoder's autocast dtype: ``auto`` is bf16 on CUDA (RepBlend's frozen
-        encoder only; a LoRS student encoder stays fp32) and none on a CPU."""
+        encoder only; a LoRS student encoder stays fp32) and none on a CPU; an explicit ``bf16``
+        or ``fp16`` applies on any device (``torch.autocast("cpu", ...)`` on a CPU), which is how
+        the CPU tests measure the bf16 encoder's meta-gradient error."""
         choice = self.cfg.encoder_autocast
         if choice == "auto":
             frozen = self.cfg.student == "heads"
@@ -263,6 +265,8 @@ class Distiller:
             encoder_chunk=cfg.encoder_chunk,
             parity_eta_grad=cfg.parity_eta_grad,
             encoder_autocast=self._autocast_dtype(),
+            compile=cfg.compile,
+            memory_budget_mib=float(cfg.memory_budget_mib),
         )
         with torch.no_grad():
             d_f = int(self.encoder(self.x[:1]).shape[-1])

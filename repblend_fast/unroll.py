@@ -22,11 +22,30 @@ unroll lives in feature space; the cotangents of all steps are summed and pulled
 encoder with one VJP (blending is linear: the gather backward is exactly ``lam g + (1-lam) P^T g``).
 ``share_encoder=False`` re-encodes every step's batch (twice in TESLA), as the authors' code does.
 LoRS / MTT-VL train the image encoder itself (its parameters are the image-side flat vector).
+
+Speed and memory settings (``UnrollSettings``; results equal within rounding, tests/test_compile.py,
+tests/test_memory_budget.py):
+
+* ``encoder_autocast``: the frozen encoder under ``torch.autocast`` (CUDA or CPU) in that dtype,
+  its features cast back to the images' dtype;
+* ``compile``: ``encoder`` runs the frozen encoder through ``torch.compile`` (its forward and, by
+  AOTAutograd, its VJP; dynamic batch); ``step`` also compiles each unroll step, whose shapes are
+  static: the step's parameter gradient is taken with ``torch.func.grad`` inside the compiled
+  function (the reference ops, which inductor fuses itself), so the outer meta-gradient only
+  differentiates the compiled graph once (AOTAutograd has no double backward). Inductor's default
+  mode on every device: no CUDA graphs, because the exact unroll keeps every step's outputs
+  alive until its backward and TESLA alternates grad modes between calls, which CUDA-graph
+  trees only allow with explicit step marks;
+* ``encoder_chunk`` / ``memory_budget_mib``: with shared features, keep the encoder graph of the
+  first ``keep`` touched images and re-encode the others ``chunk`` at a time during the VJP; the
+  budget chooses ``keep``, ``chunk`` and (exact mode) ``checkpoint_steps`` from a measured
+  per-image graph size (:meth:`Unroller.memory_plan`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -40,6 +59,7 @@ from repblend_fast.models.heads import HeadSpec, head_forward
 from repblend_fast.ops import blend_pairs, contrastive_loss, trajectory_distance, trajectory_terms
 
 MetaGrad = Literal["exact", "tesla"]
+COMPILE_MODES = ("none", "encoder", "step")
 
 
 @dataclass
@@ -156,18 +176,47 @@ class UnrollSettings:
     parity_eta_grad: bool = False
     encoder_autocast: torch.dtype | None = None
     encoder_chunk: int = 0
+    compile: str = "none"
+    memory_budget_mib: float = 0.0
 
 
 @dataclass
 class SharedFeatures:
     """The touched images' features: ``touched`` ``[U]`` indices into x, ``inverse``
-    ``[K, T, B]`` positions into them, ``graph`` (encoder output with its graph, or None when the
-    VJP re-encodes in chunks) and ``leaf`` (the detached features the unroll differentiates)."""
+    ``[K, T, B]`` positions into them, ``graph`` (encoder output of the first ``keep`` touched
+    images with its graph, or None), ``leaf`` (the detached features ``[U, d_f]`` the unroll
+    differentiates) and ``chunk`` (the VJP re-encodes touched images ``keep:`` that many at a
+    time)."""
 
     touched: torch.Tensor
     inverse: torch.Tensor
     graph: torch.Tensor | None
     leaf: torch.Tensor
+    keep: int = 0
+    chunk: int = 0
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How one iteration holds the shared encoder graph (chosen from ``memory_budget_mib``).
+
+    keep: touched images whose encoder graph is kept from the forward to the VJP.
+    chunk: the others are re-encoded this many at a time during the VJP (0: none are).
+    checkpoint_steps: exact mode recomputes each step in the backward.
+    image_mib: measured encoder-graph MiB per image (saved tensors of an eager forward).
+    state_mib, fixed_mib: estimated unroll state (held during the unroll) and the MiB held
+        through the whole iteration (the image gradient, features, cotangents).
+    """
+
+    keep: int
+    chunk: int
+    checkpoint_steps: bool
+    image_mib: float
+    state_mib: float
+    fixed_mib: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 class Unroller:
@@ -183,9 +232,13 @@ class Unroller:
             images ``[B, 3, H, W]`` to features ``[B, d_f]``.
         img_spec: ``HeadSpec`` of the image head (RepBlend) or ``FlatSpec`` of the encoder (LoRS).
         txt_spec: ``HeadSpec`` of the text head.
-        similarity: a similarity generator with ``params()`` and ``block(indices, params, check=)``, or
-            ``None`` for identity targets.
+        similarity: a similarity generator with ``params()`` and
+            ``block(indices, params, check=)``, or ``None`` for identity targets.
     """
+
+    compile_backend = "inductor"
+    """``torch.compile`` backend of ``compile`` (tests use ``aot_eager`` to check the tracing
+    without inductor's minutes of C++ compilation on a CPU)."""
 
     def __init__(
         self,
@@ -200,23 +253,64 @@ class Unroller:
         self.img_spec = img_spec
         self.txt_spec = txt_spec
         self.similarity = similarity
+        if settings.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {settings.compile!r}")
+        if settings.compile != "none" and settings.method != "repblend":
+            raise ValueError(
+                f"compile={settings.compile!r} compiles RepBlend's frozen encoder and its "
+                "feature-space unroll; the LoRS student encoder runs eagerly: use compile='none'"
+            )
         if settings.method == "lors" and not isinstance(img_spec, FlatSpec):
             raise ValueError("method='lors' needs img_spec to be the encoder's FlatSpec")
         if settings.method == "repblend" and not isinstance(img_spec, HeadSpec):
             raise ValueError("method='repblend' needs img_spec to be the image head's HeadSpec")
+        if not settings.memory_budget_mib >= 0:
+            raise ValueError(f"memory_budget_mib must be >= 0, got {settings.memory_budget_mib}")
+        # compile='step': the ops' reference math runs inside the compiled step, where inductor
+        # fuses it (the hand-written kernels are opaque to it); eager steps use the fused ops.
+        self._impl = "reference" if settings.compile == "step" else "auto"
+        self._compiled: dict[tuple[str, str], object] = {}
+        self._image_bytes: dict[tuple, float] = {}
+        self.last_memory_plan: MemoryPlan | None = None
 
     # ----------------------------------------------------------------- pieces
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Frozen-encoder features ``[n, d_f]`` in the images' dtype (autocast when configured)."""
+        """Frozen-encoder features ``[n, d_f]`` in the images' dtype (autocast and
+        ``torch.compile`` when configured)."""
+        if self.s.compile == "none":
+            return self._encode_eager(images)
+        fn = self._compiled_fn("encoder", self._encode_eager, images.device, static=False)
+        if images.shape[0] > 1:
+            # The number of touched images changes every iteration: one graph for all of them
+            # (a hint, not a constraint: an encoder that needs a static batch still compiles).
+            torch._dynamo.maybe_mark_dynamic(images, 0)
+        return fn(images)
+
+    def _encode_eager(self, images: torch.Tensor) -> torch.Tensor:
+        # Autocast on whatever device the images are on (CUDA, or a CPU when asked for
+        # explicitly: DistillConfig's "auto" is off on a CPU); float64 inputs are never cast.
         ac = self.s.encoder_autocast
-        ctx = (
-            torch.autocast(images.device.type, dtype=ac)
-            if ac is not None and images.device.type == "cuda"
-            else nullcontext()
-        )
+        ctx = torch.autocast(images.device.type, dtype=ac) if ac is not None else nullcontext()
         with ctx:
             out = self.encoder(images)
         return out.to(images.dtype)
+
+    def _compiled_fn(self, name: str, fn, device: torch.device, *, static: bool):
+        """``torch.compile`` of ``fn``, made once per (name, device type).
+
+        ``static``: the unroll step (fixed shapes, no graph break allowed, so that no host read
+        can hide in it). Otherwise the frozen encoder (any module, dynamic batch, graph breaks
+        allowed).
+        """
+        key = (name, device.type)
+        out = self._compiled.get(key)
+        if out is None:
+            if static:
+                out = torch.compile(fn, fullgraph=True, dynamic=False, backend=self.compile_backend)
+            else:
+                out = torch.compile(fn, backend=self.compile_backend)
+            self._compiled[key] = out
+        return out
 
     def target_block(self, idx: torch.Tensor, sim_params, dtype, perm=None, lam=None):
         """``S[I, I]`` ``[K, B, B]`` for indices ``[K, B]`` (identity without a similarity
@@ -242,21 +336,41 @@ class Unroller:
         if self.s.method == "repblend":
             if perm is not None:
                 # The plan draws valid permutations and lam in [0, 1]: skip the host-synced checks.
-                img_in, y_b = blend_pairs(img_in, y_b, perm, lam, check="none")
+                img_in, y_b = blend_pairs(img_in, y_b, perm, lam, check="none", impl=self._impl)
             e_img = head_forward(th_img, img_in, self.img_spec, keep=keep[0])
         else:
             e_img = functional_forward(self.encoder, self.img_spec, th_img[0], img_in[0])[None]
             if perm is not None:
                 # Asymmetric ablation: blend the student encoder's outputs with the texts.
-                e_img, y_b = blend_pairs(e_img, y_b, perm, lam, check="none")
+                e_img, y_b = blend_pairs(e_img, y_b, perm, lam, check="none", impl=self._impl)
         e_txt = head_forward(th_txt, y_b, self.txt_spec, keep=keep[1])
         return contrastive_loss(
-            e_img, e_txt, s_blk, logit_scale=self.s.logit_scale, loss=self.s.loss, eps=self.s.eps
+            e_img,
+            e_txt,
+            s_blk,
+            logit_scale=self.s.logit_scale,
+            loss=self.s.loss,
+            eps=self.s.eps,
+            impl=self._impl,
         )
+
+    def _func_step_grads(self, th_img, th_txt, img_in, y_b, s_blk, perm, lam, keep_img, keep_txt):
+        """``(sum of the K losses, g_img, g_txt)`` with ``torch.func.grad``: a plain function of
+        its inputs (the compiled step; its outputs are differentiable like ``create_graph``)."""
+
+        def total(a, b):
+            return self.step_loss(a, b, img_in, y_b, s_blk, perm, lam, (keep_img, keep_txt)).sum()
+
+        (g_img, g_txt), loss = torch.func.grad_and_value(total, argnums=(0, 1))(th_img, th_txt)
+        return loss, g_img, g_txt
 
     def _step_grads(
         self, th_img, th_txt, img_in, y_b, s_blk, perm, lam, create_graph: bool, keep=(None, None)
     ):
+        if self.s.compile == "step":
+            fn = self._compiled_fn("step", self._func_step_grads, th_img.device, static=True)
+            with nullcontext() if create_graph else torch.no_grad():
+                return fn(th_img, th_txt, img_in, y_b, s_blk, perm, lam, keep[0], keep[1])
         if not th_img.requires_grad:
             th_img = th_img.detach().requires_grad_(True)
         if not th_txt.requires_grad:
@@ -319,41 +433,144 @@ class Unroller:
         tl = eta_txt.detach().requires_grad_(True)
         return xl, yl, sl, el, tl
 
-    def _touched(self, xl: torch.Tensor, plan: StepPlan) -> SharedFeatures | None:
+    def memory_plan(self, x: torch.Tensor, touched: int, start, plan: StepPlan) -> MemoryPlan:
+        """How this iteration holds the shared encoder graph (see :class:`MemoryPlan`).
+
+        Without ``memory_budget_mib``: the settings' ``encoder_chunk`` (0 keeps every graph) and
+        ``checkpoint_steps``. With a budget of M MiB, from the measured encoder-graph size per
+        image ``e`` (:meth:`image_graph_mib`), the unroll state ``s`` held while the graph is
+        kept (``2T + 6`` flat parameter sets in exact mode, ``T + 6`` with per-step
+        checkpointing, 6 in TESLA, ``T + 6`` when TESLA stores ``theta_i`` for fresh pass-2
+        dropout masks) and what the whole iteration holds ``f`` (two image-sized buffers):
+        ``keep = (M - f - s) / e`` touched images keep their graph and the others are
+        re-encoded ``chunk = (M - f) / e`` at a time during the VJP, which runs after the
+        unroll state is freed. In exact mode the steps are checkpointed as well when that lets
+        more images keep their graph, or when ``f + s`` alone exceeds the budget. An estimate
+        of tensor memory: a CPU's resident set adds the allocator's own overhead and the
+        transient buffers of each operation (benchmarks/README.md measures both).
+
+        Args:
+            x: the synthetic images ``[N, 3, H, W]``.
+            touched: U, the number of distinct images the plan touches.
+            start: the ``[K, numel]`` start parameters (their size and dtype).
+            plan: the iteration's plan (T, and whether TESLA pass 2 has its own masks).
+        """
+        s = self.s
+        ckpt = s.checkpoint_steps
+        shared = s.method == "repblend" and s.share_encoder
+        if s.memory_budget_mib <= 0 or not shared:
+            keep = touched if s.encoder_chunk == 0 else 0
+            chunk = 0 if keep >= touched else s.encoder_chunk
+            return MemoryPlan(keep, chunk, ckpt, 0.0, 0.0, 0.0)
+        mib = float(2**20)
+        theta = sum(t.numel() * t.element_size() for t in start) / mib
+        steps = plan.steps
+        if s.meta_grad == "exact":
+            units = steps + 6 if ckpt else 2 * steps + 6
+        else:
+            fresh = plan.keep_img2 is not None or plan.keep_txt2 is not None
+            units = steps + 6 if fresh else 6
+        state = units * theta
+        fixed = 2 * x.numel() * x.element_size() / mib
+        image = self.image_graph_mib(x)
+        budget = float(s.memory_budget_mib)
+
+        def kept(state_mib: float) -> int:
+            return max(0, min(touched, math.floor((budget - fixed - state_mib) / image)))
+
+        keep = kept(state)
+        if keep < touched and s.meta_grad == "exact" and not ckpt:
+            # Checkpoint the steps when that keeps more images' graphs, or when the state
+            # without it does not even fit the budget (then it lowers the peak by T sets).
+            keep_ckpt = kept((steps + 6) * theta)
+            if keep_ckpt > keep or fixed + state > budget:
+                ckpt, keep, state = True, keep_ckpt, (steps + 6) * theta
+        chunk = 0
+        if keep < touched:
+            chunk = max(1, min(touched - keep, math.floor((budget - fixed) / image)))
+        return MemoryPlan(keep, chunk, ckpt, image, state, fixed)
+
+    def image_graph_mib(self, x: torch.Tensor) -> float:
+        """MiB of encoder graph one more image keeps alive (its saved tensors, the encoder's own
+        parameters excluded, plus its features), measured once per image shape and dtype with
+        eager forwards of 1 and 3 images: the difference, so that what a forward saves once
+        whatever the batch (autocast's low-precision copies of the weights) is not counted per
+        image. A compiled encoder saves no more than this."""
+        key = (tuple(x.shape[1:]), x.dtype, x.device, self.s.encoder_autocast)
+        if key not in self._image_bytes:
+            own = {t.untyped_storage().data_ptr() for t in self.encoder.parameters()}
+            own |= {t.untyped_storage().data_ptr() for t in self.encoder.buffers()}
+
+            def graph_bytes(n: int) -> int:
+                seen: dict[int, int] = {}
+
+                def pack(t: torch.Tensor) -> torch.Tensor:
+                    st = t.untyped_storage()
+                    if st.data_ptr() not in own:
+                        seen[st.data_ptr()] = st.nbytes()
+                    return t
+
+                probe = x[:n].detach().clone().requires_grad_(True)
+                hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+                with torch.enable_grad(), hooks:
+                    out = self._encode_eager(probe)
+                seen[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
+                return sum(seen.values())
+
+            if x.shape[0] >= 3:
+                nbytes = (graph_bytes(3) - graph_bytes(1)) / 2
+            else:
+                nbytes = graph_bytes(1)
+            self._image_bytes[key] = max(nbytes, 1.0) / 2**20
+        return self._image_bytes[key]
+
+    def _touched(self, xl: torch.Tensor, plan: StepPlan, start) -> SharedFeatures | None:
         """Shared features: one encoder pass over the touched images (RepBlend), else None.
 
         The unroll reads a detached leaf; :meth:`_encoder_vjp` later pulls its summed cotangent
-        back to the images, through the graph kept here (``encoder_chunk=0``) or by re-encoding
-        chunks of ``encoder_chunk`` images (less memory, one more encoder forward).
+        back to the images, through the graph kept here for the first ``keep`` touched images
+        and by re-encoding the others ``chunk`` at a time (:meth:`memory_plan`; less memory,
+        one more encoder forward for those). Sets :attr:`last_memory_plan`.
         """
         if self.s.method != "repblend" or not self.s.share_encoder:
+            self.last_memory_plan = self.memory_plan(xl, 0, start, plan)
             return None
         if plan.touched is not None:
             touched, inverse = plan.touched, plan.inverse
         else:
             touched, inverse = torch.unique(plan.batches, return_inverse=True)
-        chunk = self.s.encoder_chunk
-        if chunk == 0:
+        n = touched.numel()
+        mp = self.last_memory_plan = self.memory_plan(xl, n, start, plan)
+        if mp.keep >= n:
             with torch.enable_grad():
                 graph = self.encode(xl[touched])
-            return SharedFeatures(touched, inverse, graph, graph.detach().requires_grad_(True))
+            return SharedFeatures(touched, inverse, graph, graph.detach().requires_grad_(True), n)
+        graph, parts = None, []
+        if mp.keep > 0:
+            with torch.enable_grad():
+                graph = self.encode(xl[touched[: mp.keep]])
+            parts.append(graph.detach())
         with torch.no_grad():
-            feats = torch.cat(
-                [self.encode(xl[touched[lo : lo + chunk]]) for lo in range(0, len(touched), chunk)]
-            )
-        return SharedFeatures(touched, inverse, None, feats.requires_grad_(True))
+            for lo in range(mp.keep, n, mp.chunk):
+                parts.append(self.encode(xl[touched[lo : lo + mp.chunk]]))
+        leaf = (torch.cat(parts) if len(parts) > 1 else parts[0]).requires_grad_(True)
+        return SharedFeatures(touched, inverse, graph, leaf, mp.keep, mp.chunk)
 
     def _encoder_vjp(self, xl: torch.Tensor, shared: SharedFeatures) -> torch.Tensor | None:
-        """``d loss / d x`` from the shared features' cotangent (``None`` if it has none)."""
+        """``d loss / d x`` from the shared features' cotangent (``None`` if it has none): the
+        kept graph's VJP first (freeing it), then the re-encoded chunks one at a time."""
         cot = shared.leaf.grad
         if cot is None:
             return None
+        n, keep = shared.touched.numel(), shared.keep
         if shared.graph is not None:
-            (gx,) = torch.autograd.grad(shared.graph, xl, cot)
-            return gx
-        gx = torch.zeros_like(xl)
-        chunk = self.s.encoder_chunk
-        for lo in range(0, shared.touched.numel(), chunk):
+            (gx,) = torch.autograd.grad(shared.graph, xl, cot if keep >= n else cot[:keep])
+            if keep >= n:
+                return gx
+        else:
+            gx = torch.zeros_like(xl)
+        chunk = shared.chunk
+        for lo in range(keep, n, chunk):
             rows = shared.touched[lo : lo + chunk]
             xc = xl[rows].detach().requires_grad_(True)
             with torch.enable_grad():
@@ -403,9 +620,13 @@ class Unroller:
     # ----------------------------------------------------------------- exact
     def _run_exact(self, x, y, sim_params, eta_img, eta_txt, start, target, plan):
         xl, yl, sl, el, tl = self._leaves(x, y, sim_params, eta_img, eta_txt)
-        shared = self._touched(xl, plan)
+        shared = self._touched(xl, plan, start)
+        ckpt = self.last_memory_plan.checkpoint_steps
         inverse, feats = (shared.inverse, shared.leaf) if shared is not None else (None, None)
         th_img, th_txt = start[0].detach(), start[1].detach()
+        if self.s.compile == "step":
+            # Every step then sees parameters that require grad: one compiled graph for all.
+            th_img, th_txt = th_img.requires_grad_(True), th_txt.requires_grad_(True)
         with torch.enable_grad():
             for i in range(plan.steps):
                 idx = plan.batches[:, i]
@@ -419,7 +640,7 @@ class Unroller:
                     return a - e1 * g1, b - e2 * g2
 
                 args = (th_img, th_txt, img_in, yl[idx], s_blk, el, tl)
-                if self.s.checkpoint_steps:
+                if ckpt:
                     th_img, th_txt = checkpoint(step, *args, use_reentrant=False)
                 else:
                     th_img, th_txt = step(*args)
@@ -438,9 +659,12 @@ class Unroller:
         xl, yl, sl, el, tl = self._leaves(x, y, sim_params, eta_img, eta_txt)
         e1, e2 = eta_img.detach(), eta_txt.detach()
         k = plan.k
-        # Pass 1: the unroll without a graph, keeping theta_i and G = sum_i g_i. The shared
-        # features are computed once for both passes.
-        shared = self._touched(xl, plan)
+        # Pass 1: the unroll without a graph, keeping G = sum_i g_i (and theta_i only when pass 2
+        # draws its own dropout masks: otherwise pass 2 recomputes theta_i from its own g_i, which
+        # equal pass 1's, so that T flat parameter sets need not be held). The shared features
+        # are computed once for both passes.
+        shared = self._touched(xl, plan, start)
+        store = plan.keep_img2 is not None or plan.keep_txt2 is not None
         inverse = shared.inverse if shared is not None else None
         feats = shared.leaf.detach() if shared is not None else None
         th_img, th_txt = start[0].detach(), start[1].detach()
@@ -454,7 +678,8 @@ class Unroller:
                 perm, lam = self._blend_args(i, plan)
                 img_in = self._img_input(i, xl, plan, inverse, feats, no_grad_encode=True)
                 s_blk = self.target_block(idx, sl_c, y.dtype, perm, lam)
-                thetas.append((th_img, th_txt))
+                if store:
+                    thetas.append((th_img, th_txt))
                 _, g1, g2 = self._step_grads(
                     th_img,
                     th_txt,
@@ -500,17 +725,21 @@ class Unroller:
         # Pass 2: per step, d/d(data) of 2 * psi_i, accumulated into the leaves' .grad.
         feats_leaf = shared.leaf if shared is not None else None
         acc = [xl, yl, *sl.values()] if feats_leaf is None else [feats_leaf, yl, *sl.values()]
+        cur = (start[0].detach(), start[1].detach())
         for i in range(plan.steps):
             idx = plan.batches[:, i]
             perm, lam = self._blend_args(i, plan)
             with torch.enable_grad():
                 img_in = self._img_input(i, xl, plan, inverse, feats_leaf, no_grad_encode=False)
                 s_blk = self.target_block(idx, sl, y.dtype, perm, lam)
-                a, b = thetas[i]
+                a, b = thetas[i] if store else cur
                 keep = plan.keep(i, second_pass=True)
                 _, g1, g2 = self._step_grads(a, b, img_in, yl[idx], s_blk, perm, lam, True, keep)
                 psi = 2 * ((g1 * dir_img).sum() + (g2 * dir_txt).sum())
                 torch.autograd.backward(psi, inputs=acc)
+            if not store and i + 1 < plan.steps:
+                with torch.no_grad():
+                    cur = (a - e1 * g1, b - e2 * g2)
         # One VJP through the encoder with the summed feature cotangents of all steps.
         gx = self._encoder_vjp(xl, shared) if shared is not None else xl.grad
         sim_grads = {name: v.grad for name, v in sl.items()}

@@ -337,3 +337,34 @@ def test_report_combines_and_renders(tmp_path):
         "dry-run"
         in subprocess.run(["bash", str(sh), "--help"], capture_output=True, text=True).stdout
     )
+
+
+def test_a_configuration_whose_parity_fails_records_no_time(tmp_path, monkeypatch):
+    """The timed configuration's own meta-gradients are checked against the fp32 reference path;
+    with the bf16 bound made impossible, the bf16 row keeps its errors and a reason but no time
+    or memory, the fp32 row is timed, the JSON is written, and the run ends in ParityError."""
+    from repblend_fast.bench import ParityError
+    from repblend_fast.bench import parity as parity_mod
+
+    monkeypatch.setattr(parity_mod, "BF16_FACTOR", 1e-3)
+    monkeypatch.setattr(parity_mod, "FP32_RTOL", 1e-9)
+    out = tmp_path / "bench.json"
+    with pytest.raises(ParityError, match="bf16 encoder"):
+        run_bench(
+            "tiny",
+            str(out),
+            "repblend-fast:tesla",
+            iterations=1,
+            device="cpu",
+            warmup=0,
+            isolate="inprocess",
+            threads=1,
+            verbose=False,
+            autocast=("none", "bf16"),
+        )
+    fp32, bf16 = json.loads(out.read_text())
+    assert fp32["autocast"] == "none" and fp32["ms_per_iter"] > 0 and fp32["parity"]["ok"]
+    assert bf16["autocast"] == "bf16" and bf16["parity_failed"]
+    assert "ms_per_iter" not in bf16 and "peak_mib" not in bf16
+    assert "parity failed" in bf16["skipped"] and bf16["parity"]["rel_err"]["x"] > 0
+    assert "skipped: parity failed" in format_step_table([fp32, bf16])

@@ -294,3 +294,30 @@ def test_lors_and_mttvl_from_the_command_line(tiny_pairs, tmp_path, method):
     assert (out.similarity is None) == (method == "mtt-vl")
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 2 and all(r["loss"] > 0 for r in recs)
+
+
+def test_distill_speed_and_memory_flags(capsys):
+    """``--compile`` and ``--memory-budget-mib`` are listed with their defaults, reach the
+    config, and a bad value is one line naming the flag, exit status 2, before anything loads."""
+    from repblend_fast.cli import build_parser
+    from repblend_fast.cli.run import config_from_args
+
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--compile {none,encoder,step}" in text and "(default: preset, none)" in text
+    assert "--memory-budget-mib MIB" in text and "(default: preset, 0 = no budget)" in text
+    base = ["distill", "--experts", ".", "--out", "x"]
+    args = build_parser().parse_args(base + ["--compile", "encoder", "--memory-budget-mib", "64"])
+    cfg = config_from_args(args)
+    assert cfg.compile == "encoder" and cfg.memory_budget_mib == 64
+    for extra, flag in [
+        (["--compile", "fast"], "--compile 'fast'"),
+        (["--memory-budget-mib", "-5"], "--memory-budget-mib '-5'"),
+        (["--memory-budget-mib", "1.5GB"], "--memory-budget-mib '1.5GB'"),
+        (["--method", "lors", "--compile", "step"], "compile"),
+        (["--memory-budget-mib", "64", "--set", "encoder_chunk=4"], "memory_budget_mib"),
+    ]:
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and flag in err and "error:" in err, err

@@ -8,6 +8,7 @@ Modules, each depending only on those above it:
 ``inputs``         random stand-in data, expert snapshots and plans
 ``runners``        the providers behind one interface, provider parsing
 ``measure``        timing, memory, parity, one provider in a fresh process, machine info
+``parity``         the timed configuration against the fp32 reference path and float64
 ``worker``         the subprocess entry (``python -m repblend_fast.bench.worker``)
 ``drivers``        :func:`run_bench`, :func:`run_profile`, the results table
 =================  ==================================================================
@@ -17,9 +18,21 @@ The command line lives in :mod:`repblend_fast.cli.bench`.
 
 from __future__ import annotations
 
-from repblend_fast.bench.drivers import format_step_table, run_bench, run_profile
+from repblend_fast.bench.drivers import (
+    FastVariant,
+    fast_variants,
+    format_step_table,
+    run_bench,
+    run_profile,
+)
 from repblend_fast.bench.inputs import StepInputs, build_step_inputs
-from repblend_fast.bench.measure import PARITY_RTOL, check_parity, git_sha, machine_info
+from repblend_fast.bench.measure import (
+    PARITY_RTOL,
+    ParityError,
+    check_parity,
+    git_sha,
+    machine_info,
+)
 from repblend_fast.bench.runners import (
     DEFAULT_PROVIDERS,
     PROVIDERS,
@@ -31,12 +44,15 @@ from repblend_fast.bench.shapes import SHAPE_SETS, StepShape, shapes_with_config
 __all__ = [
     "DEFAULT_PROVIDERS",
     "PARITY_RTOL",
+    "FastVariant",
+    "ParityError",
     "PROVIDERS",
     "SHAPE_SETS",
     "StepInputs",
     "StepShape",
     "build_step_inputs",
     "check_parity",
+    "fast_variants",
     "format_step_table",
     "git_sha",
     "machine_info",

@@ -23,7 +23,10 @@ reports per-phase time and memory (optionally a ``torch.profiler`` chrome trace)
 from __future__ import annotations
 
 import gc
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -33,6 +36,8 @@ import torch
 
 from repblend_fast.bench.inputs import build_step_inputs
 from repblend_fast.bench.measure import (
+    PARITY_RTOL,
+    ParityError,
     check_parity,
     machine_info,
     resolve_device,
@@ -43,7 +48,14 @@ from repblend_fast.bench.runners import DEFAULT_PROVIDERS, make_runner, parse_pr
 from repblend_fast.bench.shapes import SHAPE_SETS, StepShape, default_encoder_chunk
 from repblend_fast.io import atomic_write_json
 
-__all__ = ["format_step_table", "run_bench", "run_profile"]
+__all__ = [
+    "FastVariant",
+    "add_ratios",
+    "fast_variants",
+    "format_step_table",
+    "run_bench",
+    "run_profile",
+]
 
 
 def _check_shapes(shapes: str) -> None:
@@ -56,6 +68,48 @@ def _check_counts(iterations: int, warmup: int, chunk: int | None) -> None:
         raise ValueError("need iterations >= 1 and warmup >= 0")
     if chunk is not None and chunk < 0:
         raise ValueError(f"encoder_chunk must be >= 0 (0 keeps the encoder graph), got {chunk}")
+
+
+def _as_tuple(value, kind) -> tuple:
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return (kind(value),)
+
+
+@dataclass(frozen=True)
+class FastVariant:
+    """One configuration of the fast path besides its meta-gradient mode."""
+
+    compile: str = "none"
+    memory_budget_mib: float = 0
+    autocast: str = "auto"
+
+    @property
+    def default(self) -> bool:
+        return self == FastVariant()
+
+
+def fast_variants(compile=("none",), memory_budget_mib=(0,), autocast=("auto",)) -> list:
+    """The cross product of the fast path's settings (strings may be comma-separated)."""
+    from repblend_fast.unroll import COMPILE_MODES
+
+    comps = _as_tuple(compile, str)
+    budgets = tuple(float(b) for b in _as_tuple(memory_budget_mib, float))
+    casts = _as_tuple(autocast, str)
+    for c in comps:
+        if c not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {c!r}")
+    for b in budgets:
+        if not b >= 0:
+            raise ValueError(f"memory_budget_mib must be >= 0, got {b}")
+    for a in casts:
+        if a not in ("auto", "none", "bf16", "fp16"):
+            raise ValueError(f"autocast must be auto, none, bf16 or fp16, got {a!r}")
+    if not comps or not budgets or not casts:
+        raise ValueError("compile, memory_budget_mib and autocast need at least one value each")
+    return [FastVariant(c, b, a) for a in casts for b in budgets for c in comps]
 
 
 def run_bench(
@@ -73,19 +127,29 @@ def run_bench(
     timeout: float = 3600.0,
     verbose: bool = True,
     encoder_chunk: int | None = None,
+    compile: str | Sequence[str] = ("none",),
+    memory_budget_mib: float | Sequence[float] = (0,),
+    autocast: str | Sequence[str] = ("auto",),
+    configs: Sequence[str] | None = None,
 ) -> list[dict]:
     """Time one distillation iteration per provider and meta-gradient mode.
 
     Args:
         shapes: a :data:`SHAPE_SETS` name (``tiny``, ``ci``, ``paper``, ``scale``).
-        json_path: write the records there as a JSON list (parent folders are created).
+        json_path: write the records there as a JSON list (parent folders are created), after
+            every record, so that a run cut short keeps what it measured.
         providers: names from ``lors-authors, repblend-authors, repblend-fast, lors-fast``
             (``name:exact`` / ``name:tesla`` pick one mode), a list or a comma-separated string.
-        iterations: timed iterations (default 2 on CPU, 5 on GPU) after ``warmup`` (1 / 2).
+        iterations: timed iterations (default 2 on CPU, 5 on GPU) after ``warmup`` (1 / 2;
+            a compiled configuration gets at least 1 / 2 warm-up iterations: they compile).
         device: ``auto``, ``cpu`` or ``cuda``.
         isolate: ``subprocess`` (a fresh process per provider: honest CPU peak RSS), ``inprocess``,
             or ``auto`` (subprocess on CPU, in-process on GPU where allocator stats are exact).
-        parity: first check the baselines' meta-gradients against the fp32 fast path.
+        parity: check every configuration's meta-gradients against the fp32 reference path
+            (:mod:`repblend_fast.bench.parity`; the baselines before timing, each fast
+            configuration — the one timed — after its timed iterations); a configuration that
+            fails gets a record with its errors and no time, and :class:`ParityError` is raised
+            once every provider has run and the JSON is written.
         seed: seeds the random stand-in data, snapshots and plans (same for every provider).
         threads: CPU threads for torch (default: torch's choice); on a shared machine 1 thread
             avoids OpenMP barriers stalling behind other processes.
@@ -93,38 +157,61 @@ def run_bench(
         verbose: print the table.
         encoder_chunk: the fast path's ``encoder_chunk`` (default: ``DistillConfig``'s; 0 keeps
             the encoder graph over all touched images, k > 0 re-encodes k at a time in the VJP).
+        compile, memory_budget_mib, autocast: the fast path's ``DistillConfig.compile``,
+            ``memory_budget_mib`` (with a budget the chunk comes from it) and encoder autocast
+            (``auto``: bf16 on CUDA, none on a CPU); each a value or a list: every combination
+            is one ``repblend-fast`` row per mode.
+        configs: only these configuration names of the shape set (default: all).
 
     Returns:
-        One record per (configuration, provider, meta_grad) with ``provider``, ``meta_grad``,
-        ``shapes``, ``config``, ``shape``, ``ms_per_iter``, ``ms_all``, ``peak_mib``,
-        ``peak_total_mib``, ``setup_mib``, ``memory_method``, ratios to ``repblend-fast``, and the
-        machine description (``device``, ``cpu``, ``gpu``, ``torch``, ``git_sha``, ...);
-        ``repblend-fast`` records also hold ``encoder_chunk``.
+        One record per (configuration, provider, meta_grad, fast settings) with ``provider``,
+        ``meta_grad``, ``shapes``, ``config``, ``shape``, ``ms_per_iter``, ``ms_all``,
+        ``peak_mib``, ``peak_total_mib``, ``setup_mib``, ``memory_method``, ``parity_rel_err``,
+        ratios to the default ``repblend-fast`` rows and to the baselines, and the machine
+        description (``device``, ``cpu``, ``gpu``, ``torch``, ``git_sha``, ...); fast records
+        also hold ``compile``, ``memory_budget_mib``, ``autocast``, ``encoder_chunk``,
+        ``memory_plan`` and ``parity``.
     """
     _check_shapes(shapes)
     if isolate not in ("auto", "subprocess", "inprocess"):
         raise ValueError(f"isolate must be auto, subprocess or inprocess, got {isolate!r}")
     dev = resolve_device(device)
     runs = parse_providers(providers)
+    variants = fast_variants(compile, memory_budget_mib, autocast)
     cuda = dev.type == "cuda"
     iterations = iterations if iterations is not None else (5 if cuda else 2)
     warmup = warmup if warmup is not None else (2 if cuda else 1)
     _check_counts(iterations, warmup, encoder_chunk)
     chunk = default_encoder_chunk() if encoder_chunk is None else encoder_chunk
     mode = isolate if isolate != "auto" else ("inprocess" if cuda else "subprocess")
-    opts = _BenchOptions(mode, iterations, warmup, parity, seed, threads, timeout, verbose, chunk)
+    todo = SHAPE_SETS[shapes]
+    if configs is not None:
+        names = {s.name for s in todo}
+        unknown = sorted(set(configs) - names)
+        if unknown:
+            raise ValueError(f"configs {unknown} are not in shape set {shapes!r}: {sorted(names)}")
+        todo = [s for s in todo if s.name in configs]
+    opts = _BenchOptions(
+        mode, iterations, warmup, parity, seed, threads, timeout, verbose, chunk, json_path
+    )
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        records = _bench_all(shapes, runs, dev, opts)
+        records = _bench_all(shapes, todo, runs, variants, dev, opts)
     finally:
         torch.set_num_threads(old_threads)
-    _add_ratios(records)
+    add_ratios(records)
     if json_path:
         atomic_write_json(records, json_path, indent=1)
     if verbose:
         print(format_step_table(records))
+    failed = [r for r in records if r.get("parity_failed")]
+    if failed:
+        names = ", ".join(f"{r['config']} {_label(r)}" for r in failed)
+        raise ParityError(
+            f"parity failed for {names}: no time is recorded for them (errors in the records)"
+        )
     return records
 
 
@@ -141,77 +228,222 @@ class _BenchOptions:
     timeout: float
     verbose: bool
     encoder_chunk: int
+    json_path: str | None = None
 
 
-def _bench_all(shapes: str, runs, dev: torch.device, o: _BenchOptions) -> list[dict]:
+def _label(r: dict) -> str:
+    """``provider (mode[, settings])`` of a record, for messages and the table."""
+    s = _settings_text(r)
+    return f"{r['provider']} ({r['meta_grad']}{', ' + s if s != '–' else ''})"
+
+
+def _settings_text(r: dict) -> str:
+    if not r["provider"].endswith("-fast"):
+        return "–"
+    parts = []
+    if r.get("autocast") not in (None, "none", "auto"):
+        parts.append(f"{r['autocast']} encoder")
+    if r.get("compile", "none") != "none":
+        parts.append(f"compile={r['compile']}")
+    plan = r.get("memory_plan") or {}
+    if r.get("memory_budget_mib"):
+        text = f"budget {r['memory_budget_mib']:g} MiB"
+        if plan:
+            text += f": keep {plan['keep']}, chunk {plan['chunk']}"
+            text += ", ckpt steps" if plan.get("checkpoint_steps") else ""
+        parts.append(text)
+    elif r.get("encoder_chunk"):
+        parts.append(f"chunk {r['encoder_chunk']}")
+    return ", ".join(parts) or "default"
+
+
+def _save_references(refs: dict[str, dict[str, torch.Tensor]], folder: str) -> dict[str, str]:
+    from safetensors.torch import save_file
+
+    paths = {}
+    for mode, grads in refs.items():
+        path = os.path.join(folder, f"reference_{mode}.safetensors")
+        save_file({k: v.contiguous() for k, v in grads.items()}, path)
+        paths[mode] = path
+    return paths
+
+
+def _bench_all(
+    shapes: str, todo, runs, variants, dev: torch.device, o: _BenchOptions
+) -> list[dict]:
+    from repblend_fast.bench.parity import reference_grads
+
     info = machine_info(dev)
     records: list[dict] = []
-    for shape in SHAPE_SETS[shapes]:
-        errs: dict[str, float] = {}
-        if o.parity and any(p.endswith("-authors") for p, _ in runs):
-            methods = tuple({p.split("-")[0] for p, _ in runs if p.endswith("-authors")})
-            inputs = build_step_inputs(shape, 1, o.seed, methods=methods)
-            errs = check_parity(inputs, runs, dev, encoder_chunk=o.encoder_chunk)
-            del inputs
-            gc.collect()
-        for provider, meta_grad in runs:
-            rec = {
-                "provider": provider,
-                "meta_grad": meta_grad,
-                "shapes": shapes,
-                "config": shape.name,
-                "shape": asdict(shape),
-                "isolation": o.mode,
-                "iterations": o.iterations,
-                "warmup": o.warmup,
-                **info,
-            }
-            if provider in errs:
-                rec["parity_rel_err"] = errs[provider]
-            if o.verbose:
-                print(f"[bench] {shape.name}: {provider} ({meta_grad}) ...", file=sys.stderr)
-            if o.mode == "subprocess":
-                spec = {
-                    "shape": asdict(shape),
-                    "provider": provider,
-                    "meta_grad": meta_grad,
-                    "device": str(dev),
-                    "seed": o.seed,
-                    "warmup": o.warmup,
-                    "iterations": o.iterations,
-                    "threads": o.threads,
-                    "encoder_chunk": o.encoder_chunk,
-                }
-                out = run_in_subprocess(spec, o.timeout)
-            else:
-                out = run_one(
-                    shape, provider, meta_grad, dev, o.seed, o.warmup, o.iterations, o.encoder_chunk
+    tmp = tempfile.mkdtemp(prefix="repblend-bench-")
+    try:
+        for shape in todo:
+            errs: dict[str, float] = {}
+            refs: dict[str, dict[str, torch.Tensor]] = {}
+            if o.parity:
+                authors = [r for r in runs if r[0].endswith("-authors")]
+                fast_modes = {m for p, m in runs if p == "repblend-fast"}
+                rb_modes = fast_modes | (
+                    {"tesla"} if ("repblend-authors", "tesla") in runs else set()
                 )
-            rec.update(out)
-            records.append(rec)
+                methods = tuple(
+                    {p.split("-")[0] for p, _ in authors} | ({"repblend"} if rb_modes else set())
+                )
+                inputs = build_step_inputs(shape, 1, o.seed, methods=methods)
+                for m in sorted(rb_modes):
+                    refs[m] = reference_grads(inputs, m, dev)
+                if authors:
+                    known = {"repblend": refs["tesla"]} if "tesla" in refs else None
+                    errs = check_parity(
+                        inputs,
+                        authors,
+                        dev,
+                        o.encoder_chunk,
+                        references=known,
+                        raise_on_failure=False,
+                    )
+                del inputs
+                gc.collect()
+            ref_paths = _save_references(refs, tmp) if o.mode == "subprocess" else {}
+            for provider, meta_grad in runs:
+                for v in variants if provider == "repblend-fast" else [FastVariant()]:
+                    rec = _run(
+                        shape, shapes, provider, meta_grad, v, dev, o, info, errs, refs, ref_paths
+                    )
+                    records.append(rec)
+                    if o.json_path:
+                        atomic_write_json(records, o.json_path, indent=1)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return records
 
 
-def _add_ratios(records: list[dict]) -> None:
+def _run(shape, shapes, provider, meta_grad, v, dev, o, info, errs, refs, ref_paths) -> dict:
+    """One record: a provider (and fast variant) timed, or why not."""
+    warmup = o.warmup
+    if v.compile != "none":
+        # The first iteration compiles every graph (the encoder's with a dynamic batch, the
+        # step's grad-mode variants); a second one on a GPU catches a late recompilation.
+        warmup = max(warmup, 2 if dev.type == "cuda" else 1)
+    rec = {
+        "provider": provider,
+        "meta_grad": meta_grad,
+        "shapes": shapes,
+        "config": shape.name,
+        "shape": asdict(shape),
+        "isolation": o.mode,
+        "iterations": o.iterations,
+        "warmup": warmup,
+        **info,
+    }
+    if provider.endswith("-fast"):
+        rec.update(
+            {
+                "compile": v.compile,
+                "memory_budget_mib": v.memory_budget_mib,
+                "autocast_requested": v.autocast,
+            }
+        )
+    if provider in errs:
+        rec["parity_rel_err"] = errs[provider]
+        if not errs[provider] <= PARITY_RTOL:
+            rec["parity_failed"] = True
+            rec["skipped"] = (
+                f"parity failed: relative error {errs[provider]:.3g} > {PARITY_RTOL:g} against "
+                "the fp32 reference path; no time is recorded"
+            )
+            return rec
+    if o.verbose:
+        print(f"[bench] {shape.name}: {_label({**rec, **_v_fields(v)})} ...", file=sys.stderr)
+    fast_rb = provider == "repblend-fast"
+    kw = {}
+    if provider.endswith("-fast"):
+        kw = {"compile": v.compile, "memory_budget_mib": v.memory_budget_mib}
+    chunk = 0 if v.memory_budget_mib else o.encoder_chunk
+    if o.mode == "subprocess":
+        spec = {
+            "shape": asdict(shape),
+            "provider": provider,
+            "meta_grad": meta_grad,
+            "device": str(dev),
+            "seed": o.seed,
+            "warmup": warmup,
+            "iterations": o.iterations,
+            "threads": o.threads,
+            "encoder_chunk": chunk,
+            "autocast": v.autocast,
+            "reference": ref_paths.get(meta_grad) if fast_rb else None,
+            **kw,
+        }
+        out = run_in_subprocess(spec, o.timeout)
+    else:
+        out = run_one(
+            shape,
+            provider,
+            meta_grad,
+            dev,
+            o.seed,
+            warmup,
+            o.iterations,
+            chunk,
+            autocast=v.autocast,
+            reference=refs.get(meta_grad) if fast_rb else None,
+            **kw,
+        )
+    rec.update(out)
+    if "skipped" in out and out.get("parity"):
+        rec["parity_failed"] = True
+    return rec
+
+
+def _v_fields(v: FastVariant) -> dict:
+    return {"compile": v.compile, "memory_budget_mib": v.memory_budget_mib, "autocast": v.autocast}
+
+
+def _is_default_fast(r: dict) -> bool:
+    return (
+        r.get("provider") == "repblend-fast"
+        and r.get("compile", "none") == "none"
+        and not r.get("memory_budget_mib")
+        and r.get("autocast_requested", "auto") == "auto"
+    )
+
+
+def add_ratios(records: list[dict]) -> None:
+    """Time and memory ratios of every timed record to the default ``repblend-fast`` rows of its
+    configuration (``time_ratio_to_fast_<mode>``, ``mem_ratio_to_fast_<mode>``), and of the
+    baselines to it (``speedup_vs_<baseline>``, ``mem_ratio_to_<baseline>``)."""
     by_cfg: dict[str, dict[str, dict]] = {}
+    base: dict[str, dict[str, dict]] = {}
     for r in records:
-        if r.get("provider") == "repblend-fast" and "ms_per_iter" in r:
+        if "ms_per_iter" not in r:
+            continue
+        if _is_default_fast(r):
             by_cfg.setdefault(r["config"], {})[r["meta_grad"]] = r
+        if r.get("provider", "").endswith("-authors"):
+            base.setdefault(r["config"], {})[r["provider"]] = r
     for r in records:
+        if "ms_per_iter" not in r:
+            continue
         for mode, ref in by_cfg.get(r["config"], {}).items():
-            if "ms_per_iter" not in r:
-                continue
             r[f"time_ratio_to_fast_{mode}"] = r["ms_per_iter"] / ref["ms_per_iter"]
             # A sub-MiB reference (tiny shapes) has no meaningful memory ratio.
             if ref["peak_mib"] >= 1.0:
                 r[f"mem_ratio_to_fast_{mode}"] = r["peak_mib"] / ref["peak_mib"]
+        if not r.get("provider", "").endswith("-fast"):
+            continue
+        for name, b in base.get(r["config"], {}).items():
+            key = name.replace("-", "_")
+            r[f"speedup_vs_{key}"] = b["ms_per_iter"] / r["ms_per_iter"]
+            if b["peak_mib"] >= 1.0:
+                r[f"mem_ratio_to_{key}"] = r["peak_mib"] / b["peak_mib"]
 
 
 def format_step_table(records: list[dict]) -> str:
     """Markdown table: ms/iteration, peak MiB and ratios to ``repblend-fast`` per configuration.
 
-    Records with ``skipped`` (written by older versions when a provider could not run) get a
-    row with the reason.
+    Records without a time (``skipped``: a parity failure, or a provider that could not run)
+    get a row with the reason.
     """
     lines: list[str] = []
     configs = list(dict.fromkeys(r["config"] for r in records))
@@ -220,21 +452,25 @@ def format_step_table(records: list[dict]) -> str:
         r0 = rows[0]
         dev = r0.get("gpu") or f"{r0.get('cpu')} ({r0.get('cpu_count')} cores)"
         shape = StepShape(**r0["shape"]).describe() if "shape" in r0 else cfg
+        mem = next((r.get("memory_method") for r in rows if r.get("memory_method")), "")
         lines.append(
             f"**{cfg}** — {shape}; {r0.get('device')}: {dev}; torch {r0.get('torch')}, "
-            f"git {r0.get('git_sha')}; {r0.get('memory_method', '')}"
+            f"git {r0.get('git_sha')}; {mem}"
         )
         lines.append("")
         lines.append(
-            "| provider | meta-grad | ms/iter | peak MiB (iteration) | peak MiB (total) "
-            "| time ÷ fast-exact | time ÷ fast-tesla | mem ÷ fast-exact | mem ÷ fast-tesla |"
+            "| provider | meta-grad | settings | ms/iter | peak MiB (iteration) | peak MiB (total) "
+            "| time ÷ fast-exact | time ÷ fast-tesla | mem ÷ fast-exact | mem ÷ fast-tesla "
+            "| parity rel. err |"
         )
-        lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
+            err = r.get("parity_rel_err")
+            err_s = f"{err:.2g}" if err is not None else "–"
             if "ms_per_iter" not in r:
                 lines.append(
-                    f"| {r['provider']} | {r['meta_grad']} | skipped: {r.get('skipped')} "
-                    "| | | | | | |"
+                    f"| {r['provider']} | {r['meta_grad']} | {_settings_text(r)} | skipped: "
+                    f"{r.get('skipped')} | | | | | | | {err_s} |"
                 )
                 continue
 
@@ -243,10 +479,11 @@ def format_step_table(records: list[dict]) -> str:
                 return f"{v:.2f}×" if v is not None else "–"
 
             lines.append(
-                f"| {r['provider']} | {r['meta_grad']} | {r['ms_per_iter']:.1f} | "
-                f"{r['peak_mib']:.0f} | {r['peak_total_mib']:.0f} | "
+                f"| {r['provider']} | {r['meta_grad']} | {_settings_text(r)} | "
+                f"{r['ms_per_iter']:.1f} | {r['peak_mib']:.0f} | {r['peak_total_mib']:.0f} | "
                 f"{ratio('time_ratio_to_fast_exact')} | {ratio('time_ratio_to_fast_tesla')} | "
-                f"{ratio('mem_ratio_to_fast_exact')} | {ratio('mem_ratio_to_fast_tesla')} |"
+                f"{ratio('mem_ratio_to_fast_exact')} | {ratio('mem_ratio_to_fast_tesla')} | "
+                f"{err_s} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -271,6 +508,7 @@ def run_profile(
     verbose: bool = True,
     encoder_chunk: int | None = None,
     configs: Sequence[StepShape] | None = None,
+    memory_budget_mib: float = 0,
 ) -> dict:
     """Per-phase time and peak memory of the fast path's distillation step.
 
@@ -281,8 +519,13 @@ def run_profile(
     the first configuration there. ``threads``: torch CPU threads (default: torch's choice).
     ``encoder_chunk``: as for :func:`run_bench`. ``configs``: profile these configurations
     instead of the set's (e.g. :func:`repblend_fast.bench.shapes.shapes_with_config` of it);
-    ``shapes`` then only names them in the result.
+    ``shapes`` then only names them in the result. ``memory_budget_mib``: the fast path's
+    ``DistillConfig.memory_budget_mib`` (each entry then records the plan it chose).
     """
+    if not memory_budget_mib >= 0:
+        raise ValueError(f"memory_budget_mib must be >= 0, got {memory_budget_mib}")
+    if memory_budget_mib and encoder_chunk:
+        raise ValueError("memory_budget_mib chooses the chunk itself: leave encoder_chunk at 0")
     if configs is None:
         _check_shapes(shapes)
     if provider != "repblend-fast":
@@ -304,7 +547,15 @@ def run_profile(
         tables = []
         for k, shape in enumerate(todo):
             entry, table = _profile_one(
-                shape, meta_grad, dev, iterations, warmup, seed, chunk, trace if k == 0 else None
+                shape,
+                meta_grad,
+                dev,
+                iterations,
+                warmup,
+                seed,
+                0 if memory_budget_mib else chunk,
+                trace if k == 0 else None,
+                memory_budget_mib,
             )
             result["configs"].append(entry)
             tables.append(table)
@@ -328,16 +579,33 @@ def _profile_one(
     seed: int,
     chunk: int,
     trace: str | None,
+    memory_budget_mib: float = 0,
 ) -> tuple[dict, str]:
     """One configuration's results entry and table (and the trace, if asked for)."""
-    from repblend_fast.profiling import PhaseTimer, format_profile_table, summarise_profiles
+    from repblend_fast.profiling import (
+        PhaseTimer,
+        format_profile_table,
+        rss_mib,
+        summarise_profiles,
+    )
 
     provider = "repblend-fast"
     inputs = build_step_inputs(shape, warmup + iterations, seed, methods=("repblend",))
     timer = PhaseTimer(dev)
-    runner = make_runner(inputs, provider, meta_grad, dev, timer=timer, encoder_chunk=chunk)
+    runner = make_runner(
+        inputs,
+        provider,
+        meta_grad,
+        dev,
+        timer=timer,
+        encoder_chunk=chunk,
+        memory_budget_mib=memory_budget_mib,
+    )
+    del inputs
+    gc.collect()
     for i in range(warmup):
         runner.iteration(i)
+    before = torch.cuda.memory_allocated(dev) / 2**20 if dev.type == "cuda" else rss_mib()
     prof_ctx = nullcontext()
     if trace is not None:
         acts = [torch.profiler.ProfilerActivity.CPU]
@@ -354,13 +622,23 @@ def _profile_one(
     summary = summarise_profiles(timer.steps)
     mem = "peak MiB" if dev.type == "cuda" else "peak RSS MiB"
     title = f"{shape.name} — {shape.describe()}; {provider} ({meta_grad}) on {dev.type}"
+    plan = runner.unroller.last_memory_plan
+    if memory_budget_mib:
+        title += f"; memory budget {memory_budget_mib:g} MiB"
+    if plan is not None and (memory_budget_mib or chunk):
+        title += f" (keep {plan.keep}, chunk {plan.chunk}"
+        title += ", steps checkpointed)" if plan.checkpoint_steps else ")"
     entry = {
         "config": shape.name,
         "shape": asdict(shape),
         "memory": "cuda max_memory_allocated" if dev.type == "cuda" else "process RSS",
+        "memory_before_mib": before,
+        "encoder_chunk": chunk,
+        "memory_budget_mib": memory_budget_mib,
+        "memory_plan": plan.to_dict() if plan is not None else None,
         "summary": summary,
         "steps": [s.to_dict() for s in timer.steps],
     }
-    del runner, inputs
+    del runner
     gc.collect()
     return entry, format_profile_table(summary, title, mem)

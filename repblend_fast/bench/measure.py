@@ -31,7 +31,9 @@ from repblend_fast.stats import median
 __all__ = [
     "PARITY_RTOL",
     "RESULT_TAG",
+    "TIMING_KEYS",
     "WORKER",
+    "ParityError",
     "check_parity",
     "cpu_name",
     "git_sha",
@@ -76,7 +78,13 @@ def measure(runner, warmup: int, iterations: int, device: torch.device) -> dict:
         setup = rss_mib()
         method = "peak RSS (VmHWM) after setup" if reset_rss_peak() else "peak RSS (ru_maxrss)"
     ms, losses = [], []
+    split: dict[str, float] = {}
+    if not cuda:
+        split = _rss_split(setup, "setup")
+        split.pop("peak_setup_mib", None)
     for i in range(warmup + iterations):
+        if i == warmup and split:
+            split.update(_rss_split(setup, "warmup"))
         if cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
@@ -94,6 +102,10 @@ def measure(runner, warmup: int, iterations: int, device: torch.device) -> dict:
         total = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         total = rss_peak_mib()
+        if "peak_warmup_mib" in split:
+            # The counter was reset after the warm-up: the whole run's peak is the larger one.
+            split.update(_rss_split(setup, "timed"))
+            total = max(total, setup + split["peak_warmup_mib"])
     return {
         "ms_per_iter": median(ms),
         "ms_all": ms,
@@ -103,7 +115,27 @@ def measure(runner, warmup: int, iterations: int, device: torch.device) -> dict:
         "memory_method": method,
         "losses": losses,
         "threads": torch.get_num_threads(),
+        **split,
     }
+
+
+def _rss_split(setup: float, phase: str) -> dict[str, float]:
+    """CPU memory of the iterations so far, split (``/proc/self/status``): ``peak_<phase>_mib``
+    (peak resident set above ``setup``; the counter is reset afterwards), and the resident set
+    now as heap (``rss_anon_<phase>_mib``) and file-backed pages — library code paged in by the
+    first use of an operator (``rss_file_<phase>_mib``). Empty where /proc cannot be read."""
+    from repblend_fast.profiling import _status_kib, reset_rss_peak, rss_peak_mib
+
+    anon, file = _status_kib("RssAnon"), _status_kib("RssFile")
+    if anon is None or file is None:
+        return {}
+    out = {
+        f"peak_{phase}_mib": max(0.0, rss_peak_mib() - setup),
+        f"rss_anon_{phase}_mib": anon / 1024,
+        f"rss_file_{phase}_mib": file / 1024,
+    }
+    reset_rss_peak()
+    return out
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -111,43 +143,63 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def check_parity(
-    inputs: StepInputs, runs, device: torch.device, encoder_chunk: int | None = None
-) -> dict[str, float]:
-    """Meta-gradients of each authors baseline vs the fp32 fast TESLA path on the first plan.
+class ParityError(RuntimeError):
+    """A benchmarked configuration's meta-gradients disagree with the reference path (its time
+    is not recorded)."""
 
-    No speed is worth reporting for a baseline that computes something else. Returns
-    ``{provider: max relative L2 error}``; raises when one exceeds ``PARITY_RTOL``.
+
+def check_parity(
+    inputs: StepInputs,
+    runs,
+    device: torch.device,
+    encoder_chunk: int | None = None,
+    *,
+    references: dict[str, dict[str, torch.Tensor]] | None = None,
+    raise_on_failure: bool = True,
+) -> dict[str, float]:
+    """Meta-gradients of each authors baseline vs the fp32 reference TESLA path on the first
+    plan (eager, plain-torch ops, no autocast, TF32 off: :func:`repblend_fast.bench.parity.
+    reference_ops`).
+
+    No speed is worth reporting for a baseline that computes something else. ``references``:
+    already computed ``{method: grads}`` of that reference path (CPU tensors) to reuse. Returns
+    ``{provider: max relative L2 error}``; raises :class:`ParityError` when one exceeds
+    ``PARITY_RTOL`` (``raise_on_failure=False``: the caller reads the errors instead).
     """
+    from repblend_fast.bench.parity import reference_ops
+
     errs: dict[str, float] = {}
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        for provider, _ in runs:
+    references = references or {}
+    with reference_ops():
+        for run in runs:
+            provider = run[0]
             if not provider.endswith("-authors"):
                 continue
             method = provider.split("-")[0]
             ref = AuthorsRunner(inputs, method, device)
             want = ref.grads(ref.plans[0])
             del ref
-            fast = FastRunner(inputs, method, "tesla", device, None, encoder_chunk=encoder_chunk)
-            got = fast.grads(fast.plans[0])
-            del fast
+            got = references.get(method)
+            if got is None:
+                fast = FastRunner(inputs, method, "tesla", device, None, encoder_chunk)
+                got = fast.grads_at_start(fast.plans[0])
+                del fast
             errs[provider] = max(_rel_err(got[k], want[k]) for k in want)
-            if not errs[provider] <= PARITY_RTOL:
+            if raise_on_failure and not errs[provider] <= PARITY_RTOL:
                 bad = {k: _rel_err(got[k], want[k]) for k in want}
-                raise RuntimeError(
+                raise ParityError(
                     f"parity failed for {provider} vs {method}-fast (tesla) on "
                     f"{inputs.shape.name}: "
                     f"relative errors {bad} exceed {PARITY_RTOL}; no speed is reported"
                 )
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     return errs
 
 
 # --------------------------------------------------------------------------------------------------
 # one provider, in this process or in a fresh one
+
+
+TIMING_KEYS = ("ms_per_iter", "ms_all", "peak_mib", "peak_total_mib", "setup_mib", "losses")
 
 
 def run_one(
@@ -159,20 +211,63 @@ def run_one(
     warmup: int,
     iterations: int,
     encoder_chunk: int | None = None,
+    *,
+    compile: str = "none",
+    memory_budget_mib: float = 0,
+    autocast: str = "auto",
+    reference: dict[str, torch.Tensor] | str | None = None,
 ) -> dict:
     """Build the inputs and runner of one provider, then :func:`measure` it.
 
     The inputs are dropped before timing so that only the runner's own copies count as setup.
+    ``compile``, ``memory_budget_mib`` and ``autocast`` configure the fast path
+    (:func:`repblend_fast.bench.runners.make_runner`). ``reference`` (fast providers): the fp32
+    reference path's meta-gradients of the first plan (tensors, or a safetensors file of them);
+    after the timed iterations the runner's own
+    meta-gradients at its starting state — the configuration just timed — are checked against
+    them (:func:`repblend_fast.bench.parity.check_against`), and on a mismatch the record keeps
+    the errors and a ``skipped`` reason but no time or memory.
     """
     chunk = default_encoder_chunk() if encoder_chunk is None else encoder_chunk
     method = provider.split("-")[0]
     inputs = build_step_inputs(shape, warmup + iterations, seed, methods=(method,))
-    runner = make_runner(inputs, provider, meta_grad, device, encoder_chunk=chunk)
+    runner = make_runner(
+        inputs,
+        provider,
+        meta_grad,
+        device,
+        encoder_chunk=chunk,
+        compile=compile,
+        memory_budget_mib=memory_budget_mib,
+        autocast=autocast,
+    )
     del inputs
     out = measure(runner, warmup, iterations, device)
-    out["autocast"] = "bf16" if (provider.endswith("-fast") and device.type == "cuda") else "none"
-    if provider == "repblend-fast":
-        out["encoder_chunk"] = chunk
+    if isinstance(runner, FastRunner):
+        out.update(runner.settings())
+        plan = runner.unroller.last_memory_plan
+        if plan is not None and runner.method == "repblend":
+            out["memory_plan"] = plan.to_dict()
+        if reference is not None:
+            from repblend_fast.bench.parity import check_against
+
+            if isinstance(reference, str):
+                from safetensors.torch import load_file
+
+                reference = load_file(reference)
+            par = check_against(runner, reference)
+            out["parity"] = par
+            out["parity_rel_err"] = par["max_rel_err"]
+            if not par["ok"]:
+                for k in TIMING_KEYS:
+                    out.pop(k, None)
+                w = par["worst"]
+                out["skipped"] = (
+                    f"parity failed: {w} relative error {par['rel_err'][w]:.3g} > bound "
+                    f"{par['rtol'][w]:.3g} against the fp32 reference path; no time is recorded"
+                )
+    else:
+        out["autocast"] = "none"
     del runner
     gc.collect()
     if device.type == "cuda":

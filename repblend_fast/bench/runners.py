@@ -4,7 +4,12 @@ the parity check).
 
 * ``lors-authors`` / ``repblend-authors``: :mod:`repblend_fast.bench.baselines`;
 * ``repblend-fast`` / ``lors-fast``: :class:`repblend_fast.unroll.Unroller` with
-  ``share_encoder=True``, snapshots preloaded on the device, bf16 autocast of the encoder on CUDA.
+  ``share_encoder=True``, snapshots preloaded on the device, bf16 autocast of the encoder on CUDA,
+  optionally ``torch.compile`` (``compile``) and a memory budget (``memory_budget_mib``).
+
+``FastRunner.grads_at_start(plan)`` computes the meta-gradients of the runner's own configuration
+at the state it was built with, so that the configuration that is timed is the one whose parity
+is checked (:mod:`repblend_fast.bench.parity`), before or after the timed iterations.
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ __all__ = [
     "PROVIDERS",
     "AuthorsRunner",
     "FastRunner",
+    "default_autocast",
     "make_runner",
     "parse_providers",
 ]
 
 PROVIDERS = ("lors-authors", "repblend-authors", "repblend-fast", "lors-fast")
+_AUTOCAST_NAMES = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}
 DEFAULT_PROVIDERS = ("lors-authors", "repblend-authors", "repblend-fast")
 
 
@@ -39,7 +46,9 @@ class FastRunner:
 
     ``timer`` (a :class:`repblend_fast.profiling.PhaseTimer`) switches to the phased Unroller, so
     that the profiler times the same code the benchmark does. ``encoder_chunk`` defaults to
-    ``DistillConfig``'s.
+    ``DistillConfig``'s. ``compile`` and ``memory_budget_mib`` are ``DistillConfig``'s fields.
+    ``dtype``: the runner's working precision (float64 for the parity yardstick; the encoder is
+    then a float64 copy, the inputs' own stays as it is).
     """
 
     def __init__(
@@ -51,6 +60,10 @@ class FastRunner:
         autocast: torch.dtype | None,
         timer=None,
         encoder_chunk: int | None = None,
+        *,
+        compile: str = "none",
+        memory_budget_mib: float = 0,
+        dtype: torch.dtype = torch.float32,
     ):
         from repblend_fast.similarity import LowRankSimilarity
 
@@ -60,7 +73,14 @@ class FastRunner:
         self.device = device
         self.timer = timer
         self.method = method
-        self.encoder = inputs.encoder.to(device)
+        self.autocast = autocast
+        self.compile = compile
+        self.memory_budget_mib = memory_budget_mib
+        self.dtype = dtype
+        if dtype == torch.float32:
+            self.encoder = inputs.encoder.to(device)
+        else:
+            self.encoder = copy.deepcopy(inputs.encoder).to(device, dtype)
         self.encoder_chunk = default_encoder_chunk() if encoder_chunk is None else encoder_chunk
         settings = UnrollSettings(
             method=method,
@@ -68,6 +88,8 @@ class FastRunner:
             share_encoder=True,
             encoder_autocast=autocast,
             encoder_chunk=self.encoder_chunk,
+            compile=compile,
+            memory_budget_mib=float(memory_budget_mib),
         )
         sim = LowRankSimilarity(sh.pairs, sh.rank, sh.alpha, device=device)
         if method == "repblend":
@@ -86,16 +108,32 @@ class FastRunner:
             self.unroller = make_unroller_for_lors(settings, self.encoder, txt, sim)
             snaps = inputs.lors
             self.plans = inputs.plans_lors
-        self.start = tuple(t.to(device) for t in snaps[0])
-        self.target = tuple(t.to(device) for t in snaps[1])
-        self.x = inputs.images.to(device).clone()
-        self.y = inputs.texts.to(device).clone()
-        self.eta_img = torch.tensor(0.1, device=device)
-        self.eta_txt = torch.tensor(0.1, device=device)
-        self.sim = {k: v.to(device).clone() for k, v in inputs.sim.items()}
+        to = dict(device=device, dtype=dtype)
+        self.start = tuple(t.to(**to) for t in snaps[0])
+        self.target = tuple(t.to(**to) for t in snaps[1])
+        self.x = inputs.images.to(**to).clone()
+        self.y = inputs.texts.to(**to).clone()
+        self.eta_img = torch.tensor(0.1, **to)
+        self.eta_txt = torch.tensor(0.1, **to)
+        self.sim = {k: v.to(**to).clone() for k, v in inputs.sim.items()}
         self.momentum: dict[str, torch.Tensor] = {}
         self.lrs = {"x": sh.lr_img, "y": sh.lr_txt, "eta_img": sh.lr_lr, "eta_txt": sh.lr_lr}
         self.lrs.update({f"sim.{k}": sh.lr_sim for k in self.sim})
+        # The state the runner starts from (the parity check's point; the iterations move it).
+        self._initial = {
+            "x": self.x.clone(),
+            "y": self.y.clone(),
+            "sim": {k: v.clone() for k, v in self.sim.items()},
+        }
+
+    def settings(self) -> dict:
+        """The configuration as the benchmark records it."""
+        return {
+            "autocast": _AUTOCAST_NAMES.get(self.autocast, str(self.autocast)),
+            "compile": self.compile,
+            "encoder_chunk": self.encoder_chunk,
+            "memory_budget_mib": self.memory_budget_mib,
+        }
 
     def _phase(self, name: str):
         return self.timer.phase(name) if self.timer is not None else nullcontext()
@@ -104,6 +142,23 @@ class FastRunner:
         plan = plan_to(plan, self.device)
         r = self.unroller.run(
             self.x, self.y, self.sim, self.eta_img, self.eta_txt, self.start, self.target, plan
+        )
+        return r.grads
+
+    def grads_at_start(self, plan: StepPlan) -> dict[str, torch.Tensor]:
+        """Meta-gradients of ``plan`` at the state the runner was built with (learning rates
+        0.1), whatever iterations have run since."""
+        init = self._initial
+        eta = torch.tensor(0.1, device=self.device, dtype=self.dtype)
+        r = self.unroller.run(
+            init["x"],
+            init["y"],
+            init["sim"],
+            eta,
+            eta.clone(),
+            self.start,
+            self.target,
+            plan_to(plan, self.device),
         )
         return r.grads
 
@@ -193,6 +248,12 @@ def parse_providers(providers: str | Iterable[str]) -> list[tuple[str, str]]:
     return runs
 
 
+def default_autocast(device: torch.device) -> torch.dtype | None:
+    """The fast path's encoder autocast as ``DistillConfig(encoder_autocast="auto")`` sets it:
+    bf16 on CUDA, none on a CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else None
+
+
 def make_runner(
     inputs: StepInputs,
     provider: str,
@@ -200,14 +261,32 @@ def make_runner(
     device: str | torch.device,
     timer=None,
     encoder_chunk: int | None = None,
+    *,
+    compile: str = "none",
+    memory_budget_mib: float = 0,
+    autocast: str = "auto",
 ) -> FastRunner | AuthorsRunner:
-    """Build the runner of ``provider`` (``autocast`` bf16 for the fast path on CUDA).
+    """Build the runner of ``provider``.
 
-    ``encoder_chunk`` only affects the fast path (the baselines encode per step anyway).
+    ``encoder_chunk``, ``compile``, ``memory_budget_mib`` and ``autocast`` (``auto``: bf16 on
+    CUDA, none on a CPU; ``none``, ``bf16``, ``fp16`` anywhere) only affect the fast path (the
+    baselines encode per step, eagerly, in fp32).
     """
     device = torch.device(device)
     method = provider.split("-")[0]
     if provider.endswith("-authors"):
         return AuthorsRunner(inputs, method, device)
-    autocast = torch.bfloat16 if device.type == "cuda" else None
-    return FastRunner(inputs, method, meta_grad, device, autocast, timer, encoder_chunk)
+    dtypes = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if autocast != "auto" and autocast not in dtypes:
+        raise ValueError(f"autocast must be auto, none, bf16 or fp16, got {autocast!r}")
+    return FastRunner(
+        inputs,
+        method,
+        meta_grad,
+        device,
+        default_autocast(device) if autocast == "auto" else dtypes[autocast],
+        timer,
+        encoder_chunk,
+        compile=compile,
+        memory_budget_mib=memory_budget_mib,
+    )

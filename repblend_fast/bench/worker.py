@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         spec["warmup"],
         spec["iterations"],
         spec.get("encoder_chunk"),
+        compile=spec.get("compile", "none"),
+        memory_budget_mib=spec.get("memory_budget_mib", 0),
+        autocast=spec.get("autocast", "auto"),
+        reference=spec.get("reference"),
     )
     print(RESULT_TAG + json.dumps(out), flush=True)
     return 0

@@ -73,6 +73,34 @@ def register(sub) -> None:
         "meta-gradient mode; repblend-fast alone runs both)",
     )
     b.add_argument(
+        "--compile",
+        default="none",
+        metavar="LIST",
+        help="the fast path's DistillConfig.compile, comma-separated from none, encoder, step: "
+        "one repblend-fast row per value (compiled rows get extra warm-up iterations)",
+    )
+    b.add_argument(
+        "--memory-budget-mib",
+        default="0",
+        metavar="LIST",
+        help="the fast path's DistillConfig.memory_budget_mib, comma-separated MiB (0 = no "
+        "budget): one repblend-fast row per value",
+    )
+    b.add_argument(
+        "--autocast",
+        default="auto",
+        metavar="LIST",
+        help="the fast path's frozen-encoder autocast, comma-separated from auto (bf16 on CUDA, "
+        "none on a CPU), none, bf16, fp16: one repblend-fast row per value",
+    )
+    b.add_argument(
+        "--configs",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated configuration names of the shape set (e.g. paper-n99); without "
+        "it: all of them",
+    )
+    b.add_argument(
         "--iterations",
         type=int,
         default=None,
@@ -137,6 +165,14 @@ def register(sub) -> None:
         help="profiled steps per configuration",
     )
     p.add_argument("--warmup", type=int, default=1, help="unprofiled steps before them")
+    p.add_argument(
+        "--memory-budget-mib",
+        type=float,
+        default=0.0,
+        metavar="MIB",
+        help="the fast path's DistillConfig.memory_budget_mib (0 = no budget; the table's "
+        "title then says how many touched images kept their encoder graph)",
+    )
     p.add_argument(
         "--trace",
         default=None,
@@ -209,6 +245,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CLIError(f"--providers {args.providers!r}: {exc}") from None
     _check_counts(args)
     _check_device(args.device)
+    variants = _variants(args)
+    configs = _configs(args)
     run_bench(
         args.shapes,
         args.json_path,
@@ -221,8 +259,50 @@ def cmd_bench(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=_threads(args.threads),
         encoder_chunk=args.encoder_chunk,
+        compile=variants["compile"],
+        memory_budget_mib=variants["memory_budget_mib"],
+        autocast=variants["autocast"],
+        configs=configs,
     )
     return 0
+
+
+def _variants(args) -> dict[str, list]:
+    """``--compile``, ``--memory-budget-mib``, ``--autocast`` as lists, each checked (one line
+    naming the flag on a bad value)."""
+    from repblend_fast.bench import fast_variants
+
+    out: dict[str, list] = {}
+    for flag, name in (
+        ("--compile", "compile"),
+        ("--memory-budget-mib", "memory_budget_mib"),
+        ("--autocast", "autocast"),
+    ):
+        text = getattr(args, name)
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        try:
+            if name == "memory_budget_mib":
+                values = [float(v) for v in values]
+            fast_variants(**{name: values})
+        except ValueError as exc:
+            raise CLIError(f"{flag} {text!r}: {exc}") from None
+        out[name] = values
+    return out
+
+
+def _configs(args) -> list[str] | None:
+    from repblend_fast.bench import SHAPE_SETS
+
+    if args.configs is None:
+        return None
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    known = [s.name for s in SHAPE_SETS[args.shapes]]
+    bad = [c for c in names if c not in known]
+    if bad or not names:
+        raise CLIError(
+            f"--configs {args.configs!r}: the {args.shapes} shape set has {', '.join(known)}"
+        )
+    return names
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -232,6 +312,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     _check_counts(args)
     _check_device(args.device)
     threads = _threads(args.threads)
+    if not args.memory_budget_mib >= 0:
+        raise CLIError(f"--memory-budget-mib {args.memory_budget_mib:g}: expected 0 or more MiB")
     shapes, configs = args.shapes, None
     meta_grad, chunk = args.meta_grad, args.encoder_chunk
     if args.config is not None:
@@ -253,5 +335,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
         threads=threads,
         encoder_chunk=chunk,
         configs=configs,
+        memory_budget_mib=args.memory_budget_mib,
     )
     return 0

@@ -22,7 +22,7 @@ from repblend_fast.cli.common import (
     parse_set,
     resolve_threads,
 )
-from repblend_fast.config import META_GRADS, METHODS, PRESETS, DistillConfig, preset
+from repblend_fast.config import COMPILE, META_GRADS, METHODS, PRESETS, DistillConfig, preset
 
 
 def register(sub) -> None:
@@ -150,6 +150,23 @@ def _register_distill(sub) -> None:
         action="store_true",
         help="re-encode every step's images as the research code does (slower, same gradients)",
     )
+    g.add_argument(
+        "--compile",
+        default=None,
+        metavar="{none,encoder,step}",
+        help="torch.compile the frozen encoder (encoder), or the encoder and every unroll step "
+        "(step; RepBlend only); the first iterations pay the compilation, minutes on a CPU "
+        "(default: preset, none)",
+    )
+    g.add_argument(
+        "--memory-budget-mib",
+        default=None,
+        metavar="MIB",
+        help="MiB of tensors one iteration may add (RepBlend with a shared encoder): the frozen "
+        "encoder's graph is kept for as many touched images as fit, the others are re-encoded "
+        "in chunks, exact mode checkpoints its steps when that keeps more; same results "
+        "(default: preset, 0 = no budget)",
+    )
     g.add_argument("--seed", type=int, default=None, help="seeds every draw (default: preset, 0)")
     g.add_argument(
         "--resume",
@@ -184,11 +201,32 @@ _FLAG_FIELDS = (
     ("meta_grad", "meta_grad"),
     ("seed", "seed"),
     ("device", "device"),
+    ("compile", "compile"),
+    ("memory_budget_mib", "memory_budget_mib"),
 )
+
+
+def _check_flags(args) -> None:
+    """``--compile`` and ``--memory-budget-mib``: one line naming the flag (exit 2) before
+    anything loads."""
+    if args.compile is not None and args.compile not in COMPILE:
+        raise CLIError(f"--compile {args.compile!r}: expected one of {', '.join(COMPILE)}")
+    if args.memory_budget_mib is not None:
+        try:
+            value = int(args.memory_budget_mib)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise CLIError(
+                f"--memory-budget-mib {args.memory_budget_mib!r}: expected a whole number of "
+                "MiB >= 0 (0 = no budget)"
+            )
+        args.memory_budget_mib = value
 
 
 def config_from_args(args) -> DistillConfig:
     """The DistillConfig of a ``distill`` invocation: preset, then explicit flags, then --set."""
+    _check_flags(args)
     over: dict[str, Any] = {}
     for flag, field in _FLAG_FIELDS:
         v = getattr(args, flag, None)

@@ -1,0 +1,80 @@
+"""Parity at the timed settings (a stage of benchmarks/gpu_check.sh): one distillation iteration
+in exactly the configuration the step benchmark times — ``impl="auto"`` (the fused kernels on a
+GPU), the frozen encoder under bf16 autocast on a GPU — against the fp32 reference path on the
+same device and float64 on the CPU, for each meta-gradient mode
+(:func:`repblend_fast.bench.parity.timed_parity`; tolerances and their reasons there).
+
+    python benchmarks/parity_check.py --shapes paper --configs paper-n99 --json out/parity.json
+
+Writes the records after every configuration (a stage cut short keeps what it checked) and exits
+with status 1 when one of them fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from repblend_fast.bench import SHAPE_SETS  # noqa: E402
+from repblend_fast.bench.parity import timed_parity  # noqa: E402
+from repblend_fast.io import atomic_write_json  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="paper", choices=sorted(SHAPE_SETS))
+    ap.add_argument("--configs", default=None, help="comma-separated names (default: all)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--meta-grad", default="exact,tesla", help="comma-separated modes")
+    ap.add_argument(
+        "--autocast", default="auto", help="auto (bf16 on CUDA, none on a CPU), none, bf16"
+    )
+    ap.add_argument("--compile", default="none", help="the fast path's compile setting")
+    ap.add_argument("--no-float64", dest="float64", action="store_false")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--json", required=True)
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    shapes = SHAPE_SETS[a.shapes]
+    if a.configs:
+        want = a.configs.split(",")
+        shapes = [s for s in shapes if s.name in want]
+        if len(shapes) != len(want):
+            names = [s.name for s in SHAPE_SETS[a.shapes]]
+            ap.error(f"--configs {a.configs}: the {a.shapes} set has {names}")
+    records: list[dict] = []
+    failed = 0
+    for shape in shapes:
+        for mode in a.meta_grad.split(","):
+            t0 = time.perf_counter()
+            rec = timed_parity(
+                shape, mode, a.device, autocast=a.autocast, compile=a.compile, float64=a.float64
+            )
+            rec["seconds"] = time.perf_counter() - t0
+            records.append(rec)
+            atomic_write_json({"kind": "repblend_fast.parity", "records": records}, a.json)
+            failed += not rec["ok"]
+            w = rec["worst"]
+            e64 = rec.get("rel_err_vs_fp64", {}).get(w, float("nan"))
+            print(
+                f"{shape.name} {mode} autocast={rec['autocast']} impl={rec['impl']}: "
+                f"{'ok' if rec['ok'] else 'FAILED'}; worst {w}: {rec['rel_err_vs_fp32'][w]:.3g} "
+                f"vs fp32, {e64:.3g} vs float64 (bound {rec['rtol'][w]:.3g}); "
+                f"encoder bf16 error {json.dumps(rec['encoder_error'])}; {rec['seconds']:.1f} s",
+                flush=True,
+            )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
