@@ -266,7 +266,7 @@ def skips_markdown(skips: list[dict]) -> str:
 
 def markdown(doc: dict) -> str:
     from repblend_fast.bench import format_step_table
-    from repblend_fast.bench.drivers import add_ratios
+    from repblend_fast.bench.table import add_ratios
     from repblend_fast.profiling import format_profile_table
 
     m = doc.get("machine", {})

@@ -6,7 +6,9 @@ step on the synthetic images, texts, student learning rates and similarity param
 
 Every random draw comes from one explicit ``torch.Generator`` seeded from the config; its state,
 the batch sampler, the expert order and the momentum buffers are all in the checkpoint, so a
-resumed run continues bit-for-bit.
+resumed run continues bit-for-bit. Saving and restoring that state, and the run folder's other
+files, are :class:`repblend_fast.distill_state.DistillerState`'s; the product of a run,
+:class:`DistilledSet`, is :mod:`repblend_fast.distilled_set`'s (importable from here too).
 """
 
 from __future__ import annotations
@@ -17,29 +19,16 @@ import os
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from repblend_fast import distributed
-from repblend_fast.checkpoint import (
-    CHECKPOINT,
-    CONFIG,
-    DISTILLED,
-    METRICS,
-    RECORDED_CHANGES,
-    MetricsLog,
-    RunInterrupted,
-    RunRecord,
-    StopOnSignal,
-    check_state,
-    open_checkpoint,
-    read_metrics_for_resume,
-    write_checkpoint,
-)
+from repblend_fast.checkpoint import DISTILLED, RunInterrupted, StopOnSignal
 from repblend_fast.config import DistillConfig
+from repblend_fast.distill_state import DistillerState
+from repblend_fast.distilled_set import DistilledSet
 from repblend_fast.models.flat import FlatSpec
 from repblend_fast.models.heads import HeadSpec
 from repblend_fast.outer import GROUPS, OuterOptimizer
@@ -49,7 +38,6 @@ from repblend_fast.unroll import StepPlan, Unroller, UnrollSettings
 
 logger = logging.getLogger("repblend_fast.distill")
 
-FORMAT_VERSION = 1
 _AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -65,80 +53,8 @@ class CollapseError(DistillationStopped):
     """Raised when the collapse detector (``collapse_window``) sees a run stop learning."""
 
 
-# --------------------------------------------------------------------------- results
-@dataclass
-class DistilledSet:
-    """The product of a run: images ``[N,3,H,W]``, texts ``[N,d_t]``, learned lrs, similarity."""
-
-    images: torch.Tensor
-    texts: torch.Tensor
-    eta_img: float
-    eta_txt: float
-    similarity: torch.Tensor | None  # full [N, N] target, None for identity
-    sim_params: dict[str, torch.Tensor]
-
-    def save(
-        self,
-        path: str | os.PathLike,
-        config: DistillConfig | None = None,
-        *,
-        record: RunRecord | None = None,
-    ) -> Path:
-        """Write the set (recorded in the run folder's ``record`` when given). A set holding a
-        non-finite value is refused with ``ValueError``: it would train nothing, and a file that
-        looks finished is worse than none."""
-        from repblend_fast.io import safetensors_bytes, write_atomic
-
-        tensors = {
-            "images": self.images,
-            "texts": self.texts,
-            "eta_img": torch.tensor(self.eta_img),
-            "eta_txt": torch.tensor(self.eta_txt),
-        }
-        if self.similarity is not None:
-            tensors["similarity"] = self.similarity
-        tensors.update({f"sim.{k}": v for k, v in self.sim_params.items()})
-        bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
-        if bad:
-            raise ValueError(
-                f"{path} not written: the distilled {', '.join(bad)} hold non-finite values (the "
-                "run diverged); resume from its checkpoint with lower learning rates "
-                "(--resume --set lr_img=... lr_txt=...) or set clamp_lr"
-            )
-        meta = {"format_version": str(FORMAT_VERSION), "kind": "repblend_fast.distilled"}
-        if config is not None:
-            meta["config"] = config.to_json()
-        path = Path(path)
-        data = safetensors_bytes(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta
-        )
-        if record is not None and path.parent.resolve() == record.folder.resolve():
-            record.write(path.name, data)
-        else:
-            write_atomic(path, data)
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> DistilledSet:
-        from repblend_fast.io import load_safetensors, safetensors_metadata
-
-        meta = safetensors_metadata(path)
-        if meta.get("kind") != "repblend_fast.distilled":
-            raise ValueError(f"{path} is not a distilled set written by repblend_fast")
-        t = load_safetensors(path)
-        sim = {k[4:]: v for k, v in t.items() if k.startswith("sim.")}
-        return cls(
-            t["images"],
-            t["texts"],
-            float(t["eta_img"]),
-            float(t["eta_txt"]),
-            t.get("similarity"),
-            sim,
-        )
-
-
 # --------------------------------------------------------------------------- distiller
-class Distiller:
+class Distiller(DistillerState):
     """RepBlend / LoRS / MTT-VL distillation of N synthetic pairs against expert trajectories.
 
     Args:
@@ -555,37 +471,6 @@ class Distiller:
             if lock is not None:
                 lock.release()
 
-    def _open_outputs(self) -> None:
-        """Start writing ``out_dir``: stale temporary files go, ``config.json`` is (re)written
-        and recorded, ``metrics.jsonl`` is cut to what this run continues, and the learning-rate
-        changes of a resume are logged as a config-change record."""
-        from repblend_fast.io import remove_stale_temps
-
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(self.out_dir)
-        record = self._run_record()
-        if getattr(self, "_resumed_from", None) is None and self.iteration == 0:
-            record.forget(*[n for n in list(record.files) if n != CONFIG])
-        record.write(CONFIG, (self.cfg.to_json() + "\n").encode("utf-8"))
-        log = self._metrics_log()
-        log.open()
-        changes = getattr(self, "_config_changes", None)
-        if changes:
-            log.append({"event": "config_change", "at_iteration": self.iteration, **changes})
-            self._config_changes = None
-
-    def _run_record(self) -> RunRecord:
-        record = getattr(self, "_checksums", None)
-        if record is None:
-            record = self._checksums = RunRecord(self.out_dir)
-        return record
-
-    def _metrics_log(self) -> MetricsLog:
-        log = getattr(self, "_mlog", None)
-        if log is None:
-            log = self._mlog = MetricsLog(self.out_dir / METRICS)
-        return log
-
     def result(self) -> DistilledSet:
         sim_full = None
         if self.similarity is not None:
@@ -599,105 +484,6 @@ class Distiller:
             sim_full,
             {k: v.detach().cpu().clone() for k, v in self.sim_params.items()},
         )
-
-    def _log(self, rec: dict) -> None:
-        if self.out_dir is None:
-            return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics_log().append(rec)
-
-    # ----------------------------------------------------------------- checkpoints
-    def _restore(self, t: dict[str, torch.Tensor]) -> None:
-        """Set the state to :meth:`state_tensors` ``t`` (already validated)."""
-        # In place: the optimiser holds these leaves.
-        for name, p in self._params().items():
-            p.copy_(t[name].to(p.device, p.dtype))
-        self.g.set_state(t["rng"])
-        self.sampler.load_state_tensors(t)
-        self.iteration, self.bad_streak = int(t["iteration"]), int(t["bad_streak"])
-        self.opt.load_state_tensors(t)
-        if "collapse.losses" in t:
-            self.collapse_losses = t["collapse.losses"].tolist()
-            self.collapse_pinned = int(t["collapse.pinned"])
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Everything needed to continue bit-for-bit, as named tensors."""
-        t = {
-            "x": self.x,
-            "y": self.y,
-            "eta_img": self.eta_img,
-            "eta_txt": self.eta_txt,
-            "rng": self.g.get_state(),
-            **self.sampler.state_tensors(),
-            "iteration": torch.tensor(self.iteration),
-            "bad_streak": torch.tensor(self.bad_streak),
-        }
-        t.update({f"sim.{k}": v for k, v in self.sim_params.items()})
-        t.update(self.opt.state_tensors())
-        if self.cfg.collapse_window:
-            t["collapse.losses"] = torch.tensor(self.collapse_losses, dtype=torch.float64)
-            t["collapse.pinned"] = torch.tensor(self.collapse_pinned)
-        return {k: v.detach().cpu().contiguous() for k, v in t.items()}
-
-    def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path | None:
-        """Write :meth:`state_tensors` (default: ``out_dir/checkpoint.safetensors``), with the
-        store's manifest sha256 and the state of ``metrics.jsonl`` in its header."""
-        if path is None:
-            if self.out_dir is None:
-                return None
-            path = self.out_dir / CHECKPOINT
-        out = self.out_dir is not None
-        return write_checkpoint(
-            path,
-            self.state_tensors(),
-            self.cfg,
-            store_sha256=getattr(self.store, "manifest_sha256", None),
-            metrics=self._metrics_log().state() if out else None,
-            record=self._run_record() if out else None,
-        )
-
-    def load_checkpoint(self, path: str | os.PathLike, *, verify: bool = True) -> None:
-        """Restore a checkpoint written by :meth:`save_checkpoint`.
-
-        The config must continue the saved one (only ``RESUMABLE_CHANGES`` may differ), the
-        store must be the one it ran against, its counters must be in range and agree with
-        ``metrics.jsonl``; with ``verify`` its bytes must match the run folder's
-        ``checksums.json``. ``ValueError`` (``IntegrityError``) naming the file otherwise, and
-        nothing is changed.
-        """
-        path = Path(path)
-        inside = self.out_dir is not None and path.parent.resolve() == self.out_dir.resolve()
-        ck = open_checkpoint(
-            path,
-            self.cfg,
-            store_sha256=getattr(self.store, "manifest_sha256", None),
-            record=self._run_record() if inside else None,
-            verify=verify,
-        )
-        t = ck.tensors
-        check_state(
-            t,
-            path,
-            config=self.cfg,
-            num_experts=len(self.store),
-            params=self._params(),
-            rng_numel=self.g.get_state().numel(),
-        )
-        keep = None
-        if self.out_dir is not None:
-            keep = read_metrics_for_resume(
-                self.out_dir / METRICS, int(t["iteration"]), ck.metrics, verify=verify
-            )
-        self._restore(t)
-        if keep is not None:
-            self._mlog = MetricsLog(self.out_dir / METRICS, keep)
-        self._resumed_from = path
-        changes = {
-            k: [getattr(ck.config, k), getattr(self.cfg, k)]
-            for k in RECORDED_CHANGES
-            if getattr(ck.config, k) != getattr(self.cfg, k)
-        }
-        self._config_changes = {"changes": changes} if changes else None
 
 
 def read_back(values: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -39,13 +39,14 @@ tests/test_memory_budget.py):
 * ``encoder_chunk`` / ``memory_budget_mib``: with shared features, keep the encoder graph of the
   first ``keep`` touched images and re-encode the others ``chunk`` at a time during the VJP; the
   budget chooses ``keep``, ``chunk`` and (exact mode) ``checkpoint_steps`` from a measured
-  per-image graph size (:meth:`Unroller.memory_plan`).
+  per-image graph size (:meth:`Unroller.memory_plan`, :mod:`repblend_fast.memory_plan`).
+
+The plan of an iteration's random draws, :class:`StepPlan`, lives in :mod:`repblend_fast.step_plan`
+(importable from here too).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -54,96 +55,14 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from repblend_fast.memory_plan import MemoryPlan, measure_image_graph_mib, plan_memory
 from repblend_fast.models.flat import FlatSpec, functional_forward
 from repblend_fast.models.heads import HeadSpec, head_forward
 from repblend_fast.ops import blend_pairs, contrastive_loss, trajectory_distance, trajectory_terms
+from repblend_fast.step_plan import StepPlan
 
 MetaGrad = Literal["exact", "tesla"]
 COMPILE_MODES = ("none", "encoder", "step")
-
-
-@dataclass
-class StepPlan:
-    """The random draws of one iteration (everything the unroll needs besides tensors).
-
-    batches: ``[T, B]`` long indices into the N synthetic pairs (``[K, T, B]`` for K trajectories).
-    lams: ``[T]`` (or ``[K, T]``) blending coefficients (1.0 = no blending).
-    perms: ``[T, B]`` (or ``[K, T, B]``) long, the within-batch permutation of each step.
-    keep_img, keep_txt: optional rescaled dropout keep-masks of the heads, ``[(K,) T, B, D]``
-        (``unroll_dropout``); ``keep_img2``/``keep_txt2`` are TESLA pass 2's masks (the
-        reference resamples dropout there; ``None`` reuses pass 1's).
-    blend: whether the steps blend (``None``: decided by reading ``lams``, one host read per
-        step; plans from :class:`repblend_fast.sampling.IterationSampler` say it).
-    touched, inverse: the sorted distinct pair indices of ``batches`` ``[U]`` and each batch
-        entry's position among them (shaped like ``batches``), computed on the host by
-        :meth:`with_touched` (``None``: the unroll computes them, which reads the device).
-    """
-
-    batches: torch.Tensor
-    lams: torch.Tensor
-    perms: torch.Tensor
-    keep_img: torch.Tensor | None = None
-    keep_txt: torch.Tensor | None = None
-    keep_img2: torch.Tensor | None = None
-    keep_txt2: torch.Tensor | None = None
-    blend: bool | None = None
-    touched: torch.Tensor | None = None
-    inverse: torch.Tensor | None = None
-
-    _FIELDS = ("batches", "lams", "perms", "keep_img", "keep_txt", "keep_img2", "keep_txt2")
-
-    @property
-    def steps(self) -> int:
-        return int(self.batches.shape[-2])
-
-    @property
-    def k(self) -> int:
-        return int(self.batches.shape[0]) if self.batches.dim() == 3 else 1
-
-    def batched(self) -> StepPlan:
-        """The same plan with a leading K dimension."""
-        if self.batches.dim() == 3:
-            return self
-        vals = [getattr(self, f) for f in self._FIELDS]
-        inv = None if self.inverse is None else self.inverse[None]
-        return StepPlan(
-            *[None if v is None else v[None] for v in vals],
-            blend=self.blend,
-            touched=self.touched,
-            inverse=inv,
-        )
-
-    def to(self, device: torch.device | str) -> StepPlan:
-        """The same plan with every tensor on ``device``."""
-        vals = [getattr(self, f) for f in self._FIELDS] + [self.touched, self.inverse]
-        moved = [None if v is None else v.to(device) for v in vals]
-        return StepPlan(*moved[:-2], blend=self.blend, touched=moved[-2], inverse=moved[-1])
-
-    def with_touched(self) -> StepPlan:
-        """The same plan with ``touched``/``inverse`` filled in (read ``batches`` here: do it
-        while the plan is on the host)."""
-        touched, inverse = torch.unique(self.batches, return_inverse=True)
-        return dataclasses.replace(self, touched=touched, inverse=inverse)
-
-    @staticmethod
-    def stack(plans: list[StepPlan]) -> StepPlan:
-        """K single-trajectory plans as one ``[K, ...]`` plan (``touched`` is not carried over:
-        call :meth:`with_touched` on the result)."""
-        out = []
-        for f in StepPlan._FIELDS:
-            vals = [getattr(p, f) for p in plans]
-            out.append(None if vals[0] is None else torch.stack(vals))
-        blends = {p.blend for p in plans}
-        return StepPlan(*out, blend=blends.pop() if len(blends) == 1 else None)
-
-    def keep(self, i: int, second_pass: bool = False):
-        """Step i's keep-masks ``([K, B, D] or None, [K, B, D] or None)``."""
-        ki, kt = self.keep_img, self.keep_txt
-        if second_pass and self.keep_img2 is not None:
-            ki = self.keep_img2
-        if second_pass and self.keep_txt2 is not None:
-            kt = self.keep_txt2
-        return (None if ki is None else ki[:, i]), (None if kt is None else kt[:, i])
 
 
 @dataclass
@@ -194,29 +113,6 @@ class SharedFeatures:
     leaf: torch.Tensor
     keep: int = 0
     chunk: int = 0
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    """How one iteration holds the shared encoder graph (chosen from ``memory_budget_mib``).
-
-    keep: touched images whose encoder graph is kept from the forward to the VJP.
-    chunk: the others are re-encoded this many at a time during the VJP (0: none are).
-    checkpoint_steps: exact mode recomputes each step in the backward.
-    image_mib: measured encoder-graph MiB per image (saved tensors of an eager forward).
-    state_mib, fixed_mib: estimated unroll state (held during the unroll) and the MiB held
-        through the whole iteration (the image gradient, features, cotangents).
-    """
-
-    keep: int
-    chunk: int
-    checkpoint_steps: bool
-    image_mib: float
-    state_mib: float
-    fixed_mib: float
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 class Unroller:
@@ -434,94 +330,17 @@ class Unroller:
         return xl, yl, sl, el, tl
 
     def memory_plan(self, x: torch.Tensor, touched: int, start, plan: StepPlan) -> MemoryPlan:
-        """How this iteration holds the shared encoder graph (see :class:`MemoryPlan`).
-
-        Without ``memory_budget_mib``: the settings' ``encoder_chunk`` (0 keeps every graph) and
-        ``checkpoint_steps``. With a budget of M MiB, from the measured encoder-graph size per
-        image ``e`` (:meth:`image_graph_mib`), the unroll state ``s`` held while the graph is
-        kept (``2T + 6`` flat parameter sets in exact mode, ``T + 6`` with per-step
-        checkpointing, 6 in TESLA, ``T + 6`` when TESLA stores ``theta_i`` for fresh pass-2
-        dropout masks) and what the whole iteration holds ``f`` (two image-sized buffers):
-        ``keep = (M - f - s) / e`` touched images keep their graph and the others are
-        re-encoded ``chunk = (M - f) / e`` at a time during the VJP, which runs after the
-        unroll state is freed. In exact mode the steps are checkpointed as well when that lets
-        more images keep their graph, or when ``f + s`` alone exceeds the budget. An estimate
-        of tensor memory: a CPU's resident set adds the allocator's own overhead and the
-        transient buffers of each operation (benchmarks/README.md measures both).
-
-        Args:
-            x: the synthetic images ``[N, 3, H, W]``.
-            touched: U, the number of distinct images the plan touches.
-            start: the ``[K, numel]`` start parameters (their size and dtype).
-            plan: the iteration's plan (T, and whether TESLA pass 2 has its own masks).
-        """
-        s = self.s
-        ckpt = s.checkpoint_steps
-        shared = s.method == "repblend" and s.share_encoder
-        if s.memory_budget_mib <= 0 or not shared:
-            keep = touched if s.encoder_chunk == 0 else 0
-            chunk = 0 if keep >= touched else s.encoder_chunk
-            return MemoryPlan(keep, chunk, ckpt, 0.0, 0.0, 0.0)
-        mib = float(2**20)
-        theta = sum(t.numel() * t.element_size() for t in start) / mib
-        steps = plan.steps
-        if s.meta_grad == "exact":
-            units = steps + 6 if ckpt else 2 * steps + 6
-        else:
-            fresh = plan.keep_img2 is not None or plan.keep_txt2 is not None
-            units = steps + 6 if fresh else 6
-        state = units * theta
-        fixed = 2 * x.numel() * x.element_size() / mib
-        image = self.image_graph_mib(x)
-        budget = float(s.memory_budget_mib)
-
-        def kept(state_mib: float) -> int:
-            return max(0, min(touched, math.floor((budget - fixed - state_mib) / image)))
-
-        keep = kept(state)
-        if keep < touched and s.meta_grad == "exact" and not ckpt:
-            # Checkpoint the steps when that keeps more images' graphs, or when the state
-            # without it does not even fit the budget (then it lowers the peak by T sets).
-            keep_ckpt = kept((steps + 6) * theta)
-            if keep_ckpt > keep or fixed + state > budget:
-                ckpt, keep, state = True, keep_ckpt, (steps + 6) * theta
-        chunk = 0
-        if keep < touched:
-            chunk = max(1, min(touched - keep, math.floor((budget - fixed) / image)))
-        return MemoryPlan(keep, chunk, ckpt, image, state, fixed)
+        """How this iteration holds the shared encoder graph
+        (:func:`repblend_fast.memory_plan.plan_memory` with these settings)."""
+        return plan_memory(self.s, x, touched, start, plan, lambda: self.image_graph_mib(x))
 
     def image_graph_mib(self, x: torch.Tensor) -> float:
-        """MiB of encoder graph one more image keeps alive (its saved tensors, the encoder's own
-        parameters excluded, plus its features), measured once per image shape and dtype with
-        eager forwards of 1 and 3 images: the difference, so that what a forward saves once
-        whatever the batch (autocast's low-precision copies of the weights) is not counted per
-        image. A compiled encoder saves no more than this."""
+        """MiB of encoder graph one more image keeps alive
+        (:func:`repblend_fast.memory_plan.measure_image_graph_mib`), measured once per image
+        shape, dtype, device and autocast dtype."""
         key = (tuple(x.shape[1:]), x.dtype, x.device, self.s.encoder_autocast)
         if key not in self._image_bytes:
-            own = {t.untyped_storage().data_ptr() for t in self.encoder.parameters()}
-            own |= {t.untyped_storage().data_ptr() for t in self.encoder.buffers()}
-
-            def graph_bytes(n: int) -> int:
-                seen: dict[int, int] = {}
-
-                def pack(t: torch.Tensor) -> torch.Tensor:
-                    st = t.untyped_storage()
-                    if st.data_ptr() not in own:
-                        seen[st.data_ptr()] = st.nbytes()
-                    return t
-
-                probe = x[:n].detach().clone().requires_grad_(True)
-                hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-                with torch.enable_grad(), hooks:
-                    out = self._encode_eager(probe)
-                seen[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
-                return sum(seen.values())
-
-            if x.shape[0] >= 3:
-                nbytes = (graph_bytes(3) - graph_bytes(1)) / 2
-            else:
-                nbytes = graph_bytes(1)
-            self._image_bytes[key] = max(nbytes, 1.0) / 2**20
+            self._image_bytes[key] = measure_image_graph_mib(self._encode_eager, self.encoder, x)
         return self._image_bytes[key]
 
     def _touched(self, xl: torch.Tensor, plan: StepPlan, start) -> SharedFeatures | None:

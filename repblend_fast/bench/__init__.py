@@ -10,7 +10,8 @@ Modules, each depending only on those above it:
 ``measure``        timing, memory, parity, one provider in a fresh process, machine info
 ``parity``         the timed configuration against the fp32 reference path and float64
 ``worker``         the subprocess entry (``python -m repblend_fast.bench.worker``)
-``drivers``        :func:`run_bench`, :func:`run_profile`, the results table
+``table``          the results table: ratios between records, markdown
+``drivers``        :func:`run_bench`, :func:`run_profile`
 =================  ==================================================================
 
 The command line lives in :mod:`repblend_fast.cli.bench`.

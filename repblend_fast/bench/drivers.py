@@ -1,4 +1,4 @@
-"""The step benchmark and the step profiler over a shape set, and the benchmark's results table.
+"""The step benchmark and the step profiler over a shape set.
 
 :func:`run_bench` times one distillation iteration (median ms over timed iterations after warm-up)
 and its peak memory for, on the same inputs:
@@ -18,6 +18,9 @@ How memory is measured: :mod:`repblend_fast.bench.measure`.
 
 :func:`run_profile` runs the fast path with :class:`repblend_fast.profiling.ProfiledUnroller` and
 reports per-phase time and memory (optionally a ``torch.profiler`` chrome trace).
+
+The results table (:func:`add_ratios`, :func:`format_step_table`) is
+:mod:`repblend_fast.bench.table`'s (importable from here too).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from repblend_fast.bench.measure import (
 )
 from repblend_fast.bench.runners import DEFAULT_PROVIDERS, make_runner, parse_providers
 from repblend_fast.bench.shapes import SHAPE_SETS, StepShape, default_encoder_chunk
+from repblend_fast.bench.table import add_ratios, format_step_table, record_label
 from repblend_fast.io import atomic_write_json
 
 __all__ = [
@@ -208,7 +212,7 @@ def run_bench(
         print(format_step_table(records))
     failed = [r for r in records if r.get("parity_failed")]
     if failed:
-        names = ", ".join(f"{r['config']} {_label(r)}" for r in failed)
+        names = ", ".join(f"{r['config']} {record_label(r)}" for r in failed)
         raise ParityError(
             f"parity failed for {names}: no time is recorded for them (errors in the records)"
         )
@@ -229,32 +233,6 @@ class _BenchOptions:
     verbose: bool
     encoder_chunk: int
     json_path: str | None = None
-
-
-def _label(r: dict) -> str:
-    """``provider (mode[, settings])`` of a record, for messages and the table."""
-    s = _settings_text(r)
-    return f"{r['provider']} ({r['meta_grad']}{', ' + s if s != '–' else ''})"
-
-
-def _settings_text(r: dict) -> str:
-    if not r["provider"].endswith("-fast"):
-        return "–"
-    parts = []
-    if r.get("autocast") not in (None, "none", "auto"):
-        parts.append(f"{r['autocast']} encoder")
-    if r.get("compile", "none") != "none":
-        parts.append(f"compile={r['compile']}")
-    plan = r.get("memory_plan") or {}
-    if r.get("memory_budget_mib"):
-        text = f"budget {r['memory_budget_mib']:g} MiB"
-        if plan:
-            text += f": keep {plan['keep']}, chunk {plan['chunk']}"
-            text += ", ckpt steps" if plan.get("checkpoint_steps") else ""
-        parts.append(text)
-    elif r.get("encoder_chunk"):
-        parts.append(f"chunk {r['encoder_chunk']}")
-    return ", ".join(parts) or "default"
 
 
 def _save_references(refs: dict[str, dict[str, torch.Tensor]], folder: str) -> dict[str, str]:
@@ -354,7 +332,7 @@ def _run(shape, shapes, provider, meta_grad, v, dev, o, info, errs, refs, ref_pa
             )
             return rec
     if o.verbose:
-        print(f"[bench] {shape.name}: {_label({**rec, **_v_fields(v)})} ...", file=sys.stderr)
+        print(f"[bench] {shape.name}: {record_label({**rec, **_v_fields(v)})} ...", file=sys.stderr)
     fast_rb = provider == "repblend-fast"
     kw = {}
     if provider.endswith("-fast"):
@@ -398,95 +376,6 @@ def _run(shape, shapes, provider, meta_grad, v, dev, o, info, errs, refs, ref_pa
 
 def _v_fields(v: FastVariant) -> dict:
     return {"compile": v.compile, "memory_budget_mib": v.memory_budget_mib, "autocast": v.autocast}
-
-
-def _is_default_fast(r: dict) -> bool:
-    return (
-        r.get("provider") == "repblend-fast"
-        and r.get("compile", "none") == "none"
-        and not r.get("memory_budget_mib")
-        and r.get("autocast_requested", "auto") == "auto"
-    )
-
-
-def add_ratios(records: list[dict]) -> None:
-    """Time and memory ratios of every timed record to the default ``repblend-fast`` rows of its
-    configuration (``time_ratio_to_fast_<mode>``, ``mem_ratio_to_fast_<mode>``), and of the
-    baselines to it (``speedup_vs_<baseline>``, ``mem_ratio_to_<baseline>``)."""
-    by_cfg: dict[str, dict[str, dict]] = {}
-    base: dict[str, dict[str, dict]] = {}
-    for r in records:
-        if "ms_per_iter" not in r:
-            continue
-        if _is_default_fast(r):
-            by_cfg.setdefault(r["config"], {})[r["meta_grad"]] = r
-        if r.get("provider", "").endswith("-authors"):
-            base.setdefault(r["config"], {})[r["provider"]] = r
-    for r in records:
-        if "ms_per_iter" not in r:
-            continue
-        for mode, ref in by_cfg.get(r["config"], {}).items():
-            r[f"time_ratio_to_fast_{mode}"] = r["ms_per_iter"] / ref["ms_per_iter"]
-            # A sub-MiB reference (tiny shapes) has no meaningful memory ratio.
-            if ref["peak_mib"] >= 1.0:
-                r[f"mem_ratio_to_fast_{mode}"] = r["peak_mib"] / ref["peak_mib"]
-        if not r.get("provider", "").endswith("-fast"):
-            continue
-        for name, b in base.get(r["config"], {}).items():
-            key = name.replace("-", "_")
-            r[f"speedup_vs_{key}"] = b["ms_per_iter"] / r["ms_per_iter"]
-            if b["peak_mib"] >= 1.0:
-                r[f"mem_ratio_to_{key}"] = r["peak_mib"] / b["peak_mib"]
-
-
-def format_step_table(records: list[dict]) -> str:
-    """Markdown table: ms/iteration, peak MiB and ratios to ``repblend-fast`` per configuration.
-
-    Records without a time (``skipped``: a parity failure, or a provider that could not run)
-    get a row with the reason.
-    """
-    lines: list[str] = []
-    configs = list(dict.fromkeys(r["config"] for r in records))
-    for cfg in configs:
-        rows = [r for r in records if r["config"] == cfg]
-        r0 = rows[0]
-        dev = r0.get("gpu") or f"{r0.get('cpu')} ({r0.get('cpu_count')} cores)"
-        shape = StepShape(**r0["shape"]).describe() if "shape" in r0 else cfg
-        mem = next((r.get("memory_method") for r in rows if r.get("memory_method")), "")
-        lines.append(
-            f"**{cfg}** — {shape}; {r0.get('device')}: {dev}; torch {r0.get('torch')}, "
-            f"git {r0.get('git_sha')}; {mem}"
-        )
-        lines.append("")
-        lines.append(
-            "| provider | meta-grad | settings | ms/iter | peak MiB (iteration) | peak MiB (total) "
-            "| time ÷ fast-exact | time ÷ fast-tesla | mem ÷ fast-exact | mem ÷ fast-tesla "
-            "| parity rel. err |"
-        )
-        lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for r in rows:
-            err = r.get("parity_rel_err")
-            err_s = f"{err:.2g}" if err is not None else "–"
-            if "ms_per_iter" not in r:
-                lines.append(
-                    f"| {r['provider']} | {r['meta_grad']} | {_settings_text(r)} | skipped: "
-                    f"{r.get('skipped')} | | | | | | | {err_s} |"
-                )
-                continue
-
-            def ratio(key: str, r=r) -> str:
-                v = r.get(key)
-                return f"{v:.2f}×" if v is not None else "–"
-
-            lines.append(
-                f"| {r['provider']} | {r['meta_grad']} | {_settings_text(r)} | "
-                f"{r['ms_per_iter']:.1f} | {r['peak_mib']:.0f} | {r['peak_total_mib']:.0f} | "
-                f"{ratio('time_ratio_to_fast_exact')} | {ratio('time_ratio_to_fast_tesla')} | "
-                f"{ratio('mem_ratio_to_fast_exact')} | {ratio('mem_ratio_to_fast_tesla')} | "
-                f"{err_s} |"
-            )
-        lines.append("")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch.nn as nn
 from repblend_fast.bench.shapes import StepShape, make_encoder
 from repblend_fast.models.flat import FlatSpec
 from repblend_fast.models.heads import init_head_flat
-from repblend_fast.unroll import StepPlan
+from repblend_fast.step_plan import StepPlan
 
 __all__ = ["StepInputs", "build_step_inputs", "make_plans", "plan_to"]
 
