@@ -257,6 +257,13 @@ def summarise(rows: list[dict]) -> dict[tuple[str, int], dict[str, Any]]:
     return cells
 
 
+def _pm(summary: dict, key: str, runs: int) -> str:
+    """``mean ± std`` over distillation seeds; a single seed has no spread to show."""
+    if runs < 2:
+        return f"{summary['mean'][key]:.1f}"
+    return f"{summary['mean'][key]:.1f} ± {summary['std'][key]:.1f}"
+
+
 def report(out: Path) -> str:
     rows = load_rows(out)
     if not rows:
@@ -279,9 +286,7 @@ def report(out: Path) -> str:
                 cols.append("–")
                 continue
             s = c["summary"]
-            txt = (
-                f"{s['mean']['mean']:.1f} ± {s['std']['mean']:.1f} ({len(c['runs'])})" if s else ""
-            )
+            txt = f"{_pm(s, 'mean', len(c['runs']))} ({len(c['runs'])})" if s else ""
             if c["stopped"]:
                 txt += f" stopped: seeds {c['stopped']}"
             cpu = sum(c["cpu"]) / len(c["cpu"]) / 60
@@ -295,8 +300,9 @@ def report(out: Path) -> str:
         for m in METHODS:
             cols = []
             for n in budgets:
-                s = (cells.get((m, n)) or {}).get("summary")
-                cols.append(f"{s['mean'][k]:.1f} ± {s['std'][k]:.1f}" if s else "–")
+                c = cells.get((m, n)) or {}
+                s = c.get("summary")
+                cols.append(_pm(s, k, len(c["runs"])) if s else "–")
             if any(col != "–" for col in cols):
                 lines.append(f"| {m} | " + " | ".join(cols) + " |")
     text = "\n".join(lines) + "\n"
@@ -327,6 +333,7 @@ def plot(cells, budgets, path: Path, dataset: str) -> None:
             ax.errorbar(xs, ys, yerr=es, marker="o", linestyle=style, capsize=3, label=m)
     ax.set_xscale("log")
     ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.set_xticks([], minor=True)  # the log axis's own minor labels would overprint N
     ax.set_xlabel("synthetic pairs N (log scale)")
     ax.set_ylabel("held-out mean recall (%)")
     ax.set_title(f"Distillation methods and coresets on {dataset} (mean ± std over seeds)")
