@@ -301,3 +301,27 @@ def test_helpers():
     s = mean_std([{"mean": 1.0}, {"mean": 3.0}])
     assert s["mean"]["mean"] == 2.0 and s["std"]["mean"] == 1.0  # population std
     assert 1 <= auto_threads() <= (__import__("os").cpu_count() or 1)
+
+
+@pytest.mark.parametrize("flag, expected", [((), 1), (("--threads", "2"), 2)])
+def test_demo_runs_one_thread_unless_told(flag, expected, monkeypatch, tmp_path):
+    """The demo's numbers depend on the thread count; its default is 1 on every machine."""
+    import torch
+
+    import repblend_fast.demo as demo_pkg
+    from repblend_fast.cli import main
+
+    seen = {}
+
+    def fake_run_demo(*args, **kwargs):
+        seen["threads"] = torch.get_num_threads()
+        raise FileNotFoundError("stopped by the test")
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(demo_pkg, "run_demo", fake_run_demo)
+    try:
+        rc = main(["demo", "--out", str(tmp_path / "demo"), "--no-progress", *flag])
+    finally:
+        torch.set_num_threads(before)
+    assert rc == 2
+    assert seen["threads"] == expected

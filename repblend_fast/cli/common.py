@@ -102,12 +102,15 @@ def add_encoder_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="compute device")
 
 
-def add_threads_arg(p: argparse.ArgumentParser) -> None:
+def add_threads_arg(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    """``--threads``; ``default`` replaces "one per CPU core" in the help (the caller passes the
+    same count to :func:`apply_threads`)."""
+    what = default or "one per CPU core, whatever else runs on the machine"
     p.add_argument(
         "--threads",
         default=None,
         metavar="N|auto",
-        help="torch CPU threads (default: one per CPU core, whatever else runs on the machine). "
+        help=f"torch CPU threads (default: {what}). "
         "Results depend on the thread count, so it is recorded with the run. 'auto' uses fewer "
         "threads while other processes keep the cores busy: faster on a shared machine, but the "
         "result then depends on the load",

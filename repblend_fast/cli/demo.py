@@ -19,6 +19,10 @@ from repblend_fast.cli.common import (
     parse_set,
 )
 
+# One thread by default: results depend on the thread count (docs/demo.md, "Threads"), and one
+# thread gives every machine the numbers the README and docs/demo.md report.
+DEMO_THREADS = 1
+
 
 def register(sub) -> None:
     from repblend_fast.demo import DemoSettings
@@ -84,7 +88,11 @@ def register(sub) -> None:
         help="override a DistillConfig field of the LoRS branch only (JSON value); repeatable; "
         "default: no overrides",
     )
-    add_threads_arg(p)
+    add_threads_arg(
+        p,
+        default=f"{DEMO_THREADS}, so that the demo's numbers are the same on every machine, "
+        "whatever its number of cores",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars (stage lines stay)")
     p.set_defaults(func=cmd_demo)
 
@@ -128,7 +136,7 @@ def cmd_demo(args) -> int:
     from repblend_fast.report import check_plotting, results_table
 
     check_device(args)
-    threads = apply_threads(args.threads)
+    threads = apply_threads(args.threads, DEMO_THREADS)
     over = parse_set(args.set)
     for flag in ("pairs", "iterations"):
         if getattr(args, flag) is not None:
