@@ -8,10 +8,11 @@ Properties, for every generated input:
   well-formed inputs never raise;
 - NaN and infinity come out where, and as, the reference gives them (never a finite value where
   the reference is NaN/inf, nor the other way round);
-- finite results equal the reference's within DESIGN.md's fp32 tolerances (forward atol 1e-5,
-  rtol 1e-5; gradients atol 1e-5, rtol 1e-4). Signed sums (a ``lam`` gradient, ``dot``) are
-  compared relative to the sum of their terms' magnitudes, the error bound of any fp32 summation;
-  contrastive gradients are compared in value for feature rows of norm >= 1/4 (see the test).
+- finite results equal the reference's within the fp32 tolerances of docs/design.md §4 (forward
+  atol 1e-5, rtol 1e-5; gradients atol 1e-5, rtol 1e-4). Signed sums (a ``lam`` gradient,
+  ``dot``) are compared relative to the sum of their terms' magnitudes, the error bound of any
+  fp32 summation; contrastive gradients are compared in value for feature rows of norm >= 1/4
+  (see the test).
 
 Value ranges: features and parameters are 0 or of magnitude 2^-10..2^10 (plus injected NaN/inf),
 targets lie in [0, 1], ``|logit_scale| <= 4``. Outside these, two correct fp32 implementations
