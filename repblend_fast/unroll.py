@@ -55,6 +55,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from repblend_fast.config import COMPILE
 from repblend_fast.memory_plan import MemoryPlan, measure_image_graph_mib, plan_memory
 from repblend_fast.models.flat import FlatSpec, functional_forward
 from repblend_fast.models.heads import HeadSpec, head_forward
@@ -62,7 +63,6 @@ from repblend_fast.ops import blend_pairs, contrastive_loss, trajectory_distance
 from repblend_fast.step_plan import StepPlan
 
 MetaGrad = Literal["exact", "tesla"]
-COMPILE_MODES = ("none", "encoder", "step")
 
 
 @dataclass
@@ -149,8 +149,8 @@ class Unroller:
         self.img_spec = img_spec
         self.txt_spec = txt_spec
         self.similarity = similarity
-        if settings.compile not in COMPILE_MODES:
-            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {settings.compile!r}")
+        if settings.compile not in COMPILE:
+            raise ValueError(f"compile must be one of {COMPILE}, got {settings.compile!r}")
         if settings.compile != "none" and settings.method != "repblend":
             raise ValueError(
                 f"compile={settings.compile!r} compiles RepBlend's frozen encoder and its "

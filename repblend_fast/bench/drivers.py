@@ -97,14 +97,14 @@ class FastVariant:
 
 def fast_variants(compile=("none",), memory_budget_mib=(0,), autocast=("auto",)) -> list:
     """The cross product of the fast path's settings (strings may be comma-separated)."""
-    from repblend_fast.unroll import COMPILE_MODES
+    from repblend_fast.config import COMPILE
 
     comps = _as_tuple(compile, str)
     budgets = tuple(float(b) for b in _as_tuple(memory_budget_mib, float))
     casts = _as_tuple(autocast, str)
     for c in comps:
-        if c not in COMPILE_MODES:
-            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {c!r}")
+        if c not in COMPILE:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE)}, got {c!r}")
     for b in budgets:
         if not b >= 0:
             raise ValueError(f"memory_budget_mib must be >= 0, got {b}")
