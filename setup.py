@@ -13,6 +13,7 @@ import os
 import shutil
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py as _build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,7 +54,26 @@ def _cuda_extensions():
     return [ext], {"build_ext": BuildExtension}
 
 
+class build_py(_build_py):
+    """Copy the Triton sources of the top-level ``kernels/`` folder into ``repblend_fast/kernels/``.
+
+    ``kernels/`` is deliberately not a package of its own (no ``__init__.py``: it would shadow
+    Hugging Face's top-level ``kernels`` whenever the repository root is on ``sys.path``); a checkout
+    reaches it through ``repblend_fast/kernels/__init__.py``, a wheel carries the copies.
+    """
+
+    def run(self):
+        super().run()
+        if self.editable_mode:
+            return
+        dest = os.path.join(self.build_lib, "repblend_fast", "kernels")
+        self.mkpath(dest)
+        for src in sorted(glob.glob(os.path.join(HERE, "kernels", "*.py"))):
+            self.copy_file(src, os.path.join(dest, os.path.basename(src)))
+
+
 ext_modules, cmdclass = _cuda_extensions()
+cmdclass = {**cmdclass, "build_py": build_py}
 
 with open(os.path.join(HERE, "README.md"), encoding="utf-8") as fh:
     long_description = fh.read()
@@ -77,9 +97,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["repblend_fast", "repblend_fast.*"])
-    + ["repblend_fast.kernels"],
-    package_dir={"repblend_fast.kernels": "kernels"},
+    packages=find_packages(include=["repblend_fast", "repblend_fast.*"]),
     include_package_data=False,
     install_requires=["torch>=2.4", "numpy>=1.24", "safetensors>=0.4", "tqdm>=4.60"],
     extras_require={

@@ -37,7 +37,16 @@ def _triton_importable() -> tuple[bool, str]:
         import triton.language  # noqa: F401
     except Exception as exc:  # pragma: no cover - broken installs
         return False, f"importing triton failed: {exc}"
-    return True, "triton is importable"
+    # Triton being importable is not enough: the kernel modules themselves must import (a checkout
+    # without repblend_fast.kernels on its path, or a kernel module this Triton cannot parse).
+    from repblend_fast.kernels import MODULES
+
+    for name in MODULES:
+        try:
+            importlib.import_module(f"repblend_fast.kernels.{name}")
+        except Exception as exc:
+            return False, f"importing repblend_fast.kernels.{name} failed: {exc}"
+    return True, "triton and repblend_fast.kernels are importable"
 
 
 def triton_status(device: torch.device) -> tuple[bool, str]:
