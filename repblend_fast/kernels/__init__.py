@@ -1,13 +1,13 @@
 """Triton kernels of repblend_fast (``repblend_fast.kernels``); their sources are the repository's
 top-level ``kernels/`` folder.
 
-That folder has no ``__init__.py`` on purpose: with the repository root on ``sys.path``
+That folder has no ``__init__.py`` on purpose: with the repository root on the module search path
 (``python -m pytest``, ``python -m repblend_fast``, ``torchrun -m ...``, a notebook started in the
 root) a regular package there would be imported as the top-level module ``kernels`` and shadow
 Hugging Face's ``kernels`` package, which ``transformers`` imports while it loads a text encoder.
 
 An installed wheel carries the kernel modules next to this file (setup.py copies them here). In a
-checkout, installed in editable mode or not installed at all (``PYTHONPATH=<root>``), this
+checkout, installed in editable mode or not installed at all (the root on the search path), this
 package's search path is extended to the top-level folder, so ``repblend_fast.kernels.contrastive``
 imports the same way in all three cases.
 
