@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         "--autocast", default="auto", help="auto (bf16 on CUDA, none on a CPU), none, bf16"
     )
     ap.add_argument("--compile", default="none", help="the fast path's compile setting")
+    ap.add_argument(
+        "--impl",
+        default=None,
+        choices=("reference", "triton", "cuda"),
+        help="run the fused ops with this implementation (REPBLEND_IMPL; default: the device's "
+        "choice, the plain-torch reference on a CPU; triton on a CPU needs TRITON_INTERPRET=1)",
+    )
     ap.add_argument("--no-float64", dest="float64", action="store_false")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--json", required=True)
@@ -60,7 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         for mode in a.meta_grad.split(","):
             t0 = time.perf_counter()
             rec = timed_parity(
-                shape, mode, a.device, autocast=a.autocast, compile=a.compile, float64=a.float64
+                shape,
+                mode,
+                a.device,
+                autocast=a.autocast,
+                compile=a.compile,
+                impl=a.impl,
+                float64=a.float64,
             )
             rec["seconds"] = time.perf_counter() - t0
             records.append(rec)
@@ -73,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'ok' if rec['ok'] else 'FAILED'}; worst {w}: {rec['rel_err'][w]:.3g} vs the "
                 f"same precision (bound {rec['rtol'][w]:.3g}); precision cost vs fp32: x "
                 f"{cost['x']:.3g}, worst {max(cost.values()):.3g}; encoder error "
-                f"{json.dumps(rec['encoder_error'])}; {rec['seconds']:.1f} s",
+                f"{json.dumps({k: float(f'{v:.2g}') for k, v in rec['encoder_error'].items()})}; "
+                f"{rec['seconds']:.1f} s",
                 flush=True,
             )
     return 1 if failed else 0
