@@ -34,6 +34,7 @@ from repblend_fast.models.heads import HeadSpec
 from repblend_fast.outer import GROUPS, OuterOptimizer
 from repblend_fast.sampling import IterationSampler
 from repblend_fast.stats import median
+from repblend_fast.transfer import to_device
 from repblend_fast.unroll import StepPlan, Unroller, UnrollSettings
 
 logger = logging.getLogger("repblend_fast.distill")
@@ -238,7 +239,7 @@ class Distiller(DistillerState):
         """``(start, target)`` flat parameters of expert ``e`` from start epoch ``t``."""
 
         def snap(epoch, modality):
-            return self.store.snapshot(e, epoch, modality).to(self.device, self.dtype)
+            return to_device(self.store.snapshot(e, epoch, modality), self.device, self.dtype)
 
         m = self.cfg.expert_epochs
         return (snap(t, "image"), snap(t, "text")), (snap(t + m, "image"), snap(t + m, "text"))

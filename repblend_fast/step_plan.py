@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from repblend_fast.transfer import to_device
+
 
 @dataclass
 class StepPlan:
@@ -64,9 +66,10 @@ class StepPlan:
         )
 
     def to(self, device: torch.device | str) -> StepPlan:
-        """The same plan with every tensor on ``device``."""
+        """The same plan with every tensor on ``device``, sent without blocking the host
+        (:func:`repblend_fast.transfer.to_device`: pinned, non-blocking copies on CUDA)."""
         vals = [getattr(self, f) for f in self._FIELDS] + [self.touched, self.inverse]
-        moved = [None if v is None else v.to(device) for v in vals]
+        moved = [None if v is None else to_device(v, device) for v in vals]
         return StepPlan(*moved[:-2], blend=self.blend, touched=moved[-2], inverse=moved[-1])
 
     def with_touched(self) -> StepPlan:

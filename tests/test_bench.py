@@ -72,7 +72,7 @@ def test_run_bench_inprocess_records_and_json(tmp_path):
             assert 0 <= r["parity_rel_err"] < 2e-3
     assert json.loads(out.read_text()) == json.loads(json.dumps(recs))
     table = format_step_table(recs)
-    assert "| repblend-fast | tesla |" in table and "lors-authors" in table
+    assert "| repblend-fast | tesla | fp32 |" in table and "lors-authors" in table
 
 
 def test_run_bench_subprocess_isolation(tmp_path):
@@ -340,14 +340,23 @@ def test_report_combines_and_renders(tmp_path):
 
 
 def test_a_configuration_whose_parity_fails_records_no_time(tmp_path, monkeypatch):
-    """The timed configuration's own meta-gradients are checked against the fp32 reference path;
-    with the bf16 bound made impossible, the bf16 row keeps its errors and a reason but no time
-    or memory, the fp32 row is timed, the JSON is written, and the run ends in ParityError."""
+    """The timed configuration's own meta-gradients are checked against its reference path in
+    the same precision; with a wrong gradient (x1.25) injected into the bf16 row's timed path,
+    that row keeps its errors and a reason but no time or memory, the fp32 row is timed, the
+    JSON is written, and the run ends in ParityError."""
     from repblend_fast.bench import ParityError
-    from repblend_fast.bench import parity as parity_mod
+    from repblend_fast.bench.runners import FastRunner
 
-    monkeypatch.setattr(parity_mod, "BF16_FACTOR", 1e-3)
-    monkeypatch.setattr(parity_mod, "FP32_RTOL", 1e-9)
+    real = FastRunner.grads_at_start
+
+    def wrong_when_bf16(self, plan):
+        grads = real(self, plan)
+        timed = self.unroller is not self._reference
+        if timed and self.autocast is not None:
+            grads = {k: 1.25 * v for k, v in grads.items()}
+        return grads
+
+    monkeypatch.setattr(FastRunner, "grads_at_start", wrong_when_bf16)
     out = tmp_path / "bench.json"
     with pytest.raises(ParityError, match="bf16 encoder"):
         run_bench(
@@ -366,5 +375,20 @@ def test_a_configuration_whose_parity_fails_records_no_time(tmp_path, monkeypatc
     assert fp32["autocast"] == "none" and fp32["ms_per_iter"] > 0 and fp32["parity"]["ok"]
     assert bf16["autocast"] == "bf16" and bf16["parity_failed"]
     assert "ms_per_iter" not in bf16 and "peak_mib" not in bf16
-    assert "parity failed" in bf16["skipped"] and bf16["parity"]["rel_err"]["x"] > 0
+    assert "parity failed" in bf16["skipped"] and bf16["parity"]["rel_err"]["x"] > 0.2
     assert "skipped: parity failed" in format_step_table([fp32, bf16])
+
+
+def test_the_fast_path_gets_an_fp32_row_beside_the_bf16_one_on_cuda():
+    """By default the step benchmark times the shipped setting and fp32 (one row on a CPU,
+    where both are fp32), and the table names each row's precision."""
+    from repblend_fast.bench.runners import DEFAULT_AUTOCAST, precision_rows
+    from repblend_fast.bench.table import precision_text
+
+    assert precision_rows(DEFAULT_AUTOCAST, "cuda") == ("auto", "none")
+    assert precision_rows(DEFAULT_AUTOCAST, "cpu") == ("auto",)
+    assert precision_rows(("bf16", "auto", "none"), "cuda") == ("bf16", "none")
+    fast = {"provider": "repblend-fast", "meta_grad": "exact"}
+    assert precision_text({**fast, "autocast": "bf16"}) == "bf16 encoder"
+    assert precision_text({**fast, "autocast": "none"}) == "fp32"
+    assert precision_text({"provider": "repblend-authors", "autocast": "none"}) == "fp32"

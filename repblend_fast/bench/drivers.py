@@ -47,7 +47,13 @@ from repblend_fast.bench.measure import (
     run_in_subprocess,
     run_one,
 )
-from repblend_fast.bench.runners import DEFAULT_PROVIDERS, make_runner, parse_providers
+from repblend_fast.bench.runners import (
+    DEFAULT_AUTOCAST,
+    DEFAULT_PROVIDERS,
+    make_runner,
+    parse_providers,
+    precision_rows,
+)
 from repblend_fast.bench.shapes import SHAPE_SETS, StepShape, default_encoder_chunk
 from repblend_fast.bench.table import add_ratios, format_step_table, record_label
 from repblend_fast.io import atomic_write_json
@@ -133,7 +139,7 @@ def run_bench(
     encoder_chunk: int | None = None,
     compile: str | Sequence[str] = ("none",),
     memory_budget_mib: float | Sequence[float] = (0,),
-    autocast: str | Sequence[str] = ("auto",),
+    autocast: str | Sequence[str] = DEFAULT_AUTOCAST,
     configs: Sequence[str] | None = None,
 ) -> list[dict]:
     """Time one distillation iteration per provider and meta-gradient mode.
@@ -163,8 +169,10 @@ def run_bench(
             the encoder graph over all touched images, k > 0 re-encodes k at a time in the VJP).
         compile, memory_budget_mib, autocast: the fast path's ``DistillConfig.compile``,
             ``memory_budget_mib`` (with a budget the chunk comes from it) and encoder autocast
-            (``auto``: bf16 on CUDA, none on a CPU); each a value or a list: every combination
-            is one ``repblend-fast`` row per mode.
+            (``auto``: bf16 on CUDA, none on a CPU; default ``auto`` and ``none``: the bf16 and
+            the fp32 row on CUDA, one fp32 row on a CPU — values of one precision on the device
+            are one row); each a value or a list: every combination is one ``repblend-fast``
+            row per mode.
         configs: only these configuration names of the shape set (default: all).
 
     Returns:
@@ -182,6 +190,8 @@ def run_bench(
     dev = resolve_device(device)
     runs = parse_providers(providers)
     variants = fast_variants(compile, memory_budget_mib, autocast)
+    rows = precision_rows(dict.fromkeys(v.autocast for v in variants), dev)
+    variants = [v for v in variants if v.autocast in rows]
     cuda = dev.type == "cuda"
     iterations = iterations if iterations is not None else (5 if cuda else 2)
     warmup = warmup if warmup is not None else (2 if cuda else 1)

@@ -42,7 +42,8 @@ class StepInputs:
 
 
 def make_plans(shape: StepShape, count: int, blend: bool, g: torch.Generator) -> list[StepPlan]:
-    """``count`` unroll plans; without ``blend`` the coefficients are 1 (LoRS does not blend)."""
+    """``count`` unroll plans with ``blend`` and ``touched`` set, as the Distiller's sampler
+    draws them; without ``blend`` the coefficients are 1 (LoRS does not blend)."""
     from repblend_fast.sampling import BatchSampler
 
     sampler = BatchSampler(shape.pairs, shape.batch, g)
@@ -57,13 +58,16 @@ def make_plans(shape: StepShape, count: int, blend: bool, g: torch.Generator) ->
         else:
             lams = torch.ones(shape.steps)
             perms = torch.arange(shape.batch).expand(shape.steps, shape.batch).clone()
-        out.append(StepPlan(batches, lams, perms))
+        # The fields the Distiller's sampler fills in too: whether the steps blend, and the
+        # touched pairs (computed here, on the host), so that the timed step reads nothing back.
+        out.append(StepPlan(batches, lams, perms, blend=blend).with_touched())
     return out
 
 
 def plan_to(plan: StepPlan, device: torch.device) -> StepPlan:
-    """The plan on ``device`` (moving it is part of every provider's iteration)."""
-    return StepPlan(plan.batches.to(device), plan.lams.to(device), plan.perms.to(device))
+    """The plan on ``device``, moved as ``Distiller.step`` moves it (:meth:`StepPlan.to`:
+    pinned, non-blocking copies on CUDA); moving it is part of every provider's iteration."""
+    return plan.to(device)
 
 
 def build_step_inputs(

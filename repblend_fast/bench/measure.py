@@ -223,10 +223,11 @@ def run_one(
     ``compile``, ``memory_budget_mib`` and ``autocast`` configure the fast path
     (:func:`repblend_fast.bench.runners.make_runner`). ``reference`` (fast providers): the fp32
     reference path's meta-gradients of the first plan (tensors, or a safetensors file of them);
-    after the timed iterations the runner's own
-    meta-gradients at its starting state — the configuration just timed — are checked against
-    them (:func:`repblend_fast.bench.parity.check_against`), and on a mismatch the record keeps
-    the errors and a ``skipped`` reason but no time or memory.
+    after the timed iterations the runner's own meta-gradients at its starting state — the
+    configuration just timed — are checked against its reference path in the same precision and
+    their distance to ``reference`` is recorded as the precision cost
+    (:func:`repblend_fast.bench.parity.check_against`); on a parity failure the record keeps the
+    errors and a ``skipped`` reason but no time or memory.
     """
     chunk = default_encoder_chunk() if encoder_chunk is None else encoder_chunk
     method = provider.split("-")[0]
@@ -264,7 +265,8 @@ def run_one(
                 w = par["worst"]
                 out["skipped"] = (
                     f"parity failed: {w} relative error {par['rel_err'][w]:.3g} > bound "
-                    f"{par['rtol'][w]:.3g} against the fp32 reference path; no time is recorded"
+                    f"{par['rtol'][w]:.3g} against the reference path in the same precision; "
+                    "no time is recorded"
                 )
     else:
         out["autocast"] = "none"

@@ -15,6 +15,7 @@ is checked (:mod:`repblend_fast.bench.parity`), before or after the timed iterat
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable
 from contextlib import nullcontext
 
@@ -27,6 +28,7 @@ from repblend_fast.models.heads import HeadSpec
 from repblend_fast.unroll import StepPlan, Unroller, UnrollSettings, make_unroller_for_lors
 
 __all__ = [
+    "DEFAULT_AUTOCAST",
     "DEFAULT_PROVIDERS",
     "PROVIDERS",
     "AuthorsRunner",
@@ -34,11 +36,17 @@ __all__ = [
     "default_autocast",
     "make_runner",
     "parse_providers",
+    "precision_rows",
 ]
 
 PROVIDERS = ("lors-authors", "repblend-authors", "repblend-fast", "lors-fast")
 _AUTOCAST_NAMES = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}
 DEFAULT_PROVIDERS = ("lors-authors", "repblend-authors", "repblend-fast")
+#: The fast path's precision rows by default: the shipped setting (``auto``: bf16 encoder on CUDA)
+#: and fp32, so that a GPU speed-up is reported fp32 vs fp32 as well as bf16 vs fp32 (the
+#: baselines run fp32). On a CPU both are fp32: one row (:func:`precision_rows`).
+DEFAULT_AUTOCAST = ("auto", "none")
+_AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class FastRunner:
@@ -91,21 +99,16 @@ class FastRunner:
             compile=compile,
             memory_budget_mib=float(memory_budget_mib),
         )
-        sim = LowRankSimilarity(sh.pairs, sh.rank, sh.alpha, device=device)
+        self._sim = LowRankSimilarity(sh.pairs, sh.rank, sh.alpha, device=device)
+        self._specs = (HeadSpec(inputs.d_feat, sh.dim), HeadSpec(sh.d_txt, sh.dim))
+        if method != "repblend":
+            self._specs = (None, HeadSpec(sh.d_txt, inputs.d_feat))
+        self.unroller = self._make_unroller(settings, timer)
+        self._reference: Unroller | None = None
         if method == "repblend":
-            cls = Unroller
-            if timer is not None:
-                from repblend_fast.profiling import ProfiledUnroller
-
-                cls = ProfiledUnroller
-            specs = (HeadSpec(inputs.d_feat, sh.dim), HeadSpec(sh.d_txt, sh.dim))
-            kw = {"timer": timer} if timer is not None else {}
-            self.unroller = cls(settings, self.encoder, *specs, sim, **kw)
             snaps = inputs.repblend
             self.plans = inputs.plans_repblend
         else:
-            txt = HeadSpec(sh.d_txt, inputs.d_feat)
-            self.unroller = make_unroller_for_lors(settings, self.encoder, txt, sim)
             snaps = inputs.lors
             self.plans = inputs.plans_lors
         to = dict(device=device, dtype=dtype)
@@ -125,6 +128,16 @@ class FastRunner:
             "y": self.y.clone(),
             "sim": {k: v.clone() for k, v in self.sim.items()},
         }
+
+    def _make_unroller(self, settings: UnrollSettings, timer=None) -> Unroller:
+        if self.method != "repblend":
+            return make_unroller_for_lors(settings, self.encoder, self._specs[1], self._sim)
+        cls, kw = Unroller, {}
+        if timer is not None:
+            from repblend_fast.profiling import ProfiledUnroller
+
+            cls, kw = ProfiledUnroller, {"timer": timer}
+        return cls(settings, self.encoder, *self._specs, self._sim, **kw)
 
     def settings(self) -> dict:
         """The configuration as the benchmark records it."""
@@ -161,6 +174,26 @@ class FastRunner:
             plan_to(plan, self.device),
         )
         return r.grads
+
+    def reference_grads_at_start(self, plan: StepPlan) -> dict[str, torch.Tensor]:
+        """:meth:`grads_at_start` of the reference path in this runner's precision: the same
+        encoder autocast and dtype, but eager, the whole encoder graph kept (no chunking, no
+        memory budget) and the plain-torch ops (``REPBLEND_IMPL=reference``, TF32 off): what
+        the fused configuration must match to the same-precision bound
+        (:mod:`repblend_fast.bench.parity`)."""
+        from repblend_fast.bench.parity import reference_ops
+
+        if self._reference is None:
+            s = dataclasses.replace(
+                self.unroller.s, compile="none", encoder_chunk=0, memory_budget_mib=0.0
+            )
+            self._reference = self._make_unroller(s)
+        fast, self.unroller = self.unroller, self._reference
+        try:
+            with reference_ops():
+                return self.grads_at_start(plan)
+        finally:
+            self.unroller = fast
 
     def iteration(self, i: int) -> float:
         with self._phase("io"):
@@ -216,6 +249,26 @@ class AuthorsRunner:
         self.loop.meta_grads(plan_to(plan, self.device))
         return {k: v.detach().clone() for k, v in self.loop.grads().items() if v is not None}
 
+    def reference_grads_at_start(self, plan: StepPlan) -> dict[str, torch.Tensor]:
+        """:meth:`grads_at_start` of the reference path in this runner's precision: the same
+        encoder autocast and dtype, but eager, the whole encoder graph kept (no chunking, no
+        memory budget) and the plain-torch ops (``REPBLEND_IMPL=reference``, TF32 off): what
+        the fused configuration must match to the same-precision bound
+        (:mod:`repblend_fast.bench.parity`)."""
+        from repblend_fast.bench.parity import reference_ops
+
+        if self._reference is None:
+            s = dataclasses.replace(
+                self.unroller.s, compile="none", encoder_chunk=0, memory_budget_mib=0.0
+            )
+            self._reference = self._make_unroller(s)
+        fast, self.unroller = self.unroller, self._reference
+        try:
+            with reference_ops():
+                return self.grads_at_start(plan)
+        finally:
+            self.unroller = fast
+
     def iteration(self, i: int) -> float:
         return self.loop.iteration(plan_to(self.plans[i], self.device))
 
@@ -254,6 +307,28 @@ def default_autocast(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.device(device).type == "cuda" else None
 
 
+def _autocast_dtype(autocast: str, device: torch.device) -> torch.dtype | None:
+    if autocast == "auto":
+        return default_autocast(device)
+    if autocast not in _AUTOCAST_DTYPES:
+        raise ValueError(f"autocast must be auto, none, bf16 or fp16, got {autocast!r}")
+    return _AUTOCAST_DTYPES[autocast]
+
+
+def precision_rows(autocast: Iterable[str], device: str | torch.device) -> tuple[str, ...]:
+    """The ``autocast`` values that give distinct precisions on ``device``, in order (``auto``
+    and ``none`` are one row on a CPU, two on CUDA)."""
+    device = torch.device(device)
+    seen: set = set()
+    out = []
+    for a in autocast:
+        dtype = _autocast_dtype(a, device)
+        if dtype not in seen:
+            seen.add(dtype)
+            out.append(a)
+    return tuple(out)
+
+
 def make_runner(
     inputs: StepInputs,
     provider: str,
@@ -276,15 +351,12 @@ def make_runner(
     method = provider.split("-")[0]
     if provider.endswith("-authors"):
         return AuthorsRunner(inputs, method, device)
-    dtypes = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if autocast != "auto" and autocast not in dtypes:
-        raise ValueError(f"autocast must be auto, none, bf16 or fp16, got {autocast!r}")
     return FastRunner(
         inputs,
         method,
         meta_grad,
         device,
-        default_autocast(device) if autocast == "auto" else dtypes[autocast],
+        _autocast_dtype(autocast, device),
         timer,
         encoder_chunk,
         compile=compile,

@@ -10,21 +10,19 @@ from __future__ import annotations
 
 from repblend_fast.bench.shapes import StepShape
 
-__all__ = ["add_ratios", "format_step_table", "record_label"]
+__all__ = ["add_ratios", "format_step_table", "precision_text", "record_label"]
 
 
 def record_label(r: dict) -> str:
-    """``provider (mode[, settings])`` of a record, for messages and the table."""
+    """``provider (mode, precision[, settings])`` of a record, for messages and the table."""
     s = _settings_text(r)
-    return f"{r['provider']} ({r['meta_grad']}{', ' + s if s != '–' else ''})"
+    return f"{r['provider']} ({r['meta_grad']}, {precision_text(r)}{', ' + s if s != '–' else ''})"
 
 
 def _settings_text(r: dict) -> str:
     if not r["provider"].endswith("-fast"):
         return "–"
     parts = []
-    if r.get("autocast") not in (None, "none", "auto"):
-        parts.append(f"{r['autocast']} encoder")
     if r.get("compile", "none") != "none":
         parts.append(f"compile={r['compile']}")
     plan = r.get("memory_plan") or {}
@@ -37,6 +35,13 @@ def _settings_text(r: dict) -> str:
     elif r.get("encoder_chunk"):
         parts.append(f"chunk {r['encoder_chunk']}")
     return ", ".join(parts) or "default"
+
+
+def precision_text(r: dict) -> str:
+    """A record's precision: ``fp32``, or the frozen encoder's autocast (``bf16 encoder``; the
+    rest of the step is fp32). The baselines run fp32."""
+    cast = r.get("autocast")
+    return f"{cast} encoder" if cast not in (None, "none", "auto") else "fp32"
 
 
 def _is_default_fast(r: dict) -> bool:
@@ -98,18 +103,18 @@ def format_step_table(records: list[dict]) -> str:
         )
         lines.append("")
         lines.append(
-            "| provider | meta-grad | settings | ms/iter | peak MiB (iteration) | peak MiB (total) "
-            "| time ÷ fast-exact | time ÷ fast-tesla | mem ÷ fast-exact | mem ÷ fast-tesla "
-            "| parity rel. err |"
+            "| provider | meta-grad | precision | settings | ms/iter | peak MiB (iteration) "
+            "| peak MiB (total) | time ÷ fast-exact | time ÷ fast-tesla | mem ÷ fast-exact "
+            "| mem ÷ fast-tesla | repblend-authors (fp32) ÷ this | parity rel. err |"
         )
-        lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             err = r.get("parity_rel_err")
             err_s = f"{err:.2g}" if err is not None else "–"
             if "ms_per_iter" not in r:
                 lines.append(
-                    f"| {r['provider']} | {r['meta_grad']} | {_settings_text(r)} | skipped: "
-                    f"{r.get('skipped')} | | | | | | | {err_s} |"
+                    f"| {r['provider']} | {r['meta_grad']} | {precision_text(r)} | "
+                    f"{_settings_text(r)} | skipped: {r.get('skipped')} | | | | | | | | {err_s} |"
                 )
                 continue
 
@@ -118,11 +123,12 @@ def format_step_table(records: list[dict]) -> str:
                 return f"{v:.2f}×" if v is not None else "–"
 
             lines.append(
-                f"| {r['provider']} | {r['meta_grad']} | {_settings_text(r)} | "
-                f"{r['ms_per_iter']:.1f} | {r['peak_mib']:.0f} | {r['peak_total_mib']:.0f} | "
+                f"| {r['provider']} | {r['meta_grad']} | {precision_text(r)} | "
+                f"{_settings_text(r)} | {r['ms_per_iter']:.1f} | {r['peak_mib']:.0f} | "
+                f"{r['peak_total_mib']:.0f} | "
                 f"{ratio('time_ratio_to_fast_exact')} | {ratio('time_ratio_to_fast_tesla')} | "
                 f"{ratio('mem_ratio_to_fast_exact')} | {ratio('mem_ratio_to_fast_tesla')} | "
-                f"{err_s} |"
+                f"{ratio('speedup_vs_repblend_authors')} | {err_s} |"
             )
         lines.append("")
     return "\n".join(lines)

@@ -56,6 +56,7 @@ def _add_common(p: argparse.ArgumentParser, chunk_default: str) -> None:
 def register(sub) -> None:
     """Add the ``bench`` and ``profile`` subcommands to the subparsers object ``sub``."""
     from repblend_fast.bench import DEFAULT_PROVIDERS, PROVIDERS
+    from repblend_fast.bench.runners import DEFAULT_AUTOCAST
 
     b = add_parser(
         sub,
@@ -88,10 +89,11 @@ def register(sub) -> None:
     )
     b.add_argument(
         "--autocast",
-        default="auto",
+        default=",".join(DEFAULT_AUTOCAST),
         metavar="LIST",
         help="the fast path's frozen-encoder autocast, comma-separated from auto (bf16 on CUDA, "
-        "none on a CPU), none, bf16, fp16: one repblend-fast row per value",
+        "none on a CPU), none, bf16, fp16: one repblend-fast row per precision (default "
+        "auto,none: bf16 and fp32 rows on CUDA, one fp32 row on a CPU)",
     )
     b.add_argument(
         "--configs",
