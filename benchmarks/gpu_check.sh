@@ -57,7 +57,8 @@ OUT=${OUT:-./out}
 mkdir -p "$OUT/logs" "$OUT/results"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-NPROC=$(nproc 2> /dev/null || echo 1)
+# Online cores (not `nproc`, which shrinks to OMP_NUM_THREADS when that is set).
+NPROC=$(getconf _NPROCESSORS_ONLN 2> /dev/null || echo 1)
 START=$(date +%s)
 RESERVE=15   # seconds kept for the report
 SUMMARY="$OUT/summary.txt"
@@ -238,7 +239,8 @@ total=$(( $(date +%s) - START ))
 {
   printf '%-16s %-22s %7s %7s %7s %9s\n' stage status wall_s cpu_s limit_s h100_exp_s
   awk -F'\t' '{printf "%-16s %-22s %7s %7s %7s %9s\n", $1, $2, $3, $4, $5, $6}' "$ROWS"
-  echo "total ${total}s (budget ${BUDGET}s, threads: $NPROC cores, $([ "$DRY" = 1 ] && echo dry run || echo GPU))"
+  echo "total ${total}s (budget ${BUDGET}s, $NPROC cores, load $(cut -d' ' -f1-3 /proc/loadavg 2> /dev/null)," \
+    "$([ "$DRY" = 1 ] && echo "dry run, 1 torch thread" || echo GPU))"
 } > "$SUMMARY"
 rm -f "$ROWS" "$OUT/.times"
 tar czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"
