@@ -78,6 +78,9 @@ cmdclass = {**cmdclass, "build_py": build_py}
 with open(os.path.join(HERE, "README.md"), encoding="utf-8") as fh:
     long_description = fh.read()
 
+# The ranges admit both tested version sets: the development one (torch 2.14.1, transformers
+# 5.25, Triton 3.8) and the GPU machine's image (torch 2.11.0, transformers 5.17.0, Triton 3.6.0,
+# .ci/constraints-gpu-image.txt; tests/test_gpu_check.py checks its pins against these ranges).
 encoders = [
     "timm>=1.0",
     "transformers>=4.40",

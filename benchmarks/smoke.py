@@ -3,14 +3,16 @@ inputs and matches the reference (the first stage of benchmarks/gpu_check.sh).
 
 For every op (contrastive loss forward + backward + double backward, blend forward + backward,
 trajectory distance forward + backward, TESLA terms) and every fused implementation (``triton``,
-``cuda``) that can run on the device (the dispatcher's reason otherwise): the first call's
+``cuda``) that can run on the device (the dispatcher's reason otherwise; an implementation named
+in ``--require`` that cannot run is a failure, not a skip): the first call's
 seconds (JIT compilation included; the CUDA extension is built on first use), one more call's
 milliseconds, and the largest relative error against the reference (fp32 tolerances of
 docs/design.md §4, TF32 row on a GPU). Writes a JSON record after every case, so a stage cut
 short keeps what it checked.
 
-    python benchmarks/smoke.py --device cuda --json out/smoke.json
-    TRITON_INTERPRET=1 python benchmarks/smoke.py --device cpu --json out/smoke.json   # dry run
+    python3 benchmarks/smoke.py --device cuda --require triton,cuda --json out/smoke.json
+    TRITON_INTERPRET=1 python3 benchmarks/smoke.py --device cpu --require triton \
+        --json out/smoke.json   # dry run
 """
 
 from __future__ import annotations
@@ -130,7 +132,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="paper-sized inputs (K=8, B=20, D=2304; 1e6-element trajectories) instead of tiny",
     )
+    ap.add_argument(
+        "--require",
+        default="",
+        help="comma-separated implementations (triton, cuda) that must run here: one that "
+        "cannot is recorded as UNAVAILABLE and fails the check (default: none required)",
+    )
     a = ap.parse_args(argv)
+    required = {r for r in a.require.split(",") if r}
+    if required - {"triton", "cuda"}:
+        ap.error(f"--require {a.require}: expected a comma-separated subset of triton,cuda")
     device = torch.device(a.device)
     # design.md §4: fp32 gradients rtol 1e-4 (IEEE dots) / relative RMS 2e-3 (TF32 on a GPU).
     rtol = 2e-3 if device.type == "cuda" else 1e-4
@@ -142,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         for impl, (ok, why) in statuses.items():
             rec = {"op": name, "impl": impl, "device": device.type, "rtol": rtol}
             if not ok:
-                rec.update(status="skipped", reason=why)
+                rec.update(status="UNAVAILABLE" if impl in required else "skipped", reason=why)
             else:
                 try:
                     t0 = time.perf_counter()
@@ -157,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                     rec["status"] = "ok" if rec["rel_err"] <= rtol else "MISMATCH"
                 except Exception as exc:  # noqa: BLE001 - recorded, then the next case runs
                     rec.update(status="ERROR", reason=f"{type(exc).__name__}: {exc}"[:500])
-            failed += rec["status"] in ("MISMATCH", "ERROR")
+            failed += rec["status"] in ("MISMATCH", "ERROR", "UNAVAILABLE")
             records.append(rec)
             atomic_write_json({"kind": "repblend_fast.smoke", "records": records}, a.json)
             extra = rec.get("reason") or f"rel_err {rec['rel_err']:.2g}"

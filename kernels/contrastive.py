@@ -263,6 +263,7 @@ def _softmax_rows(
     else:
         lse_s = tl.zeros([BR], dtype=tl.float32)
     a_term = tl.zeros([BR], dtype=tl.float32)
+    mass = tl.zeros([BR], dtype=tl.float32)
     for c0 in range(0, B, BC):
         cc = c0 + tl.arange(0, BC)
         msk = mr[:, None] & (cc < B)[None, :]
@@ -277,8 +278,14 @@ def _softmax_rows(
         else:
             term = s * logq
         a_term += tl.sum(tl.where(msk, term, 0.0), 1)
+        if LOSS == 2:
+            # CWCL's row mass again, summed over the same tiles in the same order as ``ssum``
+            # (the same number): Triton 3.6 cannot compile ``ssum`` with two uses (the store
+            # and this division); its TritonGPUOptimizeThreadLocality pass asserts that a loop's
+            # reduced result has one use, and cwcl then fails to compile for sm_90.
+            mass += tl.sum(s, 1)
     if LOSS == 2:
-        contrib = a_term / (ssum + _MASS_EPS)
+        contrib = a_term / (mass + _MASS_EPS)
     else:
         contrib = a_term
     tl.store(st_ptr + rr, lse, mask=mr)

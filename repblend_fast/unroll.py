@@ -32,7 +32,8 @@ tests/test_memory_budget.py):
   AOTAutograd, its VJP; dynamic batch); ``step`` also compiles each unroll step, whose shapes are
   static: the step's parameter gradient is taken with ``torch.func.grad`` inside the compiled
   function (the reference ops, which inductor fuses itself), so the outer meta-gradient only
-  differentiates the compiled graph once (AOTAutograd has no double backward). Inductor's default
+  differentiates the compiled graph once (AOTAutograd has no double backward); TESLA's step on
+  torch < 2.12 goes through ``aot_eager`` (:mod:`repblend_fast.known_faults`). Inductor's default
   mode on every device: no CUDA graphs, because the exact unroll keeps every step's outputs
   alive until its backward and TESLA alternates grad modes between calls, which CUDA-graph
   trees only allow with explicit step marks;
@@ -56,6 +57,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from repblend_fast.config import COMPILE
+from repblend_fast.known_faults import step_compile_backend
 from repblend_fast.memory_plan import MemoryPlan, measure_image_graph_mib, plan_memory
 from repblend_fast.models.flat import FlatSpec, functional_forward
 from repblend_fast.models.heads import HeadSpec, head_forward
@@ -202,7 +204,10 @@ class Unroller:
         out = self._compiled.get(key)
         if out is None:
             if static:
-                out = torch.compile(fn, fullgraph=True, dynamic=False, backend=self.compile_backend)
+                backend, _ = step_compile_backend(
+                    self.s.meta_grad, self.compile_backend, torch.__version__
+                )
+                out = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
             else:
                 out = torch.compile(fn, backend=self.compile_backend)
             self._compiled[key] = out

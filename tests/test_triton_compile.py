@@ -13,6 +13,11 @@ problem, row-parallel), both dot precisions (IEEE, TF32), every loss id (and bot
 forms), and every dtype each op's dispatch accepts (contrastive fp32 / bf16 / fp16; blend and
 trajectory also fp64). The default test compiles a covering set (each of those at least once, the
 loss ids on both grids); the ``slow`` one compiles their full product.
+
+Both supported Triton releases run it: 3.8 (the development set) and 3.6.0 (the GPU machine's
+image, ``.ci/gpu_image_rehearsal.sh``), where the cwcl loss kernels failed in
+``TritonGPUOptimizeThreadLocality`` until the second sweep summed its own row mass
+(``kernels/contrastive.py``).
 """
 
 from __future__ import annotations

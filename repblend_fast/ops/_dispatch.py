@@ -17,6 +17,8 @@ from collections.abc import Iterable
 
 import torch
 
+from repblend_fast.known_faults import installed_version, triton_interpreter_fault
+
 logger = logging.getLogger("repblend_fast.dispatch")
 
 IMPLS = ("auto", "reference", "triton", "cuda")
@@ -49,6 +51,14 @@ def _triton_importable() -> tuple[bool, str]:
     return True, "triton and repblend_fast.kernels are importable"
 
 
+def _interpreter_fault() -> str | None:
+    """A known fault of this Triton's interpreter under this numpy (``known_faults``), or None."""
+    triton_v, numpy_v = installed_version("triton"), installed_version("numpy")
+    if triton_v is None or numpy_v is None:
+        return None
+    return triton_interpreter_fault(triton_v, numpy_v)
+
+
 def triton_status(device: torch.device) -> tuple[bool, str]:
     """Whether Triton kernels can run on ``device``, and why (not)."""
     ok, why = _triton_importable()
@@ -60,6 +70,9 @@ def triton_status(device: torch.device) -> tuple[bool, str]:
         return True, "triton on CUDA"
     if device.type == "cpu":
         if triton_interpret():
+            fault = _interpreter_fault()
+            if fault is not None:
+                return False, fault
             return True, "triton through the CPU interpreter (TRITON_INTERPRET=1)"
         return False, "triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)"
     return False, f"triton does not support device type {device.type!r}"
