@@ -104,7 +104,8 @@ cat "$WORK"/dry_run/test_gpu_check_dry_run_end_to_0/out/summary.txt
 say "op and unroll tests (TRITON_INTERPRET=1)"
 TRITON_INTERPRET=1 "${PYTEST[@]}" tests/test_contrastive.py tests/test_contrastive_rows.py \
   tests/test_contrastive_second_order.py tests/test_blend.py tests/test_trajectory.py \
-  tests/test_unroll.py tests/test_known_faults.py tests/test_triton_compile.py
+  tests/test_unroll.py tests/test_known_faults.py tests/test_triton_compile.py \
+  tests/test_syncs.py tests/test_timed_parity.py
 
 # 3c. the slow tests that guard claims
 say "slow guards: compile=step equality, B = 1024 row-parallel parity"
