@@ -91,7 +91,12 @@ RESUMABLE_CHANGES = (
 # appends a config-change record for them to metrics.jsonl.
 RECORDED_CHANGES = ("lr_img", "lr_txt", "lr_lr", "lr_sim", "clamp_lr")
 
-_FIX_RESUME = "start the run over with --overwrite, or pass --no-verify to resume from it as it is"
+# What to do about run files that are damaged, edited or do not belong together: the run cannot
+# be continued from them (--no-verify only skips the sha256: it would resume from altered state).
+_FIX_RESUME = "restore the run folder's files from a copy, or start the run over with --overwrite"
+# A folder without checksums.json (written by an older version, or the record was removed): its
+# files may well be intact, they just cannot be checked.
+_FIX_UNCHECKED = "pass --no-verify to resume without the check, or start over with --overwrite"
 
 
 class RunInterrupted(Exception):
@@ -196,7 +201,8 @@ class RunRecord:
         if not self.exists:
             raise IntegrityError(
                 f"{path}: the run folder has no {CHECKSUMS} (written by an older version of "
-                f"repblend_fast, or removed), so the file cannot be checked; {fix}"
+                f"repblend_fast, or removed), so the file cannot be checked; "
+                f"{_FIX_UNCHECKED if fix == _FIX_RESUME else fix}"
             )
         if name not in self.files:
             raise IntegrityError(f"{self.path} records no checksum for {name}; {fix}")
@@ -297,6 +303,8 @@ def read_metrics_for_resume(
     order.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} is not a file (a folder?); {_FIX_RESUME}")
     data = path.read_bytes() if path.exists() else b""
     if recorded is not None:
         n = int(recorded["bytes"])
@@ -345,7 +353,8 @@ def read_metrics_for_resume(
     elif lines:
         logger.info("%s: dropped %d record(s) written after the checkpoint", path, len(lines))
     its = [r["iteration"] for r in _parse_lines(keep, path) if "iteration" in r]
-    if its != list(range(iteration)):
+    # Lengths first: an edited checkpoint may claim any iteration (never build that range).
+    if len(its) != iteration or its != list(range(iteration)):
         shown = f"{its[:3]}…{its[-3:]}" if len(its) > 6 else str(its)
         raise ValueError(
             f"{path} and the checkpoint disagree: the checkpoint is at iteration {iteration} but "
@@ -533,6 +542,20 @@ def check_state(
         if v is None:
             raise bad(f"it has no {name}")
         if tuple(v.shape) != tuple(p.shape):
-            raise bad(f"{name} has shape {list(v.shape)}, this run's has {list(p.shape)}")
+            raise ValueError(_shape_mismatch(path, name, tuple(v.shape), tuple(p.shape)))
         if not bool(torch.isfinite(v).all()):
             raise bad(f"{name} holds non-finite values")
+
+
+def _shape_mismatch(path, name: str, saved: tuple, now: tuple) -> str:
+    """The message for a checkpoint tensor of another shape than this run's: the run was started
+    with other settings (image size, pairs, encoders), which a resume must repeat."""
+    if name == "x" and len(saved) == 4 and len(now) == 4 and saved[:2] == now[:2]:
+        return (
+            f"{path}: the run's synthetic images are {saved[2]}x{saved[3]} px but this run's "
+            f"are {now[2]}x{now[3]}: resume with --image-size {saved[2]}, the size it started with"
+        )
+    return (
+        f"{path}: {name} has shape {list(saved)}, this run's has {list(now)}: resume with the "
+        "settings the run started with (--pairs, --image-size, the encoders)"
+    )

@@ -223,9 +223,11 @@ def distill(
     cache_dir=None,
     progress: bool = True,
     on_iteration=None,
+    note=None,
 ):
     """Distil ``config.pairs`` pairs from ``ds`` against the experts in ``experts_dir``
-    (``on_iteration``: see :meth:`repblend_fast.distill.Distiller.run`).
+    (``on_iteration``: see :meth:`repblend_fast.distill.Distiller.run`; ``note``: called with
+    a line saying where a resumed run continues).
 
     ``out_dir`` is locked for the whole call (a second run into it gets ``LockHeldError``).
     A folder that already holds a run is refused unless ``resume`` (continue it from its
@@ -289,7 +291,7 @@ def distill(
         # Only now, with every input checked, may an earlier run's files go.
         if overwrite and out is not None:
             for n in present:
-                (out / n).unlink(missing_ok=True)
+                _remove(out / n)
         elif restart:
             logger.warning(
                 "%s: the run stopped before its first checkpoint; starting it over from "
@@ -300,11 +302,23 @@ def distill(
                 (out / n).unlink(missing_ok=True)
         elif resume:
             d.load_checkpoint(out / CHECKPOINT, verify=verify)
-            logger.info("resumed from %s at iteration %d", out / CHECKPOINT, d.iteration)
+            at = f"resuming at iteration {d.iteration} of {config.iterations}"
+            (note or logger.info)(f"{at} ({out / CHECKPOINT})")
         return d.run(progress=progress, on_iteration=on_iteration)
     finally:
         if lock is not None:
             lock.release()
+
+
+def _remove(path: Path) -> None:
+    """Remove a run file, or a folder standing where one belongs (``--overwrite`` after such a
+    damage must work as its message promises)."""
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 # PairDataset.fingerprint(): a 64-digit sha256. Stores that record something else (imported

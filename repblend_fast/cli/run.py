@@ -171,9 +171,10 @@ def _register_distill(sub) -> None:
     g.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its checkpoint.safetensors (a run stopped before "
-        "its first checkpoint starts over); --set may change lr_img, lr_txt, lr_lr, lr_sim, "
-        "clamp_lr, iterations and checkpoint_every",
+        help="continue the run in --out from its checkpoint.safetensors with the settings it "
+        "was saved with (a run stopped before its first checkpoint starts over); a flag or "
+        "--set may change lr_img, lr_txt, lr_lr, lr_sim, clamp_lr, iterations and "
+        "checkpoint_every, and what changes is printed",
     )
     g.add_argument(
         "--overwrite",
@@ -224,9 +225,8 @@ def _check_flags(args) -> None:
         args.memory_budget_mib = value
 
 
-def config_from_args(args) -> DistillConfig:
-    """The DistillConfig of a ``distill`` invocation: preset, then explicit flags, then --set."""
-    _check_flags(args)
+def _explicit_fields(args) -> dict[str, Any]:
+    """The config fields the command line sets (flags, then ``--set``), preset aside."""
     over: dict[str, Any] = {}
     for flag, field in _FLAG_FIELDS:
         v = getattr(args, flag, None)
@@ -234,8 +234,15 @@ def config_from_args(args) -> DistillConfig:
             over[field] = v
     if args.no_share_encoder:
         over["share_encoder"] = False
+    over.update(parse_set(args.set))
+    return over
+
+
+def config_from_args(args) -> DistillConfig:
+    """The DistillConfig of a ``distill`` invocation: preset, then explicit flags, then --set."""
+    _check_flags(args)
+    over = _explicit_fields(args)
     sets = parse_set(args.set)
-    over.update(sets)
     try:
         return preset(args.preset, **over)
     except (TypeError, ValueError) as exc:
@@ -271,14 +278,38 @@ def _checkpoint_config(out: Path) -> DistillConfig | None:
     return None
 
 
+def resumed_config(args, cfg: DistillConfig) -> DistillConfig:
+    """Under ``--resume``: the config the run in ``--out`` was saved with, changed only where the
+    command line sets a field (``cfg`` holds those values, already checked); prints what changed.
+    Without a saved config ``cfg`` is returned (the resume then says there is nothing to
+    continue)."""
+    saved = _checkpoint_config(Path(args.out))
+    if saved is None:
+        return cfg
+    over = _explicit_fields(args)
+    merged = saved.replace(**{k: getattr(cfg, k) for k in over}).validate()
+    changed = [
+        f"{k} {getattr(saved, k)!r} -> {getattr(merged, k)!r}"
+        for k in over
+        if k != "threads" and getattr(saved, k) != getattr(merged, k)
+    ]
+    if changed:
+        print(f"--resume: changing {', '.join(changed)}; every other setting as saved")
+    return merged
+
+
 def cmd_distill(args) -> int:
     cfg = config_from_args(args)
-    run_distill(args, cfg)
+    if args.resume:
+        cfg = resumed_config(args, cfg)
+    run_distill(args, cfg, note=print)
     print(f"distilled set written to {Path(args.out) / 'distilled.safetensors'}")
     return 0
 
 
-def run_distill(args, cfg: DistillConfig, *, enc=None, flags: dict[str, str] | None = None):
+def run_distill(
+    args, cfg: DistillConfig, *, enc=None, flags: dict[str, str] | None = None, note=None
+):
     """Everything ``distill`` does once its config is built; returns the DistilledSet.
 
     Shared with the commands that build the config another way (``authors``): ``args`` carries
@@ -341,6 +372,7 @@ def run_distill(args, cfg: DistillConfig, *, enc=None, flags: dict[str, str] | N
             verify=not getattr(args, "no_verify", False),
             cache_dir=args.cache_dir,
             progress=not args.no_progress,
+            note=note,
         )
     except (FileExistsError, FileNotFoundError, ValueError, DistillationStopped) as exc:
         raise CLIError(str(exc)) from exc
