@@ -55,7 +55,9 @@ __all__ = [
     "RunInterrupted",
     "RunRecord",
     "StopOnSignal",
+    "StoppedAtOnce",
     "check_continues",
+    "check_run_folder",
     "check_state",
     "open_checkpoint",
     "read_checkpoint",
@@ -108,11 +110,19 @@ class RunInterrupted(Exception):
         super().__init__(f"interrupted by signal {signum} at iteration {iteration}{where}")
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM stopped a run at once (exit status 128 + ``signum``)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped at once by signal {signum}")
+
+
 class StopOnSignal:
     """Within a ``with`` block, a first SIGINT or SIGTERM only sets :attr:`signum`, so that the
     loop can finish its iteration and write a checkpoint before it stops (an iteration is never
-    cut in half); a second one raises ``KeyboardInterrupt`` at once. Outside the main thread
-    (where handlers cannot be installed) it does nothing."""
+    cut in half); a second one raises :class:`StoppedAtOnce` (a ``KeyboardInterrupt``) at once.
+    Outside the main thread (where handlers cannot be installed) it does nothing."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -126,7 +136,7 @@ class StopOnSignal:
 
     def _handle(self, signum: int, frame) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise StoppedAtOnce(signum)
         self.signum = signum
         try:
             os.write(
@@ -141,6 +151,27 @@ class StopOnSignal:
         for s, handler in self._old.items():
             signal.signal(s, handler)
         self._old = {}
+
+
+def check_run_folder(out: Path, *, resume: bool, overwrite: bool) -> tuple[list[str], bool]:
+    """``(run files present in out, whether a resume must start over)`` for a run into ``out``;
+    ``FileExistsError`` for a folder holding a run without ``resume``/``overwrite``,
+    ``FileNotFoundError`` for ``resume`` into a folder without one. Cheap: the command line runs
+    it before anything heavy loads, the pipeline again under the folder's lock."""
+    if resume and overwrite:
+        raise ValueError(
+            "--resume continues the run in --out and --overwrite replaces it: pick one"
+        )
+    present = [n for n in RUN_FILES if (out / n).exists()]
+    if present and not (resume or overwrite):
+        raise FileExistsError(
+            f"{out} already holds a run ({', '.join(present)}): pass --resume to "
+            "continue it, --overwrite to replace it, or choose another --out"
+        )
+    restart = resume and not (out / CHECKPOINT).exists()
+    if restart and not present:
+        raise FileNotFoundError(f"--resume: {out} holds no run to continue; run without --resume")
+    return present, restart
 
 
 # --------------------------------------------------------------------------- checksums.json

@@ -236,17 +236,13 @@ def distill(
     with these encoders; ``verify=False`` skips the sha256 of the store's files and of the
     checkpoint (sizes, structure and counters are still checked).
     """
-    from repblend_fast.checkpoint import CHECKPOINT, CONFIG, METRICS, RUN_FILES
+    from repblend_fast.checkpoint import CHECKPOINT, CONFIG, METRICS, check_run_folder
     from repblend_fast.distill import Distiller
     from repblend_fast.experts import TrajectoryStore
     from repblend_fast.io import remove_stale_temps
     from repblend_fast.locks import FolderLock
 
     config.validate()
-    if resume and overwrite:
-        raise ValueError(
-            "--resume continues the run in --out and --overwrite replaces it: pick one"
-        )
     out = Path(out_dir) if out_dir is not None else None
     lock = FolderLock(out, "distill run") if out is not None else None
     if lock is not None:
@@ -255,20 +251,9 @@ def distill(
         restart = False
         if out is not None:
             remove_stale_temps(out)
-            present = [n for n in RUN_FILES if (out / n).exists()]
-            if present and not (resume or overwrite):
-                raise FileExistsError(
-                    f"{out} already holds a run ({', '.join(present)}): pass --resume to "
-                    "continue it, --overwrite to replace it, or choose another --out"
-                )
-            if resume and not (out / CHECKPOINT).exists():
-                if not present:
-                    raise FileNotFoundError(
-                        f"--resume: {out} holds no run to continue; run without --resume"
-                    )
-                restart = True
-                if (out / CONFIG).exists():
-                    _check_restart_config(out, config, verify)
+            present, restart = check_run_folder(out, resume=resume, overwrite=overwrite)
+            if restart and (out / CONFIG).exists():
+                _check_restart_config(out, config, verify)
         store = TrajectoryStore.load(experts_dir, device=config.device, verify=verify)
         if not verify:
             logger.warning(

@@ -112,7 +112,7 @@ def _settings(args):
     lors_over = dict(DemoSettings().lors_overrides)
     if args.lors_iterations is not None:
         lors_over["iterations"] = args.lors_iterations
-    lors_over.update(parse_set(args.lors_set))
+    lors_over.update(parse_set(args.lors_set, "--lors-set"))
     return DemoSettings(
         dataset=args.dataset,
         image_size=args.image_size,

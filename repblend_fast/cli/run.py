@@ -17,6 +17,7 @@ from repblend_fast.cli.common import (
     add_threads_arg,
     apply_threads,
     check_device,
+    check_out_folder,
     dataset_from_args,
     encoders_from_args,
     parse_set,
@@ -83,6 +84,7 @@ def cmd_buffer(args) -> int:
         raise CLIError(f"--lr must be a finite number > 0, got {args.lr}")
     if args.seed < 0:
         raise CLIError(f"--seed must be >= 0, got {args.seed}")
+    check_out_folder(args.out)
     apply_threads(args.threads)
     ds = dataset_from_args(args)
     enc = encoders_from_args(args)
@@ -298,6 +300,20 @@ def resumed_config(args, cfg: DistillConfig) -> DistillConfig:
     return merged
 
 
+def _check_out(args, out_flag: str) -> None:
+    """``--out``: a folder, holding a run only with --resume or --overwrite (checked before the
+    data and encoders load; the pipeline checks again under the folder's lock)."""
+    from repblend_fast.checkpoint import check_run_folder
+
+    check_out_folder(args.out, out_flag)
+    try:
+        check_run_folder(
+            Path(args.out), resume=args.resume, overwrite=getattr(args, "overwrite", False)
+        )
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        raise CLIError(str(exc)) from exc
+
+
 def cmd_distill(args) -> int:
     cfg = config_from_args(args)
     if args.resume:
@@ -338,6 +354,8 @@ def run_distill(
         saved = _checkpoint_config(Path(args.out)) if args.resume else None
         return resolve_threads(args.threads, saved.threads if saved is not None else None)
 
+    if ctx is None or ctx.is_main:
+        _check_out(args, flag.get("out", "--out"))
     threads = decide_threads() if ctx is None else ctx.from_main("threads", decide_threads)
     cfg = cfg.replace(threads=threads)
     writes = ctx is None or ctx.is_main

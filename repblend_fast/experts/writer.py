@@ -353,6 +353,15 @@ class StoreWriter:
         if self._follower:
             raise ValueError("only rank 0's writer writes the manifest")
         write_atomic(self.out_dir / MANIFEST, json_bytes(manifest))
+        if self._reused:
+            # Visible by default: a rerun that trains nothing should say why it was quick.
+            logger.warning(
+                "%s: kept %d finished expert(s) of an earlier build with these settings, "
+                "trained %d",
+                self.out_dir,
+                len(self._reused),
+                len(self.files) - len(self._reused),
+            )
         (self.out_dir / PARTIAL).unlink(missing_ok=True)
         self._remove_rank_records()
         fsync_dir(self.out_dir)
