@@ -173,6 +173,7 @@ def train_experts(
         image_encoder=enc.image_id,
         text_encoder=enc.text_id,
         dataset_fingerprint=ds.fingerprint(),
+        image_size=size,
         progress=progress,
         overwrite=overwrite,
     )
@@ -260,8 +261,8 @@ def distill(
                 "--no-verify: the sha256 of the expert files and of the checkpoint are not "
                 "checked (sizes, structure, counters and the store's recipe still are)"
             )
-        _check_store_matches(store, config, enc, ds)
         size = image_size_for(ds.name, image_size, enc.image_info)
+        _check_store_matches(store, config, enc, ds, size)
         images, texts, _ = initial_pairs(
             ds, enc, config.pairs, size, config.seed, cache_dir=cache_dir
         )
@@ -311,9 +312,9 @@ def _remove(path: Path) -> None:
 _DATASET_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 
-def _check_store_matches(store, config: DistillConfig, enc: Encoders, ds) -> None:
+def _check_store_matches(store, config: DistillConfig, enc: Encoders, ds, size: int) -> None:
     """``ValueError`` listing what differs between the store and this run (method, encoders,
-    training data)."""
+    training data, image size)."""
     fp = store.manifest.get("dataset_fingerprint")
     check_data = isinstance(fp, str) and _DATASET_FINGERPRINT.fullmatch(fp) is not None
     if not check_data:
@@ -328,6 +329,7 @@ def _check_store_matches(store, config: DistillConfig, enc: Encoders, ds) -> Non
         image_encoder=enc.image_id,
         text_encoder=enc.text_id,
         dataset_fingerprint=ds.fingerprint() if check_data else None,
+        image_size=size,
     )
 
 
