@@ -5,6 +5,7 @@ copy. Built on the tiny run of tests/test_reliability.py.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -270,3 +271,64 @@ def test_a_changed_checkpoint_never_advises_no_verify(env, tmp_path, capsys):
     assert env.distill(env.store, run, 4, "--resume") == 2
     err = _err(capsys)
     assert "--no-verify" not in err and "--overwrite" in err, err
+
+
+# ------------------------------------------------------------------- info a person can read
+def _info(path, capsys, *flags) -> str:
+    capsys.readouterr()
+    assert main(["info", *flags, str(path)]) == 0
+    return capsys.readouterr().out
+
+
+def test_info_of_a_run_is_a_short_summary_with_the_json_on_request(env, capsys):
+    out = _info(env.run, capsys)
+    lines = out.strip().splitlines()
+    assert len(lines) <= 12, out
+    assert "repblend_fast.run" in lines[0]
+    assert "method repblend, 8 pairs" in out, out
+    assert "2 done of 2 planned" in out, out
+    assert "guard        not recorded" in out, out
+    assert "distilled.safetensors ok" in out and "checkpoint.safetensors ok" in out, out
+    assert f"repblend-fast info --json {env.run}" in out
+    full = json.loads(_info(env.run, capsys, "--json"))
+    assert full["iterations_logged"] == 2 and full["config"]["iterations"] == 2
+
+
+def test_info_shows_the_guard_block_of_summary_json(env, tmp_path, capsys):
+    run = _copy(env.run, tmp_path / "run")
+    guard = {
+        "iterations": 2,
+        "rejected": {"img": 3, "txt": 1},
+        "rolled_back": 1,
+        "longest_rejected_streak": 2,
+        "clipped_fraction": {"img": 0.25},
+        "warnings": ["img rejected 3 times"],
+    }
+    (run / "summary.json").write_text(json.dumps({"guard": guard}))
+    out = _info(run, capsys)
+    assert "rejected img 3, txt 1, rolled back 1, longest rejected streak 2" in out, out
+    assert "clipped img 25.0%" in out and "1 warning(s): img rejected 3 times" in out, out
+    assert json.loads(_info(run, capsys, "--json"))["guard"] == guard
+
+
+def test_info_marks_a_changed_file(env, tmp_path, capsys):
+    run = _copy(env.run, tmp_path / "run")
+    _overwrite_floats(run / "distilled.safetensors")
+    assert "distilled.safetensors changed" in _info(run, capsys)
+
+
+def test_info_of_an_imported_set_says_unknown_for_what_was_never_recorded(env, tmp_path, capsys):
+    src = tmp_path / "distilled_5.pt"
+    _authors_pt(env, src)
+    out = tmp_path / "imported.safetensors"
+    assert main(["import-distilled", "--src", str(src), "--out", str(out)]) == 0
+    text = _info(out, capsys)
+    assert "8 pairs" in text and "loss unknown" in text, text
+    assert "iterations   unknown planned" in text, text
+    cfg = json.loads(_info(out, capsys, "--json"))["config"]
+    assert cfg["iterations"] == "unknown" and cfg["lr_lr"] == "unknown" and cfg["pairs"] == 8
+
+
+def test_info_of_a_store_names_its_image_size(env, capsys):
+    out = _info(env.store, capsys)
+    assert "2 experts" in out and "image size 16 px" in out and "checksums recorded" in out, out

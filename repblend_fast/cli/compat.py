@@ -374,6 +374,8 @@ def cmd_import_distilled(args) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     # The folder's lock: a run or another import writing there is refused, not overwritten.
     with FolderLock(folder, "import-distilled"):
-        path = distilled.save(args.out, cfg)
+        known = ["method", "pairs", "similarity"] + (["sim_rank"] if kind == "lowrank" else [])
+        known += ["loss"] if args.loss is not None else []
+        path = distilled.save(args.out, cfg, known_fields=known)
     print(f"{args.src} -> {path} ({n} pairs, similarity {kind})")
     return 0

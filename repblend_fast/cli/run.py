@@ -35,6 +35,11 @@ def register(sub) -> None:
         help="describe an expert store, a run or demo folder, or a .safetensors file",
     )
     i.add_argument("path", help="expert store, run folder, demo folder or .safetensors file")
+    i.add_argument(
+        "--json",
+        action="store_true",
+        help="print every recorded field as JSON instead of the short summary",
+    )
     i.set_defaults(func=cmd_info)
 
 
@@ -398,11 +403,11 @@ def run_distill(
 
 # ----------------------------------------------------------------------------- info
 def cmd_info(args) -> int:
-    from repblend_fast.describe import describe
+    from repblend_fast.describe import describe, summary
 
     try:
         out = describe(args.path)
     except (FileNotFoundError, ValueError, OSError) as exc:
         raise CLIError(str(exc)) from exc
-    print(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2) if args.json else summary(out, args.path))
     return 0
