@@ -332,3 +332,27 @@ def test_info_of_an_imported_set_says_unknown_for_what_was_never_recorded(env, t
 def test_info_of_a_store_names_its_image_size(env, capsys):
     out = _info(env.store, capsys)
     assert "2 experts" in out and "image size 16 px" in out and "checksums recorded" in out, out
+
+
+# ------------------------------------------------------------------- defaults and help
+def test_buffer_defaults_to_the_demos_batch_size():
+    from repblend_fast.cli import build_parser
+
+    args = build_parser().parse_args(["buffer", "--out", "x"])
+    assert args.batch_size == 32
+
+
+def test_distill_help_shows_the_preset_values(capsys):
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: preset)" not in out
+    assert "N synthetic pairs (default: the preset's, 99 for demo)" in out, out
+    assert "outer iterations (default: the preset's, 300 for demo" in out, out
+
+
+def test_the_demos_output_folder_is_ignored_by_git():
+    from pathlib import Path
+
+    ignore = (Path(__file__).parent.parent / ".gitignore").read_text().split()
+    assert "/demo_out/" in ignore

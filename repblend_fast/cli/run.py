@@ -64,7 +64,13 @@ def _register_buffer(sub) -> None:
     g.add_argument(
         "--dim", type=int, default=256, help="projection width D of the heads (repblend)"
     )
-    g.add_argument("--batch-size", type=int, default=128, help="captions per SGD step")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="captions per SGD step (the demo's; the paper's 128 gives the small embedded "
+        "datasets too few steps per epoch, docs/demo.md)",
+    )
     g.add_argument("--lr", type=float, default=0.1, help="SGD learning rate of both sides")
     g.add_argument("--seed", type=int, default=0, help="seeds every expert (expert i: a hash)")
     g.add_argument(
@@ -117,6 +123,12 @@ def cmd_buffer(args) -> int:
 
 
 # ----------------------------------------------------------------------------- distill
+def _preset_default(field: str) -> str:
+    """``default: the preset's, X for demo`` (the default preset) for a flag's help."""
+    value = getattr(preset("demo"), field)
+    return f"default: the preset's, {value} for demo"
+
+
 def _register_distill(sub) -> None:
     d = add_parser(sub, "distill", help="distil a synthetic set against stored experts")
     add_dataset_args(d)
@@ -136,21 +148,32 @@ def _register_distill(sub) -> None:
         default=None,
         help="default: the preset's (repblend); lors and mtt-vl need `buffer --method lors`",
     )
-    g.add_argument("--pairs", type=int, default=None, help="N synthetic pairs (default: preset)")
     g.add_argument(
-        "--iterations", type=int, default=None, help="outer iterations (default: preset)"
+        "--pairs", type=int, default=None, help=f"N synthetic pairs ({_preset_default('pairs')})"
     )
     g.add_argument(
-        "--syn-steps", type=int, default=None, help="T unrolled student steps (default: preset)"
+        "--iterations",
+        type=int,
+        default=None,
+        help=f"outer iterations ({_preset_default('iterations')}; under --resume: the run's)",
     )
     g.add_argument(
-        "--batch-size", type=int, default=None, help="B inside the unroll (default: preset)"
+        "--syn-steps",
+        type=int,
+        default=None,
+        help=f"T unrolled student steps ({_preset_default('syn_steps')})",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"B inside the unroll ({_preset_default('batch_size')})",
     )
     g.add_argument(
         "--meta-grad",
         choices=list(META_GRADS),
         default=None,
-        help="exact reverse mode or the paper's two-pass tesla (default: preset, exact)",
+        help=f"exact reverse mode or the paper's two-pass tesla ({_preset_default('meta_grad')})",
     )
     g.add_argument(
         "--no-share-encoder",
@@ -163,7 +186,7 @@ def _register_distill(sub) -> None:
         metavar="{none,encoder,step}",
         help="torch.compile the frozen encoder (encoder), or the encoder and every unroll step "
         "(step; RepBlend only); the first iterations pay the compilation, minutes on a CPU "
-        "(default: preset, none)",
+        f"({_preset_default('compile')})",
     )
     g.add_argument(
         "--memory-budget-mib",
@@ -172,9 +195,11 @@ def _register_distill(sub) -> None:
         help="MiB of tensors one iteration may add (RepBlend with a shared encoder): the frozen "
         "encoder's graph is kept for as many touched images as fit, the others are re-encoded "
         "in chunks, exact mode checkpoints its steps when that keeps more; same results "
-        "(default: preset, 0 = no budget)",
+        f"({_preset_default('memory_budget_mib')}; 0 = no budget)",
     )
-    g.add_argument("--seed", type=int, default=None, help="seeds every draw (default: preset, 0)")
+    g.add_argument(
+        "--seed", type=int, default=None, help=f"seeds every draw ({_preset_default('seed')})"
+    )
     g.add_argument(
         "--resume",
         action="store_true",
