@@ -356,3 +356,17 @@ def test_the_demos_output_folder_is_ignored_by_git():
 
     ignore = (Path(__file__).parent.parent / ".gitignore").read_text().split()
     assert "/demo_out/" in ignore
+
+
+def test_the_migration_guide_describes_vl_distill_as_its_script_behaves():
+    """VL-distill's distill.py pairs buffers by number up to the first gap and saves no
+    distilled_<it>.pt: the guide and the flag table say so (they used to say otherwise)."""
+    from pathlib import Path
+
+    from repblend_fast.compat.flag_rules import RULES
+
+    doc = " ".join((Path(__file__).parent.parent / "docs" / "migrating.md").read_text().split())
+    assert "VL-distill code zip two unsorted globs" not in doc
+    assert "stops at the first missing number" in doc
+    assert "VL-distill's `distill.py` writes no distilled set at all" in doc
+    assert "VL-distill's script saves no set at it" in RULES["eval_it"].note
