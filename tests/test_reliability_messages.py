@@ -370,3 +370,33 @@ def test_the_migration_guide_describes_vl_distill_as_its_script_behaves():
     assert "stops at the first missing number" in doc
     assert "VL-distill's `distill.py` writes no distilled set at all" in doc
     assert "VL-distill's script saves no set at it" in RULES["eval_it"].note
+
+
+# ------------------------------------------------------------------- README figures by script
+def _suite_timing():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "suite_timing.py"
+    spec = importlib.util.spec_from_file_location("suite_timing", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_readme_test_figures_are_written_by_the_timing_script(tmp_path):
+    mod = _suite_timing()
+    text = mod.README.read_text()
+    assert mod.readme_test_command(text) == "python -m pytest -q"
+    assert text.count(mod.START) == 1 and text.count(mod.END) == 1
+    readme = tmp_path / "README.md"
+    readme.write_text(text)
+    fake = f"{sys.executable} -c \"print('12 passed, 3 skipped, 1 deselected in 4.56s')\""
+    assert mod.main(["--command", fake, "--readme", str(readme)]) == 0
+    new = readme.read_text()
+    inside = new[new.index(mod.START) : new.index(mod.END)]
+    assert "(12 passed, 3 skipped; measured by `python benchmarks/suite_timing.py`" in inside
+    assert "-core machine with load" in inside
+    # Only the marked sentence changed.
+    assert new[: new.index(mod.START)] == text[: text.index(mod.START)]
+    assert new[new.index(mod.END) :] == text[text.index(mod.END) :]
