@@ -400,3 +400,11 @@ def test_the_readme_test_figures_are_written_by_the_timing_script(tmp_path):
     # Only the marked sentence changed.
     assert new[: new.index(mod.START)] == text[: text.index(mod.START)]
     assert new[new.index(mod.END) :] == text[text.index(mod.END) :]
+
+
+def test_experts_says_whether_it_is_a_count_or_a_folder(capsys):
+    for command, shown in (("buffer", "--experts N"), ("distill", "--experts DIR")):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert shown in out, (command, out)

@@ -46,7 +46,9 @@ def register(sub) -> None:
     g.add_argument(
         "--iterations", type=int, default=None, help="RepBlend iterations (default: the preset's)"
     )
-    g.add_argument("--experts", type=int, default=d.experts, help="RepBlend experts")
+    g.add_argument(
+        "--experts", type=int, default=d.experts, metavar="N", help="number of RepBlend experts"
+    )
     g.add_argument(
         "--expert-batch", type=int, default=d.expert_batch, help="RepBlend expert batch size"
     )

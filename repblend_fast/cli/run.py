@@ -57,7 +57,13 @@ def _register_buffer(sub) -> None:
         help="repblend: image and text heads on cached frozen-encoder features; lors: the image "
         "encoder itself and a text head (for --method lors and mtt-vl distillation)",
     )
-    g.add_argument("--experts", type=int, default=5, help="number of experts E")
+    g.add_argument(
+        "--experts",
+        type=int,
+        default=5,
+        metavar="N",
+        help="number of experts E to train (distill's --experts is the folder this writes)",
+    )
     g.add_argument(
         "--epochs", type=int, default=3, help="epochs per expert (snapshots 0..epochs are kept)"
     )
@@ -134,7 +140,12 @@ def _register_distill(sub) -> None:
     add_dataset_args(d)
     add_encoder_args(d)
     g = d.add_argument_group("distillation (flags override the preset; --set overrides both)")
-    g.add_argument("--experts", required=True, help="expert store directory (from `buffer`)")
+    g.add_argument(
+        "--experts",
+        required=True,
+        metavar="DIR",
+        help="expert store directory, the --out of `buffer` (there --experts is their number)",
+    )
     g.add_argument("--out", required=True, help="run directory to write")
     g.add_argument(
         "--preset",
