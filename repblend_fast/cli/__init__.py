@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _join(args) -> tuple:
     """``(context, joined here)``: the process group of a torchrun launch (None without one)."""
+    if "repblend_fast.distributed" not in sys.modules and os.environ.get("WORLD_SIZE", "1") == "1":
+        return None, False  # one process and no context yet: no need to load torch for that
     from repblend_fast import distributed
 
     ctx = distributed.current()
@@ -173,6 +175,8 @@ _AFTER_INTERRUPT = {
 
 def _classify(exc: BaseException, command: str = "") -> tuple[int | None, str]:
     """``(exit status, one-line message)`` of an exception that ends a command."""
+    if isinstance(exc, CLIError):  # before the imports below: a bad flag never waits for torch
+        return 2, f"error: {exc}"
     from repblend_fast.checkpoint import RunInterrupted
     from repblend_fast.distill import DistillationStopped
     from repblend_fast.distributed import DistributedError, PeerFailed

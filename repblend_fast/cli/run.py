@@ -23,7 +23,15 @@ from repblend_fast.cli.common import (
     parse_set,
     resolve_threads,
 )
-from repblend_fast.config import COMPILE, META_GRADS, METHODS, PRESETS, DistillConfig, preset
+from repblend_fast.config import (
+    COMPILE,
+    META_GRADS,
+    METHOD_DEFAULTS,
+    METHODS,
+    PRESETS,
+    DistillConfig,
+    preset,
+)
 
 
 def register(sub) -> None:
@@ -130,9 +138,13 @@ def cmd_buffer(args) -> int:
 
 # ----------------------------------------------------------------------------- distill
 def _preset_default(field: str) -> str:
-    """``default: the preset's, X for demo`` (the default preset) for a flag's help."""
-    value = getattr(preset("demo"), field)
-    return f"default: the preset's, {value} for demo"
+    """``default: the preset's, X for demo`` (the default preset) for a flag's help; read from
+    the tables :func:`preset` combines, without building one (that would load torch)."""
+    import dataclasses
+
+    demo = {**PRESETS["demo"], **METHOD_DEFAULTS[PRESETS["demo"].get("method", "repblend")]}
+    fallback = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+    return f"default: the preset's, {demo.get(field, fallback[field])} for demo"
 
 
 def _register_distill(sub) -> None:
