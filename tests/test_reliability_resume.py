@@ -213,4 +213,33 @@ def test_resume_at_another_image_size_names_the_size_it_started_with(env, run4, 
     capsys.readouterr()
     assert main(argv) == 2
     err = _err(capsys)
-    assert "resume with --image-size 16" in err and "--overwrite" not in err, err
+    # The store records the size its experts saw (16 px): the run is refused before its
+    # checkpoint is read, naming the flag, and no remedy deletes the run.
+    assert "store has 16, run wants 32" in err and "--image-size" in err, err
+    assert "--overwrite" not in err, err
+
+
+def test_a_checkpoint_of_other_shapes_names_the_setting_to_repeat():
+    """Stores of older versions record no image size: the checkpoint's shapes say it."""
+    import torch
+
+    from repblend_fast.checkpoint import check_state
+    from repblend_fast.config import preset
+
+    cfg = preset("demo", pairs=4, batch_size=2)
+    t = {
+        "x": torch.zeros(4, 3, 64, 64),
+        "y": torch.zeros(4, 8),
+        "eta_img": torch.tensor(0.1),
+        "eta_txt": torch.tensor(0.1),
+        "rng": torch.zeros(5, dtype=torch.uint8),
+        "batch_perm": torch.arange(4),
+        "expert_order": torch.arange(2),
+        **{k: torch.tensor(0) for k in ("iteration", "bad_streak", "batch_pos", "expert_pos")},
+    }
+    params = {"x": torch.zeros(4, 3, 32, 32), "y": torch.zeros(4, 8)}
+    with pytest.raises(ValueError, match="resume with --image-size 64, the size it started with"):
+        check_state(t, "ck", config=cfg, num_experts=2, params=params, rng_numel=5)
+    params = {"x": torch.zeros(4, 3, 64, 64), "y": torch.zeros(4, 9)}
+    with pytest.raises(ValueError, match=r"y has shape \[4, 8\], this run's has \[4, 9\]"):
+        check_state(t, "ck", config=cfg, num_experts=2, params=params, rng_numel=5)

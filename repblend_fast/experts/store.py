@@ -236,8 +236,7 @@ class TrajectoryStore:
                 problems.append(f"{k}: store has {have!r}, run wants {v!r} ({hints[k]})")
         if problems:
             raise ValueError(
-                f"expert store {self.root} is incompatible with this run:\n  "
-                + "\n  ".join(problems)
+                f"expert store {self.root} is incompatible with this run: " + "; ".join(problems)
             )
 
     def __repr__(self) -> str:
