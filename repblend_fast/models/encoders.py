@@ -156,6 +156,7 @@ def packaged_checkpoint(package: str) -> Path:
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file; safetensors, or a torch file loaded with weights_only."""
     import pickle
+    import warnings
 
     try:
         if path.suffix == ".safetensors":
@@ -163,8 +164,11 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             sd = load_file(str(path), device="cpu")
         else:
-            # weights_only: a foreign file never runs code on load (docs/design.md §3).
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            # weights_only: a foreign file never runs code on load (docs/design.md §3). Its
+            # warnings (pickle protocols it "might not support") would precede our one line.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
         # Not torch's own advice (to switch weights_only off): that would run the file's code.
         raise ValueError(
