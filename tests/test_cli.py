@@ -305,8 +305,10 @@ def test_distill_speed_and_memory_flags(capsys):
     with pytest.raises(SystemExit):
         main(["distill", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--compile {none,encoder,step}" in text and "(default: preset, none)" in text
-    assert "--memory-budget-mib MIB" in text and "(default: preset, 0 = no budget)" in text
+    assert "--compile {none,encoder,step}" in text
+    assert "(default: the preset's, none for demo)" in text
+    assert "--memory-budget-mib MIB" in text
+    assert "(default: the preset's, 0 for demo; 0 = no budget)" in text
     base = ["distill", "--experts", ".", "--out", "x"]
     args = build_parser().parse_args(base + ["--compile", "encoder", "--memory-budget-mib", "64"])
     cfg = config_from_args(args)

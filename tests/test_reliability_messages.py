@@ -192,7 +192,7 @@ def test_evaluate_of_a_missing_file_is_refused_quickly(capsys):
     t0 = time.perf_counter()
     assert main(["evaluate", "--distilled", "missing.safetensors"]) == 2
     assert time.perf_counter() - t0 < 5
-    assert "--distilled missing.safetensors: no such file" in _err(capsys)
+    assert "--distilled missing.safetensors: file not found" in _err(capsys)
 
 
 def test_a_set_typo_suggests_the_nearest_field(capsys):

@@ -172,7 +172,7 @@ def test_bad_files_and_flags_are_one_line_naming_them(world, tmp_path):
     cases = [
         (["export", "--distilled", cut, "--out", tmp_path / "c.pt"], "--distilled"),
         (["evaluate", "--distilled", text], "not a safetensors file"),
-        (["evaluate", "--distilled", "missing.safetensors"], "no such file"),
+        (["evaluate", "--distilled", "missing.safetensors"], "file not found"),
         (["evaluate", "--distilled", world.run, "--json", tmp_path], "--json"),
         (["import-distilled", "--src", nan_pt, "--out", tmp_path / "n.safetensors"], "NaN"),
         (

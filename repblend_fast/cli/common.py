@@ -190,13 +190,14 @@ def check_set_path(value: str, flag: str) -> Path:
         path = path / "distilled.safetensors"
     if not path.is_file():
         raise CLIError(
-            f"{flag} {value}: no such file ({path}); pass a distilled.safetensors written by "
+            f"{flag} {value}: file not found ({path}); pass a distilled.safetensors written by "
             "`repblend-fast distill` or `demo`, or its run folder"
         )
     try:
         read_safetensors_header(path)
     except (ValueError, OSError) as exc:
-        raise CLIError(f"{flag} {value}: {str(exc).splitlines()[0]}") from None
+        reason = str(exc).splitlines()[0].removeprefix(f"{path}: ")
+        raise CLIError(f"{flag} {value}: cannot read a distilled set ({reason})") from None
     return path
 
 
