@@ -84,3 +84,23 @@ def test_a_reordered_files_list_names_the_position(env, tmp_path, capsys):
     capsys.readouterr()
     assert env.distill(store, tmp_path / "run", 1) == 2
     assert "lists it at position 0" in _err(capsys)
+
+
+def test_a_store_of_an_earlier_version_is_rebuilt_with_its_size_not_refused(
+    env, tmp_path, caplog
+):
+    """Caches of earlier versions (demo, study) hold stores without image_size: a rerun of the
+    same command rebuilds them, it does not stop with "other settings"."""
+    from repblend_fast.experts.manifest import hash_config, recipe_of
+
+    store = _copy(env.store, tmp_path / "experts")
+    man = json.loads((store / "manifest.json").read_text())
+    del man["image_size"]
+    man["recipe_sha"] = hash_config(recipe_of(man))
+    (store / "manifest.json").write_text(json.dumps(man))
+    caplog.clear()
+    assert env.buffer(store) == 0
+    assert "earlier version without a recorded image size" in caplog.text
+    assert json.loads((store / "manifest.json").read_text())["image_size"] == 16
+    for name in ("expert_000.safetensors", "expert_001.safetensors"):
+        assert (store / name).read_bytes() == (env.store / name).read_bytes()

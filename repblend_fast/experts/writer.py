@@ -191,6 +191,16 @@ class StoreWriter:
                 ) from None
             old = None
         same = old is not None and recipe_of(old) == self._config
+        if old is not None and not same and _only_size_added(recipe_of(old), self._config):
+            # A store of an earlier version, which recorded no image size: its experts may have
+            # seen another size, so they are rebuilt (as with overwrite), not refused.
+            logger.warning(
+                "%s: a store of an earlier version without a recorded image size; its experts "
+                "are trained again at %s px",
+                self.out_dir,
+                self._config["image_size"],
+            )
+            overwrite = True
         if old is not None and not same and not overwrite:
             diff = recipe_diff(recipe_of(old), self._config)
             raise StoreExistsError(
@@ -378,3 +388,12 @@ class StoreWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _only_size_added(old: dict, new: dict) -> bool:
+    """Whether ``new`` is ``old`` plus the ``image_size`` earlier versions did not record."""
+    return (
+        "image_size" not in old
+        and "image_size" in new
+        and {k: v for k, v in new.items() if k != "image_size"} == old
+    )
