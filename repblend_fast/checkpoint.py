@@ -55,7 +55,9 @@ __all__ = [
     "RunInterrupted",
     "RunRecord",
     "StopOnSignal",
+    "StoppedAtOnce",
     "check_continues",
+    "check_run_folder",
     "check_state",
     "open_checkpoint",
     "read_checkpoint",
@@ -91,7 +93,12 @@ RESUMABLE_CHANGES = (
 # appends a config-change record for them to metrics.jsonl.
 RECORDED_CHANGES = ("lr_img", "lr_txt", "lr_lr", "lr_sim", "clamp_lr")
 
-_FIX_RESUME = "start the run over with --overwrite, or pass --no-verify to resume from it as it is"
+# What to do about run files that are damaged, edited or do not belong together: the run cannot
+# be continued from them (--no-verify only skips the sha256: it would resume from altered state).
+_FIX_RESUME = "restore the run folder's files from a copy, or start the run over with --overwrite"
+# A folder without checksums.json (written by an older version, or the record was removed): its
+# files may well be intact, they just cannot be checked.
+_FIX_UNCHECKED = "pass --no-verify to resume without the check, or start over with --overwrite"
 
 
 class RunInterrupted(Exception):
@@ -103,11 +110,19 @@ class RunInterrupted(Exception):
         super().__init__(f"interrupted by signal {signum} at iteration {iteration}{where}")
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM stopped a run at once (exit status 128 + ``signum``)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped at once by signal {signum}")
+
+
 class StopOnSignal:
     """Within a ``with`` block, a first SIGINT or SIGTERM only sets :attr:`signum`, so that the
     loop can finish its iteration and write a checkpoint before it stops (an iteration is never
-    cut in half); a second one raises ``KeyboardInterrupt`` at once. Outside the main thread
-    (where handlers cannot be installed) it does nothing."""
+    cut in half); a second one raises :class:`StoppedAtOnce` (a ``KeyboardInterrupt``) at once.
+    Outside the main thread (where handlers cannot be installed) it does nothing."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -121,7 +136,7 @@ class StopOnSignal:
 
     def _handle(self, signum: int, frame) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise StoppedAtOnce(signum)
         self.signum = signum
         try:
             os.write(
@@ -136,6 +151,27 @@ class StopOnSignal:
         for s, handler in self._old.items():
             signal.signal(s, handler)
         self._old = {}
+
+
+def check_run_folder(out: Path, *, resume: bool, overwrite: bool) -> tuple[list[str], bool]:
+    """``(run files present in out, whether a resume must start over)`` for a run into ``out``;
+    ``FileExistsError`` for a folder holding a run without ``resume``/``overwrite``,
+    ``FileNotFoundError`` for ``resume`` into a folder without one. Cheap: the command line runs
+    it before anything heavy loads, the pipeline again under the folder's lock."""
+    if resume and overwrite:
+        raise ValueError(
+            "--resume continues the run in --out and --overwrite replaces it: pick one"
+        )
+    present = [n for n in RUN_FILES if (out / n).exists()]
+    if present and not (resume or overwrite):
+        raise FileExistsError(
+            f"{out} already holds a run ({', '.join(present)}): pass --resume to "
+            "continue it, --overwrite to replace it, or choose another --out"
+        )
+    restart = resume and not (out / CHECKPOINT).exists()
+    if restart and not present:
+        raise FileNotFoundError(f"--resume: {out} holds no run to continue; run without --resume")
+    return present, restart
 
 
 # --------------------------------------------------------------------------- checksums.json
@@ -196,7 +232,8 @@ class RunRecord:
         if not self.exists:
             raise IntegrityError(
                 f"{path}: the run folder has no {CHECKSUMS} (written by an older version of "
-                f"repblend_fast, or removed), so the file cannot be checked; {fix}"
+                f"repblend_fast, or removed), so the file cannot be checked; "
+                f"{_FIX_UNCHECKED if fix == _FIX_RESUME else fix}"
             )
         if name not in self.files:
             raise IntegrityError(f"{self.path} records no checksum for {name}; {fix}")
@@ -297,6 +334,8 @@ def read_metrics_for_resume(
     order.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} is not a file (a folder?); {_FIX_RESUME}")
     data = path.read_bytes() if path.exists() else b""
     if recorded is not None:
         n = int(recorded["bytes"])
@@ -345,7 +384,8 @@ def read_metrics_for_resume(
     elif lines:
         logger.info("%s: dropped %d record(s) written after the checkpoint", path, len(lines))
     its = [r["iteration"] for r in _parse_lines(keep, path) if "iteration" in r]
-    if its != list(range(iteration)):
+    # Lengths first: an edited checkpoint may claim any iteration (never build that range).
+    if len(its) != iteration or its != list(range(iteration)):
         shown = f"{its[:3]}…{its[-3:]}" if len(its) > 6 else str(its)
         raise ValueError(
             f"{path} and the checkpoint disagree: the checkpoint is at iteration {iteration} but "
@@ -533,6 +573,20 @@ def check_state(
         if v is None:
             raise bad(f"it has no {name}")
         if tuple(v.shape) != tuple(p.shape):
-            raise bad(f"{name} has shape {list(v.shape)}, this run's has {list(p.shape)}")
+            raise ValueError(_shape_mismatch(path, name, tuple(v.shape), tuple(p.shape)))
         if not bool(torch.isfinite(v).all()):
             raise bad(f"{name} holds non-finite values")
+
+
+def _shape_mismatch(path, name: str, saved: tuple, now: tuple) -> str:
+    """The message for a checkpoint tensor of another shape than this run's: the run was started
+    with other settings (image size, pairs, encoders), which a resume must repeat."""
+    if name == "x" and len(saved) == 4 and len(now) == 4 and saved[:2] == now[:2]:
+        return (
+            f"{path}: the run's synthetic images are {saved[2]}x{saved[3]} px but this run's "
+            f"are {now[2]}x{now[3]}: resume with --image-size {saved[2]}, the size it started with"
+        )
+    return (
+        f"{path}: {name} has shape {list(saved)}, this run's has {list(now)}: resume with the "
+        "settings the run started with (--pairs, --image-size, the encoders)"
+    )

@@ -4,7 +4,13 @@
 distillation run folder (``config.json``), a demo run folder (``metrics.json``), and any
 ``.safetensors`` file (a distilled set, a checkpoint, an expert file, a feature cache entry) — and
 returns a JSON-serialisable summary with a ``kind`` and the tensors' shapes. Anything else raises
-``ValueError`` with one line saying what the path is and what was expected.
+``ValueError`` with one line saying what the path is and what was expected. :func:`summary` turns
+that description into the few lines ``info`` prints first (kind, method, pairs, iterations done
+and planned, the outer guard's counts, files and their check status).
+
+A value a file never recorded is shown as ``unknown``: a set imported from the research scripts
+lists the config fields it knows (``known_fields`` in its metadata); the others hold defaults
+only so that ``evaluate`` can read the file.
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ from typing import Any
 
 from repblend_fast.io import read_safetensors_header
 
-__all__ = ["describe"]
+__all__ = ["SUMMARY", "describe", "summary"]
+
+SUMMARY = "summary.json"  # a run folder's end-of-run record (its "guard" block is shown)
+UNKNOWN = "unknown"
 
 EXPECTED = "an expert store, a run or demo folder, or a .safetensors file written by repblend-fast"
 
@@ -41,7 +50,10 @@ def describe_safetensors(path: Path) -> dict[str, Any]:
     meta = dict(header.get("__metadata__") or {})
     out: dict[str, Any] = {"kind": meta.pop("kind", _guess_kind(path, header)), "path": str(path)}
     for k, v in sorted(meta.items()):
-        out[k] = _maybe_json(v) if k in ("config", "losses", "metrics") else v
+        out[k] = _maybe_json(v) if k in ("config", "losses", "metrics", "known_fields") else v
+    known = out.pop("known_fields", None)
+    if isinstance(known, list) and isinstance(out.get("config"), dict):
+        out["config"] = {k: (v if k in known else UNKNOWN) for k, v in out["config"].items()}
     out["tensors"] = {
         k: {"dtype": v["dtype"], "shape": list(v["shape"])}
         for k, v in sorted(header.items())
@@ -120,6 +132,10 @@ def _describe_run(d: Path) -> dict[str, Any]:
             info.pop("config", None)  # the folder's config.json says it
             out[name] = info
     out["integrity"] = _run_integrity(d)
+    if (d / SUMMARY).is_file():
+        rec = _read_json(d / SUMMARY)
+        if isinstance(rec, dict) and isinstance(rec.get("guard"), dict):
+            out["guard"] = rec["guard"]
     return out
 
 
@@ -172,3 +188,112 @@ def _describe_demo(d: Path) -> dict[str, Any]:
         "runs": runs,
         "total_s": (m.get("timings") or {}).get("total_s"),
     }
+
+
+# --------------------------------------------------------------------------- the human summary
+def summary(info: dict[str, Any], path: str) -> str:
+    """The lines ``info`` prints before (or instead of) the JSON of :func:`describe`."""
+    kind = str(info.get("kind", "?"))
+    head = {
+        "repblend_fast.experts": _store_lines,
+        "repblend_fast.run": _run_lines,
+        "repblend_fast.demo": _demo_lines,
+        "repblend_fast.distilled": _set_lines,
+        "repblend_fast.checkpoint": _set_lines,
+    }.get(kind, _other_lines)(info)
+    return "\n".join([f"{path}: {kind}", *head, f"all fields: repblend-fast info --json {path}"])
+
+
+def _show(v: Any) -> str:
+    return UNKNOWN if v is None else str(v)
+
+
+def _config_line(cfg: Any) -> str:
+    if not isinstance(cfg, dict):
+        return "  config       not recorded"
+    parts = [
+        f"method {_show(cfg.get('method'))}",
+        f"{_show(cfg.get('pairs'))} pairs",
+        f"similarity {_show(cfg.get('similarity'))}",
+        f"loss {_show(cfg.get('loss'))}",
+    ]
+    return "  config       " + ", ".join(parts)
+
+
+def _store_lines(info: dict[str, Any]) -> list[str]:
+    train = info.get("train") if isinstance(info.get("train"), dict) else {}
+    return [
+        f"  method       {_show(info.get('method'))}, {_show(info.get('num_experts'))} experts, "
+        f"epochs {_show(info.get('epochs'))}, image size {_show(info.get('image_size'))} px",
+        f"  encoders     {_show(info.get('image_encoder'))} / {_show(info.get('text_encoder'))}",
+        f"  training     batch {_show(train.get('batch_size'))}, lr {_show(train.get('lr_img'))}, "
+        f"seed {_show(train.get('seed'))}",
+        f"  files        {len(info.get('files') or [])} expert files, "
+        f"{'checksums recorded' if info.get('integrity') else 'no checksums recorded'}",
+    ]
+
+
+def _run_lines(info: dict[str, Any]) -> list[str]:
+    cfg = info.get("config")
+    planned = cfg.get("iterations") if isinstance(cfg, dict) else None
+    files = info.get("integrity") or {}
+    return [
+        _config_line(cfg),
+        f"  iterations   {_show(info.get('iterations_logged'))} done of {_show(planned)} planned",
+        f"  guard        {_guard_text(info.get('guard'))}",
+        "  files        " + (", ".join(f"{k} {v}" for k, v in files.items()) or "none"),
+    ]
+
+
+def _guard_text(g: Any) -> str:
+    if not isinstance(g, dict):
+        return "not recorded"
+    rejected = g.get("rejected") or {}
+    clipped = g.get("clipped_fraction") or {}
+    text = (
+        f"{_show(g.get('iterations'))} iterations, rejected "
+        + (", ".join(f"{k} {v}" for k, v in rejected.items()) or "none")
+        + f", rolled back {_show(g.get('rolled_back'))}, longest rejected streak "
+        + _show(g.get("longest_rejected_streak"))
+    )
+    if clipped:
+        text += ", clipped " + ", ".join(f"{k} {100 * float(v):.1f}%" for k, v in clipped.items())
+    warnings = g.get("warnings") or []
+    if warnings:
+        text += f"; {len(warnings)} warning(s): {warnings[0]}"
+    return text
+
+
+def _set_lines(info: dict[str, Any]) -> list[str]:
+    cfg = info.get("config")
+    tensors = info.get("tensors") or {}
+    images = (tensors.get("images") or tensors.get("x") or {}).get("shape")
+    iterations = cfg.get("iterations") if isinstance(cfg, dict) else None
+    lines = [_config_line(cfg), f"  iterations   {_show(iterations)} planned"]
+    if images:
+        lines.append(f"  images       {images[0]} of {images[2]}x{images[3]} px")
+    return lines
+
+
+def _other_lines(info: dict[str, Any]) -> list[str]:
+    if "note" in info:
+        return [f"  {info['note']}"]
+    return [f"  {len(info.get('tensors') or {})} tensors"]
+
+
+def _demo_lines(info: dict[str, Any]) -> list[str]:
+    lines = [f"  dataset      {_show(info.get('dataset'))}"]
+    for name, m in (info.get("methods") or {}).items():
+        mean, std = m.get("mean_recall_best"), m.get("std_best")
+        score = UNKNOWN if mean is None else f"{mean:.1f} ± {std or 0:.1f}"
+        lines.append(f"  {name:<12} {_show(m.get('pairs'))} pairs, mean recall {score}")
+    for name, run in (info.get("runs") or {}).items():
+        cfg = run.get("config") if isinstance(run.get("config"), dict) else {}
+        files = run.get("integrity") or {}
+        status = "ok" if files and all(v == "ok" for v in files.values()) else "see --json"
+        lines.append(
+            f"  run {name:<8} {_show(run.get('iterations_logged'))} of "
+            f"{_show(cfg.get('iterations'))} iterations, guard "
+            f"{_guard_text(run.get('guard'))}, files {status}"
+        )
+    return lines

@@ -6,6 +6,7 @@ and the research-script converters.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +36,12 @@ class DistilledSet:
         config: DistillConfig | None = None,
         *,
         record: RunRecord | None = None,
+        known_fields: list[str] | None = None,
     ) -> Path:
         """Write the set (recorded in the run folder's ``record`` when given). A set holding a
         non-finite value is refused with ``ValueError``: it would train nothing, and a file that
-        looks finished is worse than none."""
+        looks finished is worse than none. ``known_fields``: the fields of ``config`` that were
+        recorded (an imported set's others are placeholders, shown as unknown by ``info``)."""
         from repblend_fast.io import safetensors_bytes, write_atomic
 
         tensors = {
@@ -60,6 +63,8 @@ class DistilledSet:
         meta = {"format_version": str(FORMAT_VERSION), "kind": "repblend_fast.distilled"}
         if config is not None:
             meta["config"] = config.to_json()
+        if known_fields is not None:
+            meta["known_fields"] = json.dumps(sorted(known_fields))
         path = Path(path)
         data = safetensors_bytes(
             {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta

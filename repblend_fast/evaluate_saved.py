@@ -19,7 +19,7 @@ import torch
 from repblend_fast.evaluate import FeaturePairs, evaluate_distilled, evaluate_distilled_set
 from repblend_fast.stats import mean_std
 
-__all__ = ["evaluate_file"]
+__all__ = ["evaluate_file", "open_checked_set"]
 
 
 def evaluate_file(
@@ -67,7 +67,7 @@ def evaluate_file(
     from repblend_fast.config import EVAL_EVERY
     from repblend_fast.pipeline import image_size_for
 
-    path, d, (cfg_loss, eps, method) = _open_set(path, note)
+    path, d, (cfg_loss, eps, method) = open_checked_set(path, note)
     if eval_every is None:
         eval_every = EVAL_EVERY[method]
     if not (math.isfinite(temperature) and temperature > 0):
@@ -122,9 +122,10 @@ def evaluate_file(
     return result
 
 
-def _open_set(path: str | os.PathLike, note: Callable[[str], None] | None):
+def open_checked_set(path: str | os.PathLike, note: Callable[[str], None] | None = None):
     """``(file path, DistilledSet, (loss, eps, method) of its config)`` of a saved set whose
-    bytes match its run folder's checksums and whose values are finite."""
+    bytes match its run folder's checksums and whose values are finite (what ``evaluate`` and
+    ``export`` read); ``note`` hears that a file without a record is not checked."""
     _verify_distilled(path, note)
     path, d, cfg = _read_distilled(path)
     _check_finite(path, d)
@@ -255,7 +256,8 @@ def _read_distilled(path: str | os.PathLike):
     try:
         d = DistilledSet.load(path)
     except Exception as exc:  # a foreign or truncated file: say which
-        raise ValueError(f"{path}: cannot read a distilled set ({exc})") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: cannot read a distilled set ({first})") from exc
     cfg_loss, eps, method = "wbce", 1e-6, "repblend"
     try:
         meta = safetensors_metadata(path)

@@ -111,7 +111,8 @@ def verify_file(
     path = Path(path)
     wanted = [expected] if isinstance(expected, FileDigest) else list(expected)
     if not path.is_file():
-        raise IntegrityError(f"{path} is missing; {fix}")
+        what = "is not a file (a folder?)" if path.exists() else "is missing"
+        raise IntegrityError(f"{path} {what}; {fix}")
     size = path.stat().st_size
     if all(size != w.size for w in wanted):
         raise IntegrityError(

@@ -173,6 +173,7 @@ def train_experts(
         image_encoder=enc.image_id,
         text_encoder=enc.text_id,
         dataset_fingerprint=ds.fingerprint(),
+        image_size=size,
         progress=progress,
         overwrite=overwrite,
     )
@@ -223,9 +224,11 @@ def distill(
     cache_dir=None,
     progress: bool = True,
     on_iteration=None,
+    note=None,
 ):
     """Distil ``config.pairs`` pairs from ``ds`` against the experts in ``experts_dir``
-    (``on_iteration``: see :meth:`repblend_fast.distill.Distiller.run`).
+    (``on_iteration``: see :meth:`repblend_fast.distill.Distiller.run`; ``note``: called with
+    a line saying where a resumed run continues).
 
     ``out_dir`` is locked for the whole call (a second run into it gets ``LockHeldError``).
     A folder that already holds a run is refused unless ``resume`` (continue it from its
@@ -234,17 +237,13 @@ def distill(
     with these encoders; ``verify=False`` skips the sha256 of the store's files and of the
     checkpoint (sizes, structure and counters are still checked).
     """
-    from repblend_fast.checkpoint import CHECKPOINT, CONFIG, METRICS, RUN_FILES
+    from repblend_fast.checkpoint import CHECKPOINT, CONFIG, METRICS, check_run_folder
     from repblend_fast.distill import Distiller
     from repblend_fast.experts import TrajectoryStore
     from repblend_fast.io import remove_stale_temps
     from repblend_fast.locks import FolderLock
 
     config.validate()
-    if resume and overwrite:
-        raise ValueError(
-            "--resume continues the run in --out and --overwrite replaces it: pick one"
-        )
     out = Path(out_dir) if out_dir is not None else None
     lock = FolderLock(out, "distill run") if out is not None else None
     if lock is not None:
@@ -253,28 +252,17 @@ def distill(
         restart = False
         if out is not None:
             remove_stale_temps(out)
-            present = [n for n in RUN_FILES if (out / n).exists()]
-            if present and not (resume or overwrite):
-                raise FileExistsError(
-                    f"{out} already holds a run ({', '.join(present)}): pass --resume to "
-                    "continue it, --overwrite to replace it, or choose another --out"
-                )
-            if resume and not (out / CHECKPOINT).exists():
-                if not present:
-                    raise FileNotFoundError(
-                        f"--resume: {out} holds no run to continue; run without --resume"
-                    )
-                restart = True
-                if (out / CONFIG).exists():
-                    _check_restart_config(out, config, verify)
+            present, restart = check_run_folder(out, resume=resume, overwrite=overwrite)
+            if restart and (out / CONFIG).exists():
+                _check_restart_config(out, config, verify)
         store = TrajectoryStore.load(experts_dir, device=config.device, verify=verify)
         if not verify:
             logger.warning(
                 "--no-verify: the sha256 of the expert files and of the checkpoint are not "
                 "checked (sizes, structure, counters and the store's recipe still are)"
             )
-        _check_store_matches(store, config, enc, ds)
         size = image_size_for(ds.name, image_size, enc.image_info)
+        _check_store_matches(store, config, enc, ds, size)
         images, texts, _ = initial_pairs(
             ds, enc, config.pairs, size, config.seed, cache_dir=cache_dir
         )
@@ -289,7 +277,7 @@ def distill(
         # Only now, with every input checked, may an earlier run's files go.
         if overwrite and out is not None:
             for n in present:
-                (out / n).unlink(missing_ok=True)
+                _remove(out / n)
         elif restart:
             logger.warning(
                 "%s: the run stopped before its first checkpoint; starting it over from "
@@ -300,11 +288,23 @@ def distill(
                 (out / n).unlink(missing_ok=True)
         elif resume:
             d.load_checkpoint(out / CHECKPOINT, verify=verify)
-            logger.info("resumed from %s at iteration %d", out / CHECKPOINT, d.iteration)
+            at = f"resuming at iteration {d.iteration} of {config.iterations}"
+            (note or logger.info)(f"{at} ({out / CHECKPOINT})")
         return d.run(progress=progress, on_iteration=on_iteration)
     finally:
         if lock is not None:
             lock.release()
+
+
+def _remove(path: Path) -> None:
+    """Remove a run file, or a folder standing where one belongs (``--overwrite`` after such a
+    damage must work as its message promises)."""
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 # PairDataset.fingerprint(): a 64-digit sha256. Stores that record something else (imported
@@ -312,9 +312,9 @@ def distill(
 _DATASET_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 
-def _check_store_matches(store, config: DistillConfig, enc: Encoders, ds) -> None:
+def _check_store_matches(store, config: DistillConfig, enc: Encoders, ds, size: int) -> None:
     """``ValueError`` listing what differs between the store and this run (method, encoders,
-    training data)."""
+    training data, image size)."""
     fp = store.manifest.get("dataset_fingerprint")
     check_data = isinstance(fp, str) and _DATASET_FINGERPRINT.fullmatch(fp) is not None
     if not check_data:
@@ -329,6 +329,7 @@ def _check_store_matches(store, config: DistillConfig, enc: Encoders, ds) -> Non
         image_encoder=enc.image_id,
         text_encoder=enc.text_id,
         dataset_fingerprint=ds.fingerprint() if check_data else None,
+        image_size=size,
     )
 
 

@@ -87,14 +87,14 @@ def test_buffer_distill_info_end_to_end(tiny_pairs, tmp_path, capsys):
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in recs] == [0, 1, 2, 3]
     capsys.readouterr()
-    assert main(["info", str(run / "distilled.safetensors")]) == 0
+    assert main(["info", "--json", str(run / "distilled.safetensors")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "repblend_fast.distilled"
     assert info["tensors"]["images"] == {"dtype": "F32", "shape": [8, 3, 16, 16]}
-    assert main(["info", str(experts)]) == 0
+    assert main(["info", "--json", str(experts)]) == 0
     assert json.loads(capsys.readouterr().out)["method"] == "repblend"
     # A run folder: its config, how far it got, and the shapes of what it wrote.
-    assert main(["info", str(run)]) == 0
+    assert main(["info", "--json", str(run)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "repblend_fast.run" and info["iterations_logged"] == 4
     assert info["config"]["pairs"] == 8
@@ -163,7 +163,7 @@ def test_info_answers_any_path_with_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert needle in err, (name, err)
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert main(["info", str(good)]) == 0
+    assert main(["info", "--json", str(good)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["tensors"] == {"a": {"dtype": "F32", "shape": [6]}}
 
@@ -305,8 +305,10 @@ def test_distill_speed_and_memory_flags(capsys):
     with pytest.raises(SystemExit):
         main(["distill", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--compile {none,encoder,step}" in text and "(default: preset, none)" in text
-    assert "--memory-budget-mib MIB" in text and "(default: preset, 0 = no budget)" in text
+    assert "--compile {none,encoder,step}" in text
+    assert "(default: the preset's, none for demo)" in text
+    assert "--memory-budget-mib MIB" in text
+    assert "(default: the preset's, 0 for demo; 0 = no budget)" in text
     base = ["distill", "--experts", ".", "--out", "x"]
     args = build_parser().parse_args(base + ["--compile", "encoder", "--memory-budget-mib", "64"])
     cfg = config_from_args(args)

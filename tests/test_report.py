@@ -213,11 +213,14 @@ def test_grid_captions_are_readable_at_native_size(figures, run):
     fw, fh = fig.get_size_inches() * dpi
     assert all(0 <= b.x0 and b.x1 <= fw and 0 <= b.y0 and b.y1 <= fh for b in boxes)
     # Long captions are cut with an ellipsis; short ones are kept whole; "$" is not math.
+    # Each caption follows its cosine; one below WEAK_MATCH is marked "?".
     texts = [c.get_text() for c in caps]
-    assert texts[0] == "red square" and texts[-1] == "cat"
+    assert texts[0] == "0.90 · red square" and texts[-1] == "1.00 · cat"
+    assert texts[2].startswith("? 0.00 · ")  # never "-0.00"
     assert texts[2].endswith("…") and texts[2].count("\n") == report.CAPTION_LINES - 1
-    assert texts[3].replace("\n", "").startswith("supercalifragilistic")
-    assert texts[4] == "dollar $x$ sign"
+    assert texts[3].replace("\n", " ").startswith("0.70 · supercalifragilistic")
+    assert texts[4].replace("\n", " ") == "0.60 · dollar $x$ sign"  # "$" is not math
+    assert texts[5].replace("\n", " ") == "0.50 · " + CAPTIONS[5]  # at the threshold: unmarked
     # The PNG on disk has the figure's pixel size, so the sizes above hold at native size.
     with Image.open(run / report.grid_png("repblend")) as im:
         assert abs(im.size[0] - fw) <= 1 and abs(im.size[1] - fh) <= 1
@@ -289,6 +292,14 @@ def test_collapse_bar_labels_never_show_negative_zero(figures):
     labels = [t.get_text() for t in _texts(figures[report.COLLAPSE_PNG])]
     assert "0.000" in labels and "-0.200" in labels  # as in the report.md table
     assert not any(NEG_ZERO.search(s.replace("\u2212", "-")) for s in labels)
+
+
+def test_report_md_marks_weak_caption_matches(run):
+    report.render_run(run)
+    rows = [ln for ln in (run / "report.md").read_text().splitlines() if ln.startswith("| ")]
+    marked = [ln for ln in rows if "(weak match)" in ln]
+    # One per method's table: row 3 (cosine -0.0001); 0.5 (row 6) is not below the threshold.
+    assert len(marked) == 2 and all(ln.startswith("| 3 |") for ln in marked), marked
 
 
 def test_report_md_has_no_negative_zero(run):

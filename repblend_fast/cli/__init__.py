@@ -42,7 +42,7 @@ import traceback
 import warnings
 
 from repblend_fast.cli import authors, bench, compat, demo, evaluate, run
-from repblend_fast.cli.common import CLIError, HelpFormatter
+from repblend_fast.cli.common import CLIError, HelpFormatter, Parser
 
 __all__ = ["CLIError", "GROUPS", "build_parser", "main"]
 
@@ -52,7 +52,7 @@ GROUPS = (run, evaluate, demo, bench, compat, authors)
 def build_parser() -> argparse.ArgumentParser:
     from repblend_fast import __version__
 
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="repblend-fast",
         description="Fast multimodal (image-text) dataset distillation: RepBlend, LoRS, MTT-VL.",
         formatter_class=HelpFormatter,
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 warnings.simplefilter("ignore")
                 return int(args.func(args) or 0)
     except BaseException as exc:
-        status, message = _classify(exc)
+        status, message = _classify(exc, args.command)
         if status is None:
             raise  # SystemExit and friends
         show = True
@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _join(args) -> tuple:
     """``(context, joined here)``: the process group of a torchrun launch (None without one)."""
+    if "repblend_fast.distributed" not in sys.modules and os.environ.get("WORLD_SIZE", "1") == "1":
+        return None, False  # one process and no context yet: no need to load torch for that
     from repblend_fast import distributed
 
     ctx = distributed.current()
@@ -164,8 +166,17 @@ def _error_file(message: str) -> None:
         pass
 
 
-def _classify(exc: BaseException) -> tuple[int | None, str]:
+# What to do after an interruption, for the commands that can be continued.
+_AFTER_INTERRUPT = {
+    "buffer": "rerun the same command to finish the store (finished experts are kept)",
+    "distill": "continue with --resume from the last checkpoint",
+}
+
+
+def _classify(exc: BaseException, command: str = "") -> tuple[int | None, str]:
     """``(exit status, one-line message)`` of an exception that ends a command."""
+    if isinstance(exc, CLIError):  # before the imports below: a bad flag never waits for torch
+        return 2, f"error: {exc}"
     from repblend_fast.checkpoint import RunInterrupted
     from repblend_fast.distill import DistillationStopped
     from repblend_fast.distributed import DistributedError, PeerFailed
@@ -181,7 +192,10 @@ def _classify(exc: BaseException) -> tuple[int | None, str]:
     if isinstance(exc, RunInterrupted):
         return 128 + exc.signum, str(exc)
     if isinstance(exc, KeyboardInterrupt):
-        return 130, "interrupted"
+        # Ctrl-C, or a second signal during a run (StopOnSignal records which).
+        signum = getattr(exc, "signum", 2)
+        after = _AFTER_INTERRUPT.get(command)
+        return 128 + signum, f"interrupted (signal {signum}){f'; {after}' if after else ''}"
     if isinstance(exc, OSError):
         # Disk full, permissions, a read-only folder: the environment, not a bug.
         what = exc.strerror or str(exc)

@@ -42,8 +42,9 @@ def register(sub) -> None:
         help="run a research script's distillation command line (RepBlend, LoRS, MTT-VL)",
         description="Run distill_repblend.py, distill_tesla_lors.py or VL-distill's distill.py "
         "command lines on repblend_fast: `python distill_repblend.py FLAGS` becomes "
-        "`repblend-fast authors repblend FLAGS`. Writes a repblend_fast run folder and their "
-        "distilled_<it>.pt.",
+        "`repblend-fast authors repblend FLAGS`. Writes a repblend_fast run folder and a "
+        "distilled_<it>.pt in RepBlend's and LoRS's format (VL-distill's script itself writes "
+        "none).",
         epilog=_AUTHORS_EPILOG,
         formatter_class=HelpFormatter,
     )

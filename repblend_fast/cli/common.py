@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 
 class CLIError(Exception):
     """A user error: printed as one line without a traceback, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line naming the command, plus where the help is
+    (instead of the whole usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -132,18 +141,64 @@ def add_set_arg(p: argparse.ArgumentParser, what: str = "any DistillConfig field
 
 
 # ----------------------------------------------------------------------------- flag values
-def parse_set(items: list[str] | None) -> dict[str, Any]:
-    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}`` (values parsed as JSON, else kept as text)."""
+def check_out_folder(path: str, flag: str = "--out") -> None:
+    """A folder the command writes: it may not be an existing file (one line, before anything
+    loads)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise CLIError(f"{flag} {path} is a file; {flag} names a folder to write: pass a folder")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CLIError(f"{flag} {path}: {parent} is a file, not a folder: pass a folder")
+            break
+
+
+def parse_set(items: list[str] | None, flag: str = "--set") -> dict[str, Any]:
+    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}`` (values parsed as JSON, else kept as text);
+    a name that is no DistillConfig field is refused with the nearest field suggested."""
+    import dataclasses
+    import difflib
+
+    from repblend_fast.config import DistillConfig
+
+    names = [f.name for f in dataclasses.fields(DistillConfig)]
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise CLIError(f"--set expects FIELD=VALUE, got {item!r}")
+            raise CLIError(f"{flag} expects FIELD=VALUE, got {item!r}")
         k, v = item.split("=", 1)
+        k = k.strip()
+        if k not in names:
+            near = difflib.get_close_matches(k, names, n=1)
+            hint = f"did you mean {flag} {near[0]}={v}?" if near else f"fields: {', '.join(names)}"
+            raise CLIError(f"{flag} {item}: {k!r} is not a DistillConfig field; {hint}")
         try:
-            out[k.strip()] = json.loads(v)
+            out[k] = json.loads(v)
         except json.JSONDecodeError:
-            out[k.strip()] = v
+            out[k] = v
     return out
+
+
+def check_set_path(value: str, flag: str) -> Path:
+    """The distilled.safetensors a flag names (a file, or a run folder holding one), checked to
+    be a readable safetensors file before anything heavy loads; returns its path."""
+    from repblend_fast.io import read_safetensors_header
+
+    path = Path(value)
+    if path.is_dir():
+        path = path / "distilled.safetensors"
+    if not path.is_file():
+        raise CLIError(
+            f"{flag} {value}: file not found ({path}); pass a distilled.safetensors written by "
+            "`repblend-fast distill` or `demo`, or its run folder"
+        )
+    try:
+        read_safetensors_header(path)
+    except (ValueError, OSError) as exc:
+        reason = str(exc).splitlines()[0].removeprefix(f"{path}: ")
+        raise CLIError(f"{flag} {value}: cannot read a distilled set ({reason})") from None
+    return path
 
 
 def resolve_threads(value: str | int | None, default: int | None = None) -> int:

@@ -15,6 +15,7 @@ from repblend_fast.cli.common import (
     add_parser,
     add_progress_arg,
     check_device,
+    check_set_path,
 )
 
 __all__ = [
@@ -264,23 +265,40 @@ def _register_export(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from repblend_fast.compat import export_authors_checkpoint
-    from repblend_fast.distill import DistilledSet
+    import sys
 
-    src = Path(args.distilled)
-    if src.is_dir():
-        src = src / "distilled.safetensors"
-    if not src.is_file():
-        raise CLIError(f"--distilled {args.distilled}: no such file (distilled.safetensors)")
+    from repblend_fast.compat import export_authors_checkpoint
+    from repblend_fast.evaluate_saved import open_checked_set
+
+    src = check_set_path(args.distilled, "--distilled")
     if not args.out.endswith(".pt"):
         raise CLIError(f"--out {args.out}: their scripts read distilled_<it>.pt; end it in .pt")
+    if Path(args.out).is_dir():
+        raise CLIError(f"--out {args.out} is a folder; name the .pt file to write")
     try:
-        distilled = DistilledSet.load(src)
+        # The checks of `evaluate`: bytes against the run folder's record, finite values.
+        _, distilled, _ = open_checked_set(src, note=lambda msg: print(msg, file=sys.stderr))
     except (ValueError, OSError, KeyError) as exc:
-        raise CLIError(f"--distilled {src}: {str(exc).splitlines()[0]}") from exc
+        raise CLIError(f"--distilled {args.distilled}: {str(exc).splitlines()[0]}") from exc
     path = export_authors_checkpoint(distilled, args.out)
     print(f"{src} -> {path} ({distilled.images.shape[0]} pairs, {args.format} format)")
     return 0
+
+
+def _parts(distilled) -> dict[str, Any]:
+    """The tensors of an imported set, by the names of the research scripts' dict."""
+    import torch
+
+    parts = {
+        "image": distilled.images,
+        "text": distilled.texts,
+        "syn_lr_img": torch.tensor(distilled.eta_img),
+        "syn_lr_txt": torch.tensor(distilled.eta_txt),
+        **{f"similarity_params[{k}]": v for k, v in distilled.sim_params.items()},
+    }
+    if distilled.similarity is not None:
+        parts["similarity_mat"] = distilled.similarity
+    return parts
 
 
 def _register_import_distilled(sub) -> None:
@@ -309,11 +327,19 @@ def _register_import_distilled(sub) -> None:
 
 
 def cmd_import_distilled(args) -> int:
+    from repblend_fast.checkpoint import CHECKSUMS
     from repblend_fast.compat import AuthorsBufferError, import_distilled
     from repblend_fast.config import METHOD_DEFAULTS, DistillConfig
+    from repblend_fast.locks import FolderLock
 
     if not args.out.endswith(".safetensors"):
         raise CLIError(f"--out {args.out}: must end in .safetensors")
+    folder = Path(args.out).resolve().parent
+    if (folder / CHECKSUMS).exists():
+        raise CLIError(
+            f"--out {args.out}: {folder} is a run folder of `distill`, whose files its own "
+            "checksums vouch for; write the imported set to another folder"
+        )
     try:
         distilled = import_distilled(args.src)
     except AuthorsBufferError as exc:
@@ -339,6 +365,17 @@ def cmd_import_distilled(args) -> int:
         cfg = DistillConfig(**fields).validate()
     except ValueError as exc:
         raise CLIError(f"--loss {args.loss}: {exc}") from exc
-    path = distilled.save(args.out, cfg)
+    bad = [k for k, v in _parts(distilled).items() if not bool(v.isfinite().all())]
+    if bad:
+        raise CLIError(
+            f"--src {args.src}: its {' and '.join(bad)} hold NaN or Inf (the run that wrote it "
+            "diverged); import a distilled_<it>.pt of an earlier iteration"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    # The folder's lock: a run or another import writing there is refused, not overwritten.
+    with FolderLock(folder, "import-distilled"):
+        known = ["method", "pairs", "similarity"] + (["sim_rank"] if kind == "lowrank" else [])
+        known += ["loss"] if args.loss is not None else []
+        path = distilled.save(args.out, cfg, known_fields=known)
     print(f"{args.src} -> {path} ({n} pairs, similarity {kind})")
     return 0

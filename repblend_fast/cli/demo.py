@@ -46,7 +46,9 @@ def register(sub) -> None:
     g.add_argument(
         "--iterations", type=int, default=None, help="RepBlend iterations (default: the preset's)"
     )
-    g.add_argument("--experts", type=int, default=d.experts, help="RepBlend experts")
+    g.add_argument(
+        "--experts", type=int, default=d.experts, metavar="N", help="number of RepBlend experts"
+    )
     g.add_argument(
         "--expert-batch", type=int, default=d.expert_batch, help="RepBlend expert batch size"
     )
@@ -112,7 +114,7 @@ def _settings(args):
     lors_over = dict(DemoSettings().lors_overrides)
     if args.lors_iterations is not None:
         lors_over["iterations"] = args.lors_iterations
-    lors_over.update(parse_set(args.lors_set))
+    lors_over.update(parse_set(args.lors_set, "--lors-set"))
     return DemoSettings(
         dataset=args.dataset,
         image_size=args.image_size,

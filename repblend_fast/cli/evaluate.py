@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from repblend_fast.cli.common import (
     CLIError,
@@ -13,6 +14,7 @@ from repblend_fast.cli.common import (
     add_threads_arg,
     apply_threads,
     check_device,
+    check_set_path,
     dataset_from_args,
     encoders_from_args,
 )
@@ -76,6 +78,12 @@ def cmd_evaluate(args) -> int:
     from repblend_fast.evaluate_saved import evaluate_file
     from repblend_fast.report import results_table
 
+    check_set_path(args.distilled, "--distilled")
+    if args.json and Path(args.json).is_dir():
+        raise CLIError(
+            f"--json {args.json} is a folder; --json names the file to write: pass e.g. "
+            f"{Path(args.json) / 'result.json'}"
+        )
     check_device(args)
     for flag in ("dim", "num_eval", "epochs", "eval_every"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:

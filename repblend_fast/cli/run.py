@@ -17,12 +17,21 @@ from repblend_fast.cli.common import (
     add_threads_arg,
     apply_threads,
     check_device,
+    check_out_folder,
     dataset_from_args,
     encoders_from_args,
     parse_set,
     resolve_threads,
 )
-from repblend_fast.config import COMPILE, META_GRADS, METHODS, PRESETS, DistillConfig, preset
+from repblend_fast.config import (
+    COMPILE,
+    META_GRADS,
+    METHOD_DEFAULTS,
+    METHODS,
+    PRESETS,
+    DistillConfig,
+    preset,
+)
 
 
 def register(sub) -> None:
@@ -34,6 +43,11 @@ def register(sub) -> None:
         help="describe an expert store, a run or demo folder, or a .safetensors file",
     )
     i.add_argument("path", help="expert store, run folder, demo folder or .safetensors file")
+    i.add_argument(
+        "--json",
+        action="store_true",
+        help="print every recorded field as JSON instead of the short summary",
+    )
     i.set_defaults(func=cmd_info)
 
 
@@ -51,14 +65,26 @@ def _register_buffer(sub) -> None:
         help="repblend: image and text heads on cached frozen-encoder features; lors: the image "
         "encoder itself and a text head (for --method lors and mtt-vl distillation)",
     )
-    g.add_argument("--experts", type=int, default=5, help="number of experts E")
+    g.add_argument(
+        "--experts",
+        type=int,
+        default=5,
+        metavar="N",
+        help="number of experts E to train (distill's --experts is the folder this writes)",
+    )
     g.add_argument(
         "--epochs", type=int, default=3, help="epochs per expert (snapshots 0..epochs are kept)"
     )
     g.add_argument(
         "--dim", type=int, default=256, help="projection width D of the heads (repblend)"
     )
-    g.add_argument("--batch-size", type=int, default=128, help="captions per SGD step")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="captions per SGD step (the demo's; the paper's 128 gives the small embedded "
+        "datasets too few steps per epoch, docs/demo.md)",
+    )
     g.add_argument("--lr", type=float, default=0.1, help="SGD learning rate of both sides")
     g.add_argument("--seed", type=int, default=0, help="seeds every expert (expert i: a hash)")
     g.add_argument(
@@ -83,6 +109,7 @@ def cmd_buffer(args) -> int:
         raise CLIError(f"--lr must be a finite number > 0, got {args.lr}")
     if args.seed < 0:
         raise CLIError(f"--seed must be >= 0, got {args.seed}")
+    check_out_folder(args.out)
     apply_threads(args.threads)
     ds = dataset_from_args(args)
     enc = encoders_from_args(args)
@@ -110,12 +137,27 @@ def cmd_buffer(args) -> int:
 
 
 # ----------------------------------------------------------------------------- distill
+def _preset_default(field: str) -> str:
+    """``default: the preset's, X for demo`` (the default preset) for a flag's help; read from
+    the tables :func:`preset` combines, without building one (that would load torch)."""
+    import dataclasses
+
+    demo = {**PRESETS["demo"], **METHOD_DEFAULTS[PRESETS["demo"].get("method", "repblend")]}
+    fallback = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+    return f"default: the preset's, {demo.get(field, fallback[field])} for demo"
+
+
 def _register_distill(sub) -> None:
     d = add_parser(sub, "distill", help="distil a synthetic set against stored experts")
     add_dataset_args(d)
     add_encoder_args(d)
     g = d.add_argument_group("distillation (flags override the preset; --set overrides both)")
-    g.add_argument("--experts", required=True, help="expert store directory (from `buffer`)")
+    g.add_argument(
+        "--experts",
+        required=True,
+        metavar="DIR",
+        help="expert store directory, the --out of `buffer` (there --experts is their number)",
+    )
     g.add_argument("--out", required=True, help="run directory to write")
     g.add_argument(
         "--preset",
@@ -129,21 +171,32 @@ def _register_distill(sub) -> None:
         default=None,
         help="default: the preset's (repblend); lors and mtt-vl need `buffer --method lors`",
     )
-    g.add_argument("--pairs", type=int, default=None, help="N synthetic pairs (default: preset)")
     g.add_argument(
-        "--iterations", type=int, default=None, help="outer iterations (default: preset)"
+        "--pairs", type=int, default=None, help=f"N synthetic pairs ({_preset_default('pairs')})"
     )
     g.add_argument(
-        "--syn-steps", type=int, default=None, help="T unrolled student steps (default: preset)"
+        "--iterations",
+        type=int,
+        default=None,
+        help=f"outer iterations ({_preset_default('iterations')}; under --resume: the run's)",
     )
     g.add_argument(
-        "--batch-size", type=int, default=None, help="B inside the unroll (default: preset)"
+        "--syn-steps",
+        type=int,
+        default=None,
+        help=f"T unrolled student steps ({_preset_default('syn_steps')})",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"B inside the unroll ({_preset_default('batch_size')})",
     )
     g.add_argument(
         "--meta-grad",
         choices=list(META_GRADS),
         default=None,
-        help="exact reverse mode or the paper's two-pass tesla (default: preset, exact)",
+        help=f"exact reverse mode or the paper's two-pass tesla ({_preset_default('meta_grad')})",
     )
     g.add_argument(
         "--no-share-encoder",
@@ -156,7 +209,7 @@ def _register_distill(sub) -> None:
         metavar="{none,encoder,step}",
         help="torch.compile the frozen encoder (encoder), or the encoder and every unroll step "
         "(step; RepBlend only); the first iterations pay the compilation, minutes on a CPU "
-        "(default: preset, none)",
+        f"({_preset_default('compile')})",
     )
     g.add_argument(
         "--memory-budget-mib",
@@ -165,15 +218,18 @@ def _register_distill(sub) -> None:
         help="MiB of tensors one iteration may add (RepBlend with a shared encoder): the frozen "
         "encoder's graph is kept for as many touched images as fit, the others are re-encoded "
         "in chunks, exact mode checkpoints its steps when that keeps more; same results "
-        "(default: preset, 0 = no budget)",
+        f"({_preset_default('memory_budget_mib')}; 0 = no budget)",
     )
-    g.add_argument("--seed", type=int, default=None, help="seeds every draw (default: preset, 0)")
+    g.add_argument(
+        "--seed", type=int, default=None, help=f"seeds every draw ({_preset_default('seed')})"
+    )
     g.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its checkpoint.safetensors (a run stopped before "
-        "its first checkpoint starts over); --set may change lr_img, lr_txt, lr_lr, lr_sim, "
-        "clamp_lr, iterations and checkpoint_every",
+        help="continue the run in --out from its checkpoint.safetensors with the settings it "
+        "was saved with (a run stopped before its first checkpoint starts over); a flag or "
+        "--set may change lr_img, lr_txt, lr_lr, lr_sim, clamp_lr, iterations and "
+        "checkpoint_every, and what changes is printed",
     )
     g.add_argument(
         "--overwrite",
@@ -224,9 +280,8 @@ def _check_flags(args) -> None:
         args.memory_budget_mib = value
 
 
-def config_from_args(args) -> DistillConfig:
-    """The DistillConfig of a ``distill`` invocation: preset, then explicit flags, then --set."""
-    _check_flags(args)
+def _explicit_fields(args) -> dict[str, Any]:
+    """The config fields the command line sets (flags, then ``--set``), preset aside."""
     over: dict[str, Any] = {}
     for flag, field in _FLAG_FIELDS:
         v = getattr(args, flag, None)
@@ -234,8 +289,15 @@ def config_from_args(args) -> DistillConfig:
             over[field] = v
     if args.no_share_encoder:
         over["share_encoder"] = False
+    over.update(parse_set(args.set))
+    return over
+
+
+def config_from_args(args) -> DistillConfig:
+    """The DistillConfig of a ``distill`` invocation: preset, then explicit flags, then --set."""
+    _check_flags(args)
+    over = _explicit_fields(args)
     sets = parse_set(args.set)
-    over.update(sets)
     try:
         return preset(args.preset, **over)
     except (TypeError, ValueError) as exc:
@@ -271,14 +333,52 @@ def _checkpoint_config(out: Path) -> DistillConfig | None:
     return None
 
 
+def resumed_config(args, cfg: DistillConfig) -> DistillConfig:
+    """Under ``--resume``: the config the run in ``--out`` was saved with, changed only where the
+    command line sets a field (``cfg`` holds those values, already checked); prints what changed.
+    Without a saved config ``cfg`` is returned (the resume then says there is nothing to
+    continue)."""
+    saved = _checkpoint_config(Path(args.out))
+    if saved is None:
+        return cfg
+    over = _explicit_fields(args)
+    merged = saved.replace(**{k: getattr(cfg, k) for k in over}).validate()
+    changed = [
+        f"{k} {getattr(saved, k)!r} -> {getattr(merged, k)!r}"
+        for k in over
+        if k != "threads" and getattr(saved, k) != getattr(merged, k)
+    ]
+    if changed:
+        print(f"--resume: changing {', '.join(changed)}; every other setting as saved")
+    return merged
+
+
+def _check_out(args, out_flag: str) -> None:
+    """``--out``: a folder, holding a run only with --resume or --overwrite (checked before the
+    data and encoders load; the pipeline checks again under the folder's lock)."""
+    from repblend_fast.checkpoint import check_run_folder
+
+    check_out_folder(args.out, out_flag)
+    try:
+        check_run_folder(
+            Path(args.out), resume=args.resume, overwrite=getattr(args, "overwrite", False)
+        )
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        raise CLIError(str(exc)) from exc
+
+
 def cmd_distill(args) -> int:
     cfg = config_from_args(args)
-    run_distill(args, cfg)
+    if args.resume:
+        cfg = resumed_config(args, cfg)
+    run_distill(args, cfg, note=print)
     print(f"distilled set written to {Path(args.out) / 'distilled.safetensors'}")
     return 0
 
 
-def run_distill(args, cfg: DistillConfig, *, enc=None, flags: dict[str, str] | None = None):
+def run_distill(
+    args, cfg: DistillConfig, *, enc=None, flags: dict[str, str] | None = None, note=None
+):
     """Everything ``distill`` does once its config is built; returns the DistilledSet.
 
     Shared with the commands that build the config another way (``authors``): ``args`` carries
@@ -307,6 +407,8 @@ def run_distill(args, cfg: DistillConfig, *, enc=None, flags: dict[str, str] | N
         saved = _checkpoint_config(Path(args.out)) if args.resume else None
         return resolve_threads(args.threads, saved.threads if saved is not None else None)
 
+    if ctx is None or ctx.is_main:
+        _check_out(args, flag.get("out", "--out"))
     threads = decide_threads() if ctx is None else ctx.from_main("threads", decide_threads)
     cfg = cfg.replace(threads=threads)
     writes = ctx is None or ctx.is_main
@@ -341,6 +443,7 @@ def run_distill(args, cfg: DistillConfig, *, enc=None, flags: dict[str, str] | N
             verify=not getattr(args, "no_verify", False),
             cache_dir=args.cache_dir,
             progress=not args.no_progress,
+            note=note,
         )
     except (FileExistsError, FileNotFoundError, ValueError, DistillationStopped) as exc:
         raise CLIError(str(exc)) from exc
@@ -348,11 +451,11 @@ def run_distill(args, cfg: DistillConfig, *, enc=None, flags: dict[str, str] | N
 
 # ----------------------------------------------------------------------------- info
 def cmd_info(args) -> int:
-    from repblend_fast.describe import describe
+    from repblend_fast.describe import describe, summary
 
     try:
         out = describe(args.path)
     except (FileNotFoundError, ValueError, OSError) as exc:
         raise CLIError(str(exc)) from exc
-    print(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2) if args.json else summary(out, args.path))
     return 0

@@ -8,9 +8,10 @@ text projection head. Those files took days of GPU time to make, so this module 
 :mod:`repblend_fast.compat.import_store` writes them into the store format of
 :mod:`repblend_fast.experts.store`, instead of asking for new experts:
 
-- files are paired by their number ``<n>`` (never by listing order: their LoRS and MTT-VL code
-  zip two unsorted globs, which can pair the image trajectory of one run with the text
-  trajectory of another); gaps in the numbering are fine, a file without its partner is an error;
+- files are paired by their number ``<n>`` (never by listing order: their LoRS code zips two
+  unsorted globs, which can pair the image trajectory of one run with the text trajectory of
+  another; MTT-VL's pairs by number but stops at the first gap); gaps in the numbering are fine,
+  a file without its partner is an error;
 - every tensor's shape is checked against the declared architecture (:func:`buffer_layout`), and
   the first mismatch is named (file, expert, epoch, parameter index and name, expected and found
   shape);

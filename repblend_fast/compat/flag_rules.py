@@ -255,8 +255,9 @@ RULES: dict[str, FlagRule] = {
     "eval_it": FlagRule(
         "field",
         "checkpoint_every",
-        "their save cadence; the in-loop evaluation is not run (use `repblend-fast evaluate`) "
-        "and only the final distilled_<Iteration>.pt is written",
+        "RepBlend's and LoRS's save cadence (VL-distill's script saves no set at it); the "
+        "in-loop evaluation is not run (use `repblend-fast evaluate`) and only the final "
+        "distilled_<Iteration>.pt is written",
         _checkpoint_every,
     ),
     # --- run settings

@@ -203,8 +203,10 @@ class TrajectoryStore:
         d_img: int | None = None,
         d_txt: int | None = None,
         dataset_fingerprint: str | None = None,
+        image_size: int | None = None,
     ) -> None:
-        """Raise ``ValueError`` listing every given setting that differs from the store's."""
+        """Raise ``ValueError`` listing every given setting that differs from the store's (a
+        store that records no image size, older or imported, is not checked for it)."""
         hints = {
             "method": "train experts with the run's method (or change the method)",
             "image_encoder": "use the image encoder the experts were trained with, or retrain",
@@ -213,6 +215,7 @@ class TrajectoryStore:
             "d_img": "the image features differ in width: use the experts' image encoder",
             "d_txt": "the text features differ in width: use the experts' text encoder",
             "dataset_fingerprint": "the experts were trained on other data: retrain on this one",
+            "image_size": "distil at the experts' --image-size, or retrain them at this one",
         }
         given = {
             "method": method,
@@ -222,18 +225,18 @@ class TrajectoryStore:
             "d_img": d_img,
             "d_txt": d_txt,
             "dataset_fingerprint": dataset_fingerprint,
+            "image_size": image_size,
         }
         problems = []
         for k, v in given.items():
-            if v is None:
+            if v is None or (k == "image_size" and k not in self.manifest):
                 continue
             have = self.manifest.get(k)
             if have != v:
                 problems.append(f"{k}: store has {have!r}, run wants {v!r} ({hints[k]})")
         if problems:
             raise ValueError(
-                f"expert store {self.root} is incompatible with this run:\n  "
-                + "\n  ".join(problems)
+                f"expert store {self.root} is incompatible with this run: " + "; ".join(problems)
             )
 
     def __repr__(self) -> str:
@@ -318,6 +321,18 @@ def _check_expert_file(path: Path, i: int, name: str, exp: _Expected, verify: bo
     shapes = {k: tuple(int(d) for d in header[k]["shape"]) for k in keys}
     dtypes = {k: str(header[k]["dtype"]) for k in keys}
     seeds = exp.seeds
+    if "config_sha" in meta and not isinstance(seeds, list):
+        # Every store this library writes records them; without them the next check (which
+        # ties each file to its position) would be skipped.
+        raise ValueError(
+            f"{exp.mpath} lacks expert_seeds, which tie each expert file to its position (the "
+            f"manifest was edited); {_FIX}"
+        )
+    if meta.get("expert", str(i)) != str(i):
+        raise ValueError(
+            f"{path} is expert {meta['expert']} but {exp.mpath} lists it at position {i} (the "
+            f"files list was reordered); {_FIX}"
+        )
     if (
         isinstance(seeds, list)
         and "config_sha" in meta

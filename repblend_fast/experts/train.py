@@ -108,9 +108,13 @@ def _train_one(recipe: ExpertRecipe, student: Student, es: int, bar):
     return snaps, losses
 
 
-def _manifest(recipe: ExpertRecipe, student: Student, identity: dict[str, str]) -> dict[str, Any]:
+def _manifest(recipe: ExpertRecipe, student: Student, identity: dict[str, Any]) -> dict[str, Any]:
     keep = recipe.kept()
+    # Recorded only when known (the pipeline always knows it; a library call on ready-made
+    # features may not), so such stores keep the recipe they always had.
+    size = {} if identity.get("image_size") is None else {"image_size": int(identity["image_size"])}
     return {
+        **size,
         "format_version": FORMAT_VERSION,
         "method": student.method,
         "num_experts": recipe.num_experts,
@@ -150,7 +154,7 @@ def _train_and_store(
     recipe: ExpertRecipe,
     student: Student,
     out_dir: str | os.PathLike,
-    identity: dict[str, str],
+    identity: dict[str, Any],
     *,
     resume: bool,
     progress: bool,
@@ -290,6 +294,7 @@ def train_experts_symmetric(
     image_encoder: str = "unknown",
     text_encoder: str = "unknown",
     dataset_fingerprint: str | None = None,
+    image_size: int | None = None,
     device: str | torch.device | None = None,
     resume: bool = True,
     overwrite: bool = False,
@@ -308,6 +313,8 @@ def train_experts_symmetric(
             keywords (``num_experts=5, epochs=3, batch_size=32, ...``).
         image_encoder, text_encoder: encoder ids (``info.encoder_id`` / ``TextEncoder.encoder_id``).
         dataset_fingerprint: identifies the training data (default: a hash of the inputs).
+        image_size: the pixel size the images were encoded at, recorded in the manifest (and so
+            in its recipe: a rerun at another size is another store, `distill` checks it).
         device: where to train (default: ``img_feats``'s device).
         resume: keep expert files of an identical earlier run instead of retraining them.
         overwrite: replace a finished store of other settings in ``out_dir`` (refused
@@ -327,6 +334,7 @@ def train_experts_symmetric(
         "image_encoder": image_encoder,
         "text_encoder": text_encoder,
         "dataset_fingerprint": fingerprint,
+        "image_size": image_size,
     }
     return _train_and_store(
         recipe, student, out_dir, identity, resume=resume, progress=progress, overwrite=overwrite
@@ -344,6 +352,7 @@ def train_experts_lors(
     image_encoder: str = "unknown",
     text_encoder: str = "unknown",
     dataset_fingerprint: str | None = None,
+    image_size: int | None = None,
     device: str | torch.device | None = None,
     resume: bool = True,
     overwrite: bool = False,
@@ -374,6 +383,7 @@ def train_experts_lors(
         "image_encoder": image_encoder,
         "text_encoder": text_encoder,
         "dataset_fingerprint": fingerprint,
+        "image_size": image_size,
     }
     return _train_and_store(
         recipe, student, out_dir, identity, resume=resume, progress=progress, overwrite=overwrite

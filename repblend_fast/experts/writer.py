@@ -191,6 +191,16 @@ class StoreWriter:
                 ) from None
             old = None
         same = old is not None and recipe_of(old) == self._config
+        if old is not None and not same and _only_size_added(recipe_of(old), self._config):
+            # A store of an earlier version, which recorded no image size: its experts may have
+            # seen another size, so they are rebuilt (as with overwrite), not refused.
+            logger.warning(
+                "%s: a store of an earlier version without a recorded image size; its experts "
+                "are trained again at %s px",
+                self.out_dir,
+                self._config["image_size"],
+            )
+            overwrite = True
         if old is not None and not same and not overwrite:
             diff = recipe_diff(recipe_of(old), self._config)
             raise StoreExistsError(
@@ -353,6 +363,15 @@ class StoreWriter:
         if self._follower:
             raise ValueError("only rank 0's writer writes the manifest")
         write_atomic(self.out_dir / MANIFEST, json_bytes(manifest))
+        if self._reused:
+            # Visible by default: a rerun that trains nothing should say why it was quick.
+            logger.warning(
+                "%s: kept %d finished expert(s) of an earlier build with these settings, "
+                "trained %d",
+                self.out_dir,
+                len(self._reused),
+                len(self.files) - len(self._reused),
+            )
         (self.out_dir / PARTIAL).unlink(missing_ok=True)
         self._remove_rank_records()
         fsync_dir(self.out_dir)
@@ -369,3 +388,12 @@ class StoreWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _only_size_added(old: dict, new: dict) -> bool:
+    """Whether ``new`` is ``old`` plus the ``image_size`` earlier versions did not record."""
+    return (
+        "image_size" not in old
+        and "image_size" in new
+        and {k: v for k, v in new.items() if k != "image_size"} == old
+    )

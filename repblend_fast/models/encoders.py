@@ -155,13 +155,29 @@ def packaged_checkpoint(package: str) -> Path:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file; safetensors, or a torch file loaded with weights_only."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    import pickle
+    import warnings
 
-        sd = load_file(str(path), device="cpu")
-    else:
-        # weights_only: a foreign checkpoint must never execute code on load (docs/design.md §3).
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path), device="cpu")
+        else:
+            # weights_only: a foreign file never runs code on load (docs/design.md §3). Its
+            # warnings (pickle protocols it "might not support") would precede our one line.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        # Not torch's own advice (to switch weights_only off): that would run the file's code.
+        raise ValueError(
+            f"{path}: not a readable weights file ({type(exc).__name__}); pass a .safetensors "
+            "file or a torch.save'd state dict of tensors (other Python objects are refused, "
+            "never unpickled)"
+        ) from None
+    except Exception as exc:  # safetensors' own error type: a truncated or foreign file
+        raise ValueError(f"{path}: not a readable .safetensors file ({exc})") from None
     # Unwrap the usual training-script containers.
     for key in ("state_dict_ema", "model_ema", "state_dict", "model", "module"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):

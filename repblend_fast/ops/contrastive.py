@@ -111,6 +111,13 @@ def _fused_backward(backend: str, g, img, txt, target, scale, aux, loss: str, ep
     return tuple(out)
 
 
+def _nan_rows(d: torch.Tensor) -> torch.Tensor:
+    """NaN for every row of an embedding gradient ``[K, B, D]`` holding a non-finite entry, as
+    the reference gives: its normalisation's backward takes a dot product over the row, which any
+    inf or NaN makes NaN for the whole row (the fused kernels otherwise leave a lone +-inf)."""
+    return torch.where(torch.isfinite(d).all(-1, keepdim=True), d, torch.full_like(d, math.nan))
+
+
 def _ref_loss32(img, txt, target, scale, loss: str, eps: float) -> torch.Tensor:
     """Reference loss in fp32 (fp64 stays fp64) for ``[K, B, D]`` inputs and ``scale`` ``[K]``."""
     dt = torch.promote_types(img.dtype, torch.float32)
@@ -202,7 +209,7 @@ class _ContrastiveBwdFn(torch.autograd.Function):
         d_img, d_txt, d_tgt, d_scale = _fused_backward(
             backend, g, img, txt, target, scale, aux, loss, eps
         )
-        return d_img, d_txt, d_tgt, d_scale.to(scale.dtype)
+        return _nan_rows(d_img), _nan_rows(d_txt), d_tgt, d_scale.to(scale.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -420,5 +427,26 @@ def contrastive_loss(
         scale = logit_scale.reshape(1).expand(k)
     else:
         scale = torch.full((k,), float(logit_scale), dtype=torch.float32, device=img.device)
+    if loss == "kl":
+        target = _kl_shift(target)
     out = _ContrastiveFn.apply(img, txt, target, scale, loss, float(eps), chosen)[0]
     return out[0] if single else out
+
+
+KL_SHIFT_FROM = 8.0
+"""Targets whose largest finite entry exceeds this in magnitude are shifted before the fused KL
+(:func:`_kl_shift`); below it the fused paths see the targets unchanged."""
+
+
+def _kl_shift(target: torch.Tensor) -> torch.Tensor:
+    """``target - c`` per problem, ``c`` its largest entry where that is finite and above
+    :data:`KL_SHIFT_FROM` in magnitude (else 0).
+
+    Both softmaxes of the KL loss are shift-invariant, so the loss and every gradient are those
+    of ``target``; but the kernels keep ``lse(10 S) = max + log(sum)`` as one fp32 statistic,
+    which for entries of magnitude 1e5 and more rounds the log away (the reference's
+    ``log_softmax`` never forms that sum). ``c`` is a constant (detached) and computed without a
+    host sync."""
+    c = target.detach().amax(dim=(-1, -2), keepdim=True)
+    big = torch.isfinite(c) & (c.abs() > KL_SHIFT_FROM)
+    return target - torch.where(big, c, torch.zeros_like(c))

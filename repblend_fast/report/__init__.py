@@ -12,7 +12,8 @@ Files written:
 ``report.md``              results table (mean ± std over evaluation seeds), verdict, settings,
                            timings
 ``distilled_<m>.png``      the distilled images of method ``m``, each captioned with the real
-                           training caption nearest to its distilled text
+                           training caption nearest to its distilled text after their cosine
+                           (``?`` below :data:`WEAK_MATCH`)
 ``loss_curves.png``        matching loss per modality and in total, and the learned learning
                            rates, per distillation iteration
 ``collapse.png``           modality-collapse diagnostics (docs/algorithm.md §9) per set, and a PCA
@@ -41,6 +42,7 @@ from repblend_fast.report.figures import (
     MIN_FONT_PT,
     MODALITY_STYLE,
     check_plotting,
+    grid_captions,
     make_collapse_figure,
     make_distilled_grid,
     make_loss_figure,
@@ -66,6 +68,7 @@ from repblend_fast.report.tables import (
     METHOD_ORDER,
     RECALL_KEYS,
     VERDICT_BASELINES,
+    WEAK_MATCH,
     diagnostics_table,
     fmt,
     fmt_g,
@@ -90,7 +93,9 @@ __all__ = [
     "RECALL_KEYS",
     "REPORT_FILE",
     "VERDICT_BASELINES",
+    "WEAK_MATCH",
     "check_plotting",
+    "grid_captions",
     "diagnostics_table",
     "fmt",
     "fmt_g",

@@ -23,7 +23,7 @@ from repblend_fast.report.run_dir import (
     loss_reference,
     read_jsonl,
 )
-from repblend_fast.report.tables import DIAG_KEYS, fmt, method_label
+from repblend_fast.report.tables import DIAG_KEYS, WEAK_MATCH, fmt, method_label
 
 DPI = 100
 MIN_FONT_PT = 8.5  # 11.8 px at DPI; DejaVu Sans capitals are 0.73 em, so 8.6 px tall
@@ -158,6 +158,18 @@ def make_distilled_grid(
             parse_math=False,
         )
     return fig
+
+
+def grid_captions(captions, similarities) -> list[str]:
+    """``"0.83 · caption"`` per distilled text, ``"? 0.31 · caption"`` below :data:`WEAK_MATCH`
+    (the cosine first, so that cutting a long caption never cuts it; the captions alone where no
+    similarities were recorded)."""
+    sims = list(similarities or [])
+    if len(sims) != len(captions):
+        return [str(c) for c in captions]
+    return [
+        f"{'? ' if float(v) < WEAK_MATCH else ''}{fmt(v, 2)} · {c}" for c, v in zip(captions, sims)
+    ]
 
 
 def plot_distilled_grid(
@@ -434,9 +446,10 @@ def run_figures(run_dir: str | os.PathLike, metrics: dict[str, Any] | None = Non
             )
         figs[grid_png(name)] = make_distilled_grid(
             images,
-            list(caps),
+            grid_captions(caps, m.get("nearest_similarity")),
             title=f"{labels[name]}: {images.shape[0]} distilled images, each under the real "
-            "training caption nearest to its distilled text (similarities in report.md)",
+            "training caption nearest to its distilled text, after their cosine; '?' marks a "
+            f"cosine below {WEAK_MATCH}: no real caption says what that text says",
         )
     runs, refs = {}, {}
     for name, d in metrics.get("distillation", {}).items():

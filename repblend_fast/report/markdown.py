@@ -16,6 +16,7 @@ from repblend_fast.report.run_dir import (
     read_jsonl,
 )
 from repblend_fast.report.tables import (
+    WEAK_MATCH,
     diagnostics_table,
     fmt,
     fmt_g,
@@ -263,14 +264,18 @@ def _distilled_sets(methods: dict[str, Any], labels: dict[str, str], run_dir: Pa
             out += [
                 f"Nearest real training caption of the first {k} of {len(caps)} distilled "
                 "texts, with its cosine similarity in the text encoder's space (1 = the "
-                "distilled text still is that caption):",
+                f"distilled text still is that caption; below {WEAK_MATCH} it is marked as a weak "
+                "match: no real caption says what that text says):",
                 "",
                 "| # | nearest real caption | cosine |",
                 "|---|---|---|",
             ]
             for i, c in enumerate(caps[:k]):
                 c = str(c).replace("|", "/")
-                out.append(f"| {i + 1} | {c} | {fmt(sims[i], 2) if i < len(sims) else '–'} |")
+                cos = fmt(sims[i], 2) if i < len(sims) else "–"
+                if i < len(sims) and float(sims[i]) < WEAK_MATCH:
+                    cos += " (weak match)"
+                out.append(f"| {i + 1} | {c} | {cos} |")
             out.append("")
     return out
 

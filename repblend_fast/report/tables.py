@@ -29,6 +29,11 @@ VERDICT_BASELINES = ("random", "random_infonce", "kcenter", "herding")
 
 
 # ------------------------------------------------------------------------------- numbers
+WEAK_MATCH = 0.5
+"""Below this cosine (text encoder's space) a distilled text's nearest real caption is marked as
+a weak match in the grids and the report: the caption does not describe what the set learned."""
+
+
 def fmt(x: float | None, digits: int = 1, *, sign: bool = False) -> str:
     """``x`` with ``digits`` decimals; never ``-0.0`` (a value that rounds to zero prints as
     ``0.0``, also with ``sign``), ``–`` for ``None``, ``nan`` / ``inf`` / ``-inf`` as such."""
