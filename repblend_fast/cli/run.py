@@ -342,7 +342,9 @@ def run_distill(args, cfg: DistillConfig, *, enc=None, flags: dict[str, str] | N
             cache_dir=args.cache_dir,
             progress=not args.no_progress,
         )
-    except (FileExistsError, FileNotFoundError, ValueError, DistillationStopped) as exc:
+    except DistillationStopped:
+        raise  # exit status 3, not a bad input
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
         raise CLIError(str(exc)) from exc
 
 
