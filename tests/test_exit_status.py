@@ -27,3 +27,5 @@ def test_a_collapsed_cli_run_exits_3(tiny_pairs, tmp_path, capsys):
     assert status == 3
     err = capsys.readouterr().err
     assert "Traceback" not in err and "no lower than" in err
+    # The stopped run's guard summary is written too.
+    assert (tmp_path / "run" / "summary.json").is_file()

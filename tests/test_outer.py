@@ -147,7 +147,11 @@ def test_trust_region_bounds_each_pairs_update():
     g = _grads(seed=60)
     g["x"][2] *= 1e4  # one pair's image gradient far too large
     opt = OuterOptimizer(cfg, params)
-    assert bool(opt.step(g, torch.tensor(2.0))["accepted"])
+    st = opt.step(g, torch.tensor(2.0))
+    assert bool(st["accepted"])
+    # What the metrics report: one image row of N scaled down, no text or similarity row.
+    assert float(st["clipped_image"]) == pytest.approx(1 / N)
+    assert float(st["clipped_text"]) == 0.0 and float(st["clipped_sim"]) == 0.0
     step = (params["x"] - x0).reshape(N, -1).norm(dim=1)
     assert float(step[2]) == pytest.approx(tau * float(ref), rel=1e-5)
     # The other pairs' small updates are untouched: exactly lr * g.

@@ -273,8 +273,13 @@ def _checkpoint_config(out: Path) -> DistillConfig | None:
 
 def cmd_distill(args) -> int:
     cfg = config_from_args(args)
+    from repblend_fast.guard_report import read_guard, summary_line
+
     run_distill(args, cfg)
     print(f"distilled set written to {Path(args.out) / 'distilled.safetensors'}")
+    guard = read_guard(args.out)
+    if guard is not None:
+        print(summary_line(guard))
     return 0
 
 
