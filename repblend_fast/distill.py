@@ -345,7 +345,7 @@ class Distiller(DistillerState):
         if not every or self.iteration % every or self._dist is not None:
             return {}
         params = self._params()
-        shifted, predicted = probe_point(params, grads, self.opt.lr)
+        shifted, predicted = probe_point(params, grads, self.opt.lr, loss)
         at = (shifted["x"], shifted["y"], {k: shifted[f"sim.{k}"] for k in self.sim_params})
         (moved, _, _), _ = self._meta_gradients(
             starts, targets, plans, at=(*at, shifted["eta_img"], shifted["eta_txt"])

@@ -32,7 +32,7 @@ from repblend_fast.outer import CLIPPED_GROUPS, GROUPS
 
 __all__ = [
     "CHECK_BAND",
-    "CHECK_STEP",
+    "CHECK_CHANGE",
     "CLIPPED_SHARE",
     "GuardReport",
     "REJECTED_SHARE",
@@ -48,20 +48,25 @@ WINDOW = 10
 REJECTED_SHARE = 0.2
 CLIPPED_SHARE = 0.5
 CHECK_BAND = (0.5, 2.0)
-# The gradient check's step: this fraction of one plain SGD step (lr · g, no momentum).
-CHECK_STEP = 1e-4
+# The gradient check's step: along the plain SGD direction (-lr · g, no momentum), as far as
+# makes the loss fall by this fraction of its value if the gradient is right.
+CHECK_CHANGE = 1e-4
 
 
-def probe_point(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], lr: dict):
-    """``(shifted, predicted)``: the parameters moved ``CHECK_STEP`` of a plain SGD step
-    (``p - CHECK_STEP · lr · g``) and the loss change the gradient predicts for that move
-    (``-CHECK_STEP · Σ lr · ||g||²``, a 0-d tensor on the device)."""
-    shifted, predicted = {}, []
-    for n, p in params.items():
-        g = grads[n].to(p.dtype)
-        shifted[n] = p - CHECK_STEP * lr[n] * g
-        predicted.append(-CHECK_STEP * lr[n] * g.double().pow(2).sum())
-    return shifted, torch.stack(predicted).sum()
+def probe_point(
+    params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], lr: dict, loss: torch.Tensor
+):
+    """``(shifted, predicted)``: the parameters moved along the plain SGD direction,
+    ``p - s · lr · g``, and the loss change the gradient predicts for that move,
+    ``-s · Σ lr · ||g||²`` (a 0-d tensor on the device), where the step ``s`` makes the
+    prediction ``-CHECK_CHANGE · |loss|``: small enough that curvature does not count where
+    the objective is sharply curved (a large gradient), large enough to stand far above fp32
+    rounding where it is flat (a small one)."""
+    g = {n: grads[n].to(p.dtype) for n, p in params.items()}
+    slope = torch.stack([lr[n] * g[n].double().pow(2).sum() for n in params]).sum()
+    s = CHECK_CHANGE * loss.double().abs() / slope.clamp_min(1e-300)
+    shifted = {n: p - (s * lr[n]).to(p.dtype) * g[n] for n, p in params.items()}
+    return shifted, -s * slope
 
 
 class GuardReport:
