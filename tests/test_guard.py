@@ -80,8 +80,9 @@ GRADIENT_WARNINGS = {"grad_check", "zero_image", "zero_text"}
     ],
 )
 def test_a_wrong_meta_gradient_is_reported(kind, warning, caplog):
-    # A check every 10 iterations: the first one (iteration 0) already sees a scaled gradient.
-    d = setup(small(iterations=CAUGHT_WITHIN, grad_check_every=10))
+    # The default settings: gradient checks at iterations 0 and 25 (grad_check_every=25).
+    d = setup(small(iterations=CAUGHT_WITHIN))
+    assert d.cfg.grad_check_every == 25
     _inject(d, kind)
     with caplog.at_level(logging.WARNING, logger="repblend_fast.guard"):
         n, warns = _warnings_until(d, {warning}, CAUGHT_WITHIN)
