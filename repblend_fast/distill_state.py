@@ -3,8 +3,8 @@
 What a run saves and restores to continue bit-for-bit (:meth:`~DistillerState.state_tensors`,
 :meth:`~DistillerState.save_checkpoint`, :meth:`~DistillerState.load_checkpoint`) and what it
 writes into its folder besides (``config.json``, ``metrics.jsonl``, ``checksums.json``; the
-Distiller adds ``summary.json`` at the end). The file
-formats and their checks are :mod:`repblend_fast.checkpoint`'s.
+Distiller adds ``summary.json`` at the end). The file formats and their checks are
+:mod:`repblend_fast.checkpoint`'s.
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ class GuardReport:
         self._watch_rejections(i)
         self._watch_clipping(i)
         self._watch_zero(rec)
-        if "grad_check" in rec:
+        if "grad_check" in rec and not rec.get("skipped_non_finite"):
             self._watch_check(rec)
         if log:
             self._flush()
