@@ -50,6 +50,7 @@ __all__ = [
     "RECORDED_CHANGES",
     "RESUMABLE_CHANGES",
     "RUN_FILES",
+    "SUMMARY",
     "Checkpoint",
     "MetricsLog",
     "RunInterrupted",
@@ -76,7 +77,8 @@ CONFIG = "config.json"
 DISTILLED = "distilled.safetensors"
 METRICS = "metrics.jsonl"
 CHECKSUMS = "checksums.json"
-RUN_FILES = (CONFIG, METRICS, CHECKPOINT, DISTILLED, CHECKSUMS)
+SUMMARY = "summary.json"
+RUN_FILES = (CONFIG, METRICS, CHECKPOINT, DISTILLED, SUMMARY, CHECKSUMS)
 # Fields a resumed run may set differently from the run it continues: the learning rates and the
 # clamp (the advice of the NaN guard: lower them, then resume), the length and the checkpoint
 # cadence. Everything else changes what the saved state means.

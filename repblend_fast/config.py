@@ -113,7 +113,11 @@ class DistillConfig:
         guard_window, guard_warmup, guard_cooldown: iterations in the running medians; accepted
             iterations needed before the medians are trusted; iterations a learning rate stays
             halved after a rejection.
-        collapse_window: the run stops (exit 2 from the CLI) when the median matching loss over
+        grad_check_every: every k iterations (from the first) the meta-gradient is checked against
+            the loss: the loss is evaluated again, on the same draws, a small step along the
+            update, and a change far from what the gradient predicts is reported
+            (docs/algorithm.md §14); costs one more unroll per check; 0 = never.
+        collapse_window: the run stops (exit 3 from the CLI) when the median matching loss over
             the last ``collapse_window`` iterations is no lower than over the first ones, or the
             learned learning rates stay pinned at ``clamp_lr`` that long (0 = never).
         device: ``cpu`` or ``cuda``.
@@ -167,6 +171,7 @@ class DistillConfig:
     guard_window: int = 20
     guard_warmup: int = 3
     guard_cooldown: int = 10
+    grad_check_every: int = 25
     collapse_window: int = 50
     device: str = "cpu"
     threads: int = 0
@@ -217,6 +222,7 @@ class DistillConfig:
             (self.guard_window >= 3, "guard_window", ">= 3"),
             (1 <= self.guard_warmup <= self.guard_window, "guard_warmup", "in [1, guard_window]"),
             (self.guard_cooldown >= 1, "guard_cooldown", ">= 1"),
+            (self.grad_check_every >= 0, "grad_check_every", ">= 0 (0 = never check)"),
             (self.collapse_window >= 0, "collapse_window", ">= 0 (0 = never stop)"),
             (self.device.split(":")[0] in ("cpu", "cuda"), "device", "'cpu' or 'cuda[:i]'"),
             (self.threads >= 0, "threads", ">= 0 (0 = torch's current setting)"),

@@ -22,9 +22,8 @@ from typing import Any
 
 from repblend_fast.io import read_safetensors_header
 
-__all__ = ["SUMMARY", "describe", "summary"]
+__all__ = ["describe", "summary"]
 
-SUMMARY = "summary.json"  # a run folder's end-of-run record (its "guard" block is shown)
 UNKNOWN = "unknown"
 
 EXPECTED = "an expert store, a run or demo folder, or a .safetensors file written by repblend-fast"
@@ -132,6 +131,8 @@ def _describe_run(d: Path) -> dict[str, Any]:
             info.pop("config", None)  # the folder's config.json says it
             out[name] = info
     out["integrity"] = _run_integrity(d)
+    from repblend_fast.checkpoint import SUMMARY  # the end-of-run record (its "guard" block)
+
     if (d / SUMMARY).is_file():
         rec = _read_json(d / SUMMARY)
         if isinstance(rec, dict) and isinstance(rec.get("guard"), dict):

@@ -25,13 +25,15 @@ import torch
 import torch.nn as nn
 
 from repblend_fast import distributed
-from repblend_fast.checkpoint import DISTILLED, RunInterrupted, StopOnSignal
+from repblend_fast.checkpoint import DISTILLED, SUMMARY, RunInterrupted, StopOnSignal
 from repblend_fast.config import DistillConfig
 from repblend_fast.distill_state import DistillerState
 from repblend_fast.distilled_set import DistilledSet
+from repblend_fast.guard_report import GuardReport, probe_point
+from repblend_fast.io import json_bytes
 from repblend_fast.models.flat import FlatSpec
 from repblend_fast.models.heads import HeadSpec
-from repblend_fast.outer import GROUPS, OuterOptimizer
+from repblend_fast.outer import CLIPPED_GROUPS, GROUPS, OuterOptimizer
 from repblend_fast.sampling import IterationSampler
 from repblend_fast.stats import median
 from repblend_fast.transfer import to_device
@@ -140,6 +142,7 @@ class Distiller(DistillerState):
         self.iteration = 0
         self.bad_streak = 0
         self.history: list[dict] = []
+        self.guard_report = GuardReport()
 
     # ----------------------------------------------------------------- construction
     def _make_similarity(self):
@@ -267,6 +270,7 @@ class Distiller(DistillerState):
         if self._dist is not None:  # one all-reduce: the means over all K trajectories
             losses, grads, synced = self._dist.average(losses, grads)
         loss, loss_img, loss_txt = losses
+        check = self._grad_check(loss, grads, starts, targets, plans)
         stats = self.opt.step(grads, loss)
         vals = read_back(
             {
@@ -277,6 +281,7 @@ class Distiller(DistillerState):
                 "eta_txt": self.eta_txt,
                 **stats,
                 **synced,
+                **check,
             }
         )
         if self._dist is not None:
@@ -290,6 +295,7 @@ class Distiller(DistillerState):
         self.iteration += 1
         self.history.append(rec)
         self._log(rec)
+        self.guard_report.add(rec)
         self._check_collapse(rec)
         if self.bad_streak >= cfg.nan_patience:
             self.save_checkpoint()
@@ -331,9 +337,26 @@ class Distiller(DistillerState):
             "guard=true (docs/algorithm.md §14)."
         )
 
-    def _meta_gradients(self, starts, targets, plans):
-        """``((loss, loss_img, loss_txt), grads)`` of the iteration's K trajectories (means)."""
-        args = (self.x, self.y, self.sim_params, self.eta_img, self.eta_txt)
+    def _grad_check(self, loss, grads, starts, targets, plans) -> dict[str, torch.Tensor]:
+        """On the iterations ``grad_check_every`` picks: ``{"grad_check": ratio}``, the loss
+        change along a small step of the update (same draws) over the change the meta-gradient
+        predicts (1 for a correct gradient; docs/algorithm.md §14). ``{}`` otherwise, and under
+        torchrun (each rank holds only its share of the trajectories)."""
+        every = self.cfg.grad_check_every
+        if not every or self.iteration % every or self._dist is not None:
+            return {}
+        params = self._params()
+        shifted, predicted = probe_point(params, grads, self.opt.lr, loss)
+        at = (shifted["x"], shifted["y"], {k: shifted[f"sim.{k}"] for k in self.sim_params})
+        (moved, _, _), _ = self._meta_gradients(
+            starts, targets, plans, at=(*at, shifted["eta_img"], shifted["eta_txt"])
+        )
+        return {"grad_check": (moved.double() - loss.double()) / predicted}
+
+    def _meta_gradients(self, starts, targets, plans, at=None):
+        """``((loss, loss_img, loss_txt), grads)`` of the iteration's K trajectories (means), at
+        the current leaves or at ``at = (x, y, sim_params, eta_img, eta_txt)``."""
+        args = at or (self.x, self.y, self.sim_params, self.eta_img, self.eta_txt)
         if self.cfg.student == "heads":
             # The K trajectories run batched in one unroll (mean loss and gradients).
             stack = lambda pairs, m: torch.stack([p[m] for p in pairs])  # noqa: E731
@@ -403,6 +426,9 @@ class Distiller(DistillerState):
             scales = {g: vals[f"lr_scale_{g}"] for g in GROUPS if vals[f"lr_scale_{g}"] != 1.0}
             if scales:
                 rec["lr_scale"] = scales
+            rec["clipped"] = {g: vals[f"clipped_{g}"] for g in CLIPPED_GROUPS}
+        if "grad_check" in vals:
+            rec["grad_check"] = vals["grad_check"]
         if not vals["accepted"] and finite:
             rec["update_rejected"] = True
         return rec
@@ -449,7 +475,12 @@ class Distiller(DistillerState):
                 if self._dist is not None:
                     self._dist.stop_source = stop  # ranks stop after the same iteration
                 while self.iteration < cfg.iterations:
-                    rec = self.step()
+                    try:
+                        rec = self.step()
+                    except DistillationStopped:
+                        bar.close()
+                        self._summarise()
+                        raise
                     if on_iteration is not None:
                         on_iteration(self)
                     bar.update(1)
@@ -461,6 +492,7 @@ class Distiller(DistillerState):
                         bar.close()
                         raise RunInterrupted(signum, self.iteration, self.save_checkpoint())
             bar.close()
+            self._summarise()
             result = self.result()
             if self.out_dir is not None:
                 self.save_checkpoint()
@@ -471,6 +503,16 @@ class Distiller(DistillerState):
         finally:
             if lock is not None:
                 lock.release()
+
+    def _summarise(self) -> None:
+        """Log the guard's run summary and write ``summary.json`` (atomically, recorded in
+        ``checksums.json``) with its ``guard`` block."""
+        if not distributed.is_main():
+            return
+        logger.info("%s", self.guard_report.line())
+        if self.out_dir is not None:
+            summary = {"guard": self.guard_report.summary()}
+            self._run_record().write(SUMMARY, json_bytes(summary))
 
     def result(self) -> DistilledSet:
         sim_full = None

@@ -2,12 +2,14 @@
 
 What a run saves and restores to continue bit-for-bit (:meth:`~DistillerState.state_tensors`,
 :meth:`~DistillerState.save_checkpoint`, :meth:`~DistillerState.load_checkpoint`) and what it
-writes into its folder besides (``config.json``, ``metrics.jsonl``, ``checksums.json``). The file
-formats and their checks are :mod:`repblend_fast.checkpoint`'s.
+writes into its folder besides (``config.json``, ``metrics.jsonl``, ``checksums.json``; the
+Distiller adds ``summary.json`` at the end). The file formats and their checks are
+:mod:`repblend_fast.checkpoint`'s.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from repblend_fast.checkpoint import (
     read_metrics_for_resume,
     write_checkpoint,
 )
+from repblend_fast.guard_report import GuardReport
 
 
 class DistillerState:
@@ -157,6 +160,8 @@ class DistillerState:
         self._restore(t)
         if keep is not None:
             self._mlog = MetricsLog(self.out_dir / METRICS, keep)
+            # The guard's tallies cover the whole run: recount the iterations already done.
+            self.guard_report = GuardReport(json.loads(x) for x in keep.splitlines() if x.strip())
         self._resumed_from = path
         changes = {
             k: [getattr(ck.config, k), getattr(self.cfg, k)]

@@ -35,10 +35,12 @@ import torch
 
 from repblend_fast.config import DistillConfig
 
-__all__ = ["GROUPS", "OuterOptimizer"]
+__all__ = ["CLIPPED_GROUPS", "GROUPS", "OuterOptimizer"]
 
 # Group of each parameter name (similarity parameters are "sim.<name>").
 GROUPS = ("image", "text", "eta", "sim")
+# The groups whose rows (one per synthetic pair) the trust region bounds.
+CLIPPED_GROUPS = ("image", "text", "sim")
 
 
 def _group(name: str) -> str:
@@ -111,8 +113,9 @@ class OuterOptimizer:
             rollback = jump & self.prev_valid & finite
             accept = accept & ~spikes.any() & ~jump
             self._rollback(rollback)
-            g = self._trust_region(g)
+            g, clipped = self._trust_region(g)
             stats.update({f"spike_{k}": spikes[i] for i, k in enumerate(GROUPS)})
+            stats.update({f"clipped_{k}": v for k, v in clipped.items()})
         lr_scale = self.scale if self.guard else None
         cand, bufs = self._candidates(g, lr_scale)
         cand_finite = _all_finite(cand.values())
@@ -195,24 +198,31 @@ class OuterOptimizer:
             if n in self.momentum:
                 self.momentum[n].copy_(torch.where(rollback, self.prev["m." + n], self.momentum[n]))
 
-    def _trust_region(self, g: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _trust_region(self, g: dict[str, torch.Tensor]):
         """Scale each pair's gradient row so that ``lr · ||row||`` stays within ``trust_region``
-        times the group's RMS row norm (images, texts, similarity rows)."""
+        times the group's RMS row norm (images, texts, similarity rows).
+
+        Returns the scaled gradients and, per row group (``image``, ``text``, ``sim``), the
+        fraction of its rows that were scaled down (0-d tensors; 0 without a bound).
+        """
         tau = self.cfg.trust_region
+        zero = torch.zeros((), device=self.device)
+        clipped = dict.fromkeys(CLIPPED_GROUPS, zero)
         if tau <= 0:
-            return g
+            return g, clipped
         out = dict(g)
         sim = [n for n in g if _group(n) == "sim" and self.params[n].dim() >= 1]
-        for names in (["x"], ["y"], sim):
+        for group, names in zip(CLIPPED_GROUPS, (["x"], ["y"], sim)):
             if not names:
                 continue
             ref = _rows(self.params, names).norm(dim=1).pow(2).mean().sqrt()
             step = self.lr[names[0]] * _rows(g, names).norm(dim=1)
             factor = torch.clamp(tau * ref / step.clamp_min(1e-30), max=1.0)
+            clipped[group] = (factor < 1).float().mean()
             for n in names:
                 shape = (-1,) + (1,) * (g[n].dim() - 1)
                 out[n] = g[n] * factor.reshape(shape).to(g[n].dtype)
-        return out
+        return out, clipped
 
     def _update_guard(self, norms, loss, accept, spikes, rollback) -> None:
         """Running histories (accepted iterations only) and the per-group learning-rate scales."""

@@ -195,6 +195,12 @@ def test_demo_writes_report_metrics_and_figures(tiny_run):
     assert " ± " in rep and "![loss curves](loss_curves.png)" in rep
     assert "## Time" in rep
     assert "Learning curve of RepBlend" in rep and "| iterations | 0 | 1 | 2 | 3 |" in rep
+    # What the guard did, per run: metrics.json carries each run's summary.json block and the
+    # report its table.
+    for name in ("repblend", "lors"):
+        guard = json.loads((out / name / "summary.json").read_text())["guard"]
+        assert m["distillation"][name]["guard"] == guard
+    assert "**Guard**" in rep and "| RepBlend | 3 |" in rep
 
 
 def test_demo_refuses_to_overwrite(tiny_run, capsys):

@@ -147,7 +147,11 @@ def test_trust_region_bounds_each_pairs_update():
     g = _grads(seed=60)
     g["x"][2] *= 1e4  # one pair's image gradient far too large
     opt = OuterOptimizer(cfg, params)
-    assert bool(opt.step(g, torch.tensor(2.0))["accepted"])
+    st = opt.step(g, torch.tensor(2.0))
+    assert bool(st["accepted"])
+    # What the metrics report: one image row of N scaled down, no text or similarity row.
+    assert float(st["clipped_image"]) == pytest.approx(1 / N)
+    assert float(st["clipped_text"]) == 0.0 and float(st["clipped_sim"]) == 0.0
     step = (params["x"] - x0).reshape(N, -1).norm(dim=1)
     assert float(step[2]) == pytest.approx(tau * float(ref), rel=1e-5)
     # The other pairs' small updates are untouched: exactly lr * g.
@@ -155,6 +159,32 @@ def test_trust_region_bounds_each_pairs_update():
     torch.testing.assert_close(
         params["x"][others], x0[others] - cfg.lr_img * g["x"][others], rtol=1e-6, atol=1e-8
     )
+
+
+def test_trust_region_is_smooth_in_the_gradient():
+    """A perturbation of the gradient at rounding level moves the update by as little: rows just
+    below, at and just above the bound, tiny rows and zero rows included (a hard switch, a
+    quantised factor or a branch at the bound would move a row by a finite amount)."""
+    tau = 0.05
+    cfg = _cfg(guard=True, trust_region=tau, momentum=0.0)
+    base = _params()
+    ref = float(base["x"].reshape(N, -1).norm(dim=1).pow(2).mean().sqrt())
+    g = _grads(seed=61)
+    rows = g["x"].reshape(N, -1)
+    bound = tau * ref / cfg.lr_img  # the gradient row norm at which clipping starts
+    for i, s in enumerate([1 - 1e-7, 1.0, 1 + 1e-7, 3.0, 1e-9, 0.0]):
+        rows[i] *= s * bound / rows[i].norm() if s else 0.0
+    gen = torch.Generator().manual_seed(62)
+    moved = []
+    for rel in (0.0, 1e-6):
+        params = {k: v.clone() for k, v in base.items()}
+        gp = {k: v * (1 + rel * torch.randn(v.shape, generator=gen)) for k, v in g.items()}
+        OuterOptimizer(cfg, params).step(gp, torch.tensor(2.0))
+        moved.append(params["x"] - base["x"])
+    diff = (moved[1] - moved[0]).reshape(N, -1).norm(dim=1)
+    size = moved[0].reshape(N, -1).norm(dim=1).clamp_min(1e-30)
+    assert float((diff / size)[:5].max()) <= 1e-5  # rows moved: relative change ~1e-6
+    assert float(diff[5]) == 0.0
 
 
 def test_eta_momentum_is_reset_at_the_clamp():

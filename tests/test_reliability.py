@@ -623,5 +623,5 @@ def test_stale_temporary_files_are_removed(env, run4, tmp_path):
     assert not list(run.glob(".*.tmp"))
     assert sorted(p.name for p in run.iterdir()) == sorted(
         ["checkpoint.safetensors", "checksums.json", "config.json", "distilled.safetensors"]
-        + ["metrics.jsonl"]
+        + ["metrics.jsonl", "summary.json"]
     )

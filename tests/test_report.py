@@ -32,6 +32,19 @@ CAPTIONS = [
 NEG_ZERO = re.compile(r"(?<![\d.])-0(?:\.0+)?(?![.\d])")
 
 
+# A summary.json guard block (repblend_fast.guard_report.GuardReport.summary).
+GUARD = {
+    "iterations": 6,
+    "rejected": {"image": 1, "text": 0, "eta": 0, "sim": 0},
+    "rejected_iterations": 2,
+    "rolled_back": 1,
+    "longest_rejected_streak": 2,
+    "clipped_fraction": {"image": 0.125, "text": 0.5, "sim": 0.0},
+    "grad_checks": {"run": 1, "failed": 0},
+    "warnings": ["guard: the trust region scaled down 60% of the text rows (a test warning)"],
+}
+
+
 def _summary(mean: float, std: float) -> dict:
     keys = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "mean")
     return {"mean": dict.fromkeys(keys, mean), "std": dict.fromkeys(keys, std)}
@@ -120,6 +133,7 @@ def make_run(root, verdict="list", merge_loss=False):
                 "sec_per_iter": 0.01,
                 "config": cfg,
                 "metrics_jsonl": "repblend/metrics.jsonl",
+                "guard": GUARD,
             },
             "lors": {
                 "iterations": 3,
@@ -183,6 +197,13 @@ def test_render_run_writes_everything(run):
     assert set(written) == names
     for name in names - {"report.md"}:
         assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_shows_what_the_guard_did(run):
+    report.render_run(run)
+    md = (run / "report.md").read_text()
+    assert "| RepBlend | 6 | 2 | 1 | 2 | 12.5% / 50.0% / 0.0% | 0 of 1 |" in md
+    assert GUARD["warnings"][0] in md
 
 
 def test_grid_captions_are_readable_at_native_size(figures, run):

@@ -8,8 +8,9 @@ One command runs (or continues) the study and one renders it::
 Every row — (method, budget N, distillation seed) — is one JSON file in ``--out``; a row whose file
 exists is skipped, so the study runs in as many sittings as it needs (``--methods``, ``--budgets``,
 ``--seeds`` pick a subset). A row records its settings, its evaluation (mean over the evaluation
-seeds, and per seed), its CPU and wall time and, for a run that stops (collapse, non-finite
-loss), the reason: no configuration is dropped silently.
+seeds, and per seed), its CPU and wall time, what the guard did (the ``guard`` block of the
+run's ``summary.json``: rejections, rollbacks, rows clipped, gradient checks, warnings) and, for
+a run that stops (collapse, non-finite loss), the reason: no configuration is dropped silently.
 
 Methods:
 
@@ -168,6 +169,7 @@ class Study:
         from repblend_fast.config import EVAL_EVERY, preset
         from repblend_fast.distill import DistillationStopped
         from repblend_fast.evaluate import evaluate_distilled_set
+        from repblend_fast.guard_report import read_guard
         from repblend_fast.pipeline import distill
 
         over = dict(DISTILLED[method], pairs=n, seed=seed, iterations=REPBLEND_ITERATIONS)
@@ -189,7 +191,8 @@ class Study:
                 progress=self.progress,
             )
         except DistillationStopped as exc:
-            return {**out, "stopped": str(exc)}
+            return {**out, "stopped": str(exc), "guard": read_guard(run_dir)}
+        out["guard"] = read_guard(run_dir)
         res, _ = evaluate_distilled_set(
             d,
             encoders=self.enc,

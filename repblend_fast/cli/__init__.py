@@ -14,13 +14,15 @@ module             commands
 ``cli.authors``    ``authors`` (run with the research scripts' flags)
 =================  =====================================================================
 
-Exit statuses (docs/reliability.md): 0 success; 2 for anything the user can act on — a bad
-flag or file (:class:`~repblend_fast.cli.common.CLIError`), a file whose bytes changed since they
-were written (``IntegrityError``), a folder another process is writing (``LockHeldError``, naming
-its pid), an operating-system error such as a full disk or a read-only folder — printed as one
-line naming the flag or file and what to do; 128 + N when signal N stopped a run after it wrote
-a checkpoint (130 for Ctrl-C); 1 for an unexpected error (a bug): one line, and ``--debug`` prints
-the traceback (of any error).
+Exit statuses (docs/reliability.md; ``EXIT_STATUSES`` is the ``--help`` text): 0 success; 2 for
+anything the user can act on — a bad flag or file (:class:`~repblend_fast.cli.common.CLIError`),
+a file whose bytes changed since they were written (``IntegrityError``), a folder another process
+is writing (``LockHeldError``, naming its pid), an operating-system error such as a full disk or a
+read-only folder — printed as one line naming the flag or file and what to do; 3 when a
+distillation was stopped because it went wrong (``DistillationStopped``: the collapse detector,
+or ``nan_patience`` non-finite iterations in a row; its state is checkpointed); 128 + N when
+signal N stopped a run after it wrote a checkpoint (130 for Ctrl-C); 1 for an unexpected error (a
+bug): one line, and ``--debug`` prints the traceback (of any error).
 
 Under ``torchrun --nproc-per-node N -m repblend_fast COMMAND`` (``buffer``, ``distill`` and
 ``evaluate``; docs/distributed.md) :func:`main` joins the process group first and leaves it at
@@ -48,6 +50,13 @@ __all__ = ["CLIError", "GROUPS", "build_parser", "main"]
 
 GROUPS = (run, evaluate, demo, bench, compat, authors)
 
+EXIT_STATUSES = (
+    "exit status: 0 success; 2 bad input (a flag, a file, a folder in use, a full disk), one line "
+    "saying what to change; 3 a distillation stopped because it went wrong (collapse detector, "
+    "non-finite iterations), its state checkpointed; 128+N stopped by signal N after a "
+    "checkpoint (130: Ctrl-C); 1 an unexpected error (--debug shows the traceback)"
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     from repblend_fast import __version__
@@ -55,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = Parser(
         prog="repblend-fast",
         description="Fast multimodal (image-text) dataset distillation: RepBlend, LoRS, MTT-VL.",
+        epilog=EXIT_STATUSES,
         formatter_class=HelpFormatter,
     )
     ap.add_argument("--version", action="version", version=f"repblend-fast {__version__}")
@@ -185,7 +195,9 @@ def _classify(exc: BaseException, command: str = "") -> tuple[int | None, str]:
 
     if isinstance(exc, PeerFailed):
         return (exc.status if exc.status is not None else 1), str(exc)
-    if isinstance(exc, (CLIError, IntegrityError, LockHeldError, DistillationStopped)):
+    if isinstance(exc, DistillationStopped):
+        return 3, f"error: {exc}"
+    if isinstance(exc, (CLIError, IntegrityError, LockHeldError)):
         return 2, f"error: {exc}"
     if isinstance(exc, DistributedError):
         return 2, f"error: {exc}"

@@ -369,10 +369,15 @@ def _check_out(args, out_flag: str) -> None:
 
 def cmd_distill(args) -> int:
     cfg = config_from_args(args)
+    from repblend_fast.guard_report import read_guard, summary_line
+
     if args.resume:
         cfg = resumed_config(args, cfg)
     run_distill(args, cfg, note=print)
     print(f"distilled set written to {Path(args.out) / 'distilled.safetensors'}")
+    guard = read_guard(args.out)
+    if guard is not None:
+        print(summary_line(guard))
     return 0
 
 
@@ -445,7 +450,9 @@ def run_distill(
             progress=not args.no_progress,
             note=note,
         )
-    except (FileExistsError, FileNotFoundError, ValueError, DistillationStopped) as exc:
+    except DistillationStopped:
+        raise  # exit status 3, not a bad input
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
         raise CLIError(str(exc)) from exc
 
 

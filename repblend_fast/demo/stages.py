@@ -106,6 +106,7 @@ def stage_experts(run: DemoRun, method: str) -> None:
 
 def stage_distill(run: DemoRun, method: str) -> None:
     """Distil ``method``'s set into ``out/<method>`` and summarise its matching loss."""
+    from repblend_fast.guard_report import read_guard, summary_line
     from repblend_fast.pipeline import distill
     from repblend_fast.report import read_jsonl
 
@@ -140,6 +141,10 @@ def stage_distill(run: DemoRun, method: str) -> None:
     }
     if curve:
         meta["curve"] = curve
+    guard = read_guard(run.out / method)
+    if guard is not None:
+        meta["guard"] = guard
+        run.clock.note(f"{LABELS[method]} {summary_line(guard)}")
     run.dist_meta[method] = meta
     if meta.get("loss_start") is not None:
         run.clock.note(

@@ -147,6 +147,7 @@ def _distillation(metrics: dict[str, Any], labels: dict[str, str], run_dir: Path
     if (run_dir / LOSS_PNG).exists():
         out += [f"![loss curves]({LOSS_PNG})", ""]
     out += _learning_curves(dist, metrics.get("methods", {}), labels)
+    out += _guard(dist, labels)
     out += _distillation_settings(metrics, labels)
     out.append("")
     return out
@@ -176,6 +177,36 @@ def _learning_curves(dist, methods, labels: dict[str, str]) -> list[str]:
             f"| mean recall | {vals} |",
             "",
         ]
+    return out
+
+
+def _guard(dist: dict[str, dict[str, Any]], labels: dict[str, str]) -> list[str]:
+    """How often the guard stepped in (docs/algorithm.md §14), and its warnings."""
+    runs = [(n, d["guard"]) for n, d in dist.items() if d.get("guard")]
+    if not runs:
+        return []
+    out = [
+        "**Guard** (docs/algorithm.md §14): iterations not applied (a meta-gradient spike or a "
+        "loss-jump rollback), the longest run of them, the share of rows the trust region "
+        "scaled down (mean over iterations), and the gradient checks that failed:",
+        "",
+        "| run | iterations | rejected | rolled back | longest streak | rows clipped "
+        "(image / text / sim) | gradient checks failed |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for name, g in runs:
+        clip = " / ".join(f"{100 * v:.1f}%" for v in g["clipped_fraction"].values())
+        checks = g.get("grad_checks", {})
+        out.append(
+            f"| {labels.get(name, name)} | {g['iterations']} | {g['rejected_iterations']} | "
+            f"{g['rolled_back']} | {g['longest_rejected_streak']} | {clip} | "
+            f"{checks.get('failed', 0)} of {checks.get('run', 0)} |"
+        )
+    out.append("")
+    for name, g in runs:
+        out += [f"- {labels.get(name, name)}: {w}" for w in g.get("warnings", [])]
+    if any(g.get("warnings") for _, g in runs):
+        out.append("")
     return out
 
 
