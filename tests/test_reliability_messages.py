@@ -287,7 +287,8 @@ def test_info_of_a_run_is_a_short_summary_with_the_json_on_request(env, capsys):
     assert "repblend_fast.run" in lines[0]
     assert "method repblend, 8 pairs" in out, out
     assert "2 done of 2 planned" in out, out
-    assert "guard        not recorded" in out, out
+    # The run's summary.json holds the guard's counts (docs/algorithm.md §14).
+    assert "guard        2 iterations, rejected image 0" in out, out
     assert "distilled.safetensors ok" in out and "checkpoint.safetensors ok" in out, out
     assert f"repblend-fast info --json {env.run}" in out
     full = json.loads(_info(env.run, capsys, "--json"))
