@@ -58,8 +58,8 @@ class build_py(_build_py):
     """Copy the Triton sources of the top-level ``kernels/`` folder into ``repblend_fast/kernels/``.
 
     ``kernels/`` is deliberately not a package of its own (no ``__init__.py``: it would shadow
-    Hugging Face's top-level ``kernels`` whenever the repository root is on ``sys.path``); a checkout
-    reaches it through ``repblend_fast/kernels/__init__.py``, a wheel carries the copies.
+    Hugging Face's top-level ``kernels`` whenever the repository root is on ``sys.path``); a
+    checkout reaches it through ``repblend_fast/kernels/__init__.py``, a wheel carries the copies.
     """
 
     def run(self):

