@@ -50,7 +50,7 @@ from repblend_fast.bench.measure import (
 from repblend_fast.bench.runners import DEFAULT_PROVIDERS, make_runner, parse_providers
 from repblend_fast.bench.shapes import SHAPE_SETS, StepShape, default_encoder_chunk
 from repblend_fast.bench.table import add_ratios, format_step_table, record_label
-from repblend_fast.host_allocator import HOST_ALLOCATORS, apply_host_allocator
+from repblend_fast.host_allocator import HOST_ALLOCATORS, apply_host_allocator, host_allocator
 from repblend_fast.io import atomic_write_json
 
 __all__ = [
@@ -391,6 +391,7 @@ def _run(shape, shapes, provider, meta_grad, v, dev, o, info, errs, refs, ref_pa
             reference=refs.get(meta_grad) if fast_rb else None,
             **kw,
         )
+        out["host_allocator"] = host_allocator()
     rec.update(out)
     if "skipped" in out and out.get("parity"):
         rec["parity_failed"] = True

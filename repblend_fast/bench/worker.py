@@ -16,7 +16,7 @@ import torch
 
 from repblend_fast.bench.measure import RESULT_TAG, run_one
 from repblend_fast.bench.shapes import StepShape
-from repblend_fast.host_allocator import apply_host_allocator
+from repblend_fast.host_allocator import apply_host_allocator, host_allocator
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         autocast=spec.get("autocast", "auto"),
         reference=spec.get("reference"),
     )
+    out["host_allocator"] = host_allocator()  # the policy in force, not only the one asked for
     print(RESULT_TAG + json.dumps(out), flush=True)
     return 0
 
