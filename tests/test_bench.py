@@ -87,13 +87,13 @@ def test_run_bench_subprocess_isolation(tmp_path):
         isolate="subprocess",
         threads=1,
         verbose=False,
+        host_allocator="retain",
     )
     (r,) = recs
     assert r["isolation"] == "subprocess" and r["ms_per_iter"] > 0
     assert "VmHWM" in r["memory_method"] or "ru_maxrss" in r["memory_method"]
     assert r["peak_total_mib"] >= r["setup_mib"] > 0
-    # The worker reports the host allocator policy in force there (run_bench's default asks for
-    # retain; only glibc can apply it).
+    # The worker reports the host allocator policy in force there (only glibc can apply retain).
     assert r["host_allocator"] == ("retain" if _glibc() is not None else "system")
 
 

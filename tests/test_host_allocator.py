@@ -42,8 +42,8 @@ def test_retain_reuses_freed_memory_without_page_faults():
     assert system["policy"] == "system" and retain["policy"] == "retain"
     # 256 MiB is 65,536 pages of 4 KiB: the system default maps it afresh and faults each page
     # in (fewer with transparent huge pages); retained, the second tensor reuses the first's.
-    assert system["faults"] > 1000
-    assert retain["faults"] < system["faults"] / 20
+    assert system["faults"] > 1000, (system, retain)
+    assert retain["faults"] < system["faults"] / 20, (system, retain)
 
 
 def test_unknown_policy_is_refused():

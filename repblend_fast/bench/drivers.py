@@ -136,7 +136,7 @@ def run_bench(
     memory_budget_mib: float | Sequence[float] = (0,),
     autocast: str | Sequence[str] = ("auto",),
     configs: Sequence[str] | None = None,
-    host_allocator: str = "retain",
+    host_allocator: str = "system",
 ) -> list[dict]:
     """Time one distillation iteration per provider and meta-gradient mode.
 
@@ -170,8 +170,9 @@ def run_bench(
         configs: only these configuration names of the shape set (default: all).
         host_allocator: every provider's host allocator policy
             (:mod:`repblend_fast.host_allocator`: ``retain`` keeps freed memory in the process,
-            ``system`` leaves the C library's defaults); applied in each worker process, or in
-            this one (irreversibly) when the providers run in-process.
+            ``system``, the default here, leaves the C library's defaults; the command line
+            asks for ``retain``); applied in each worker process, or in this one (irreversibly)
+            when the providers run in-process.
 
     Returns:
         One record per (configuration, provider, meta_grad, fast settings) with ``provider``,
@@ -253,7 +254,7 @@ class _BenchOptions:
     verbose: bool
     encoder_chunk: int
     json_path: str | None = None
-    host_allocator: str = "retain"
+    host_allocator: str = "system"
 
 
 def _save_references(refs: dict[str, dict[str, torch.Tensor]], folder: str) -> dict[str, str]:
@@ -422,7 +423,7 @@ def run_profile(
     encoder_chunk: int | None = None,
     configs: Sequence[StepShape] | None = None,
     memory_budget_mib: float = 0,
-    host_allocator: str = "retain",
+    host_allocator: str = "system",
 ) -> dict:
     """Per-phase time and peak memory of the fast path's distillation step.
 
@@ -436,7 +437,7 @@ def run_profile(
     ``shapes`` then only names them in the result. ``memory_budget_mib``: the fast path's
     ``DistillConfig.memory_budget_mib`` (each entry then records the plan it chose).
     ``host_allocator``: this process's host allocator policy (:mod:`repblend_fast.host_allocator`;
-    applied here, irreversibly, and recorded).
+    applied here, irreversibly, and recorded; the command line asks for ``retain``).
     """
     if not memory_budget_mib >= 0:
         raise ValueError(f"memory_budget_mib must be >= 0, got {memory_budget_mib}")
