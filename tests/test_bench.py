@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from repblend_fast.bench import SHAPE_SETS, format_step_table, parse_providers, run_bench
+from repblend_fast.host_allocator import _glibc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,11 +87,14 @@ def test_run_bench_subprocess_isolation(tmp_path):
         isolate="subprocess",
         threads=1,
         verbose=False,
+        host_allocator="retain",
     )
     (r,) = recs
     assert r["isolation"] == "subprocess" and r["ms_per_iter"] > 0
     assert "VmHWM" in r["memory_method"] or "ru_maxrss" in r["memory_method"]
     assert r["peak_total_mib"] >= r["setup_mib"] > 0
+    # The worker reports the host allocator policy in force there (only glibc can apply retain).
+    assert r["host_allocator"] == ("retain" if _glibc() is not None else "system")
 
 
 def _cli(argv: list[str]) -> int:

@@ -56,6 +56,7 @@ from repblend_fast.bench.runners import (
 )
 from repblend_fast.bench.shapes import SHAPE_SETS, StepShape, default_encoder_chunk
 from repblend_fast.bench.table import add_ratios, format_step_table, record_label
+from repblend_fast.host_allocator import HOST_ALLOCATORS, apply_host_allocator, host_allocator
 from repblend_fast.io import atomic_write_json
 
 __all__ = [
@@ -141,6 +142,7 @@ def run_bench(
     memory_budget_mib: float | Sequence[float] = (0,),
     autocast: str | Sequence[str] = DEFAULT_AUTOCAST,
     configs: Sequence[str] | None = None,
+    host_allocator: str = "system",
 ) -> list[dict]:
     """Time one distillation iteration per provider and meta-gradient mode.
 
@@ -174,6 +176,11 @@ def run_bench(
             are one row); each a value or a list: every combination is one ``repblend-fast``
             row per mode.
         configs: only these configuration names of the shape set (default: all).
+        host_allocator: every provider's host allocator policy
+            (:mod:`repblend_fast.host_allocator`: ``retain`` keeps freed memory in the process,
+            ``system``, the default here, leaves the C library's defaults; the command line
+            asks for ``retain``); applied in each worker process, or in this one (irreversibly)
+            when the providers run in-process.
 
     Returns:
         One record per (configuration, provider, meta_grad, fast settings) with ``provider``,
@@ -185,6 +192,8 @@ def run_bench(
         ``memory_plan`` and ``parity``.
     """
     _check_shapes(shapes)
+    if host_allocator not in HOST_ALLOCATORS:
+        raise ValueError(f"host_allocator must be one of {HOST_ALLOCATORS}, got {host_allocator!r}")
     if isolate not in ("auto", "subprocess", "inprocess"):
         raise ValueError(f"isolate must be auto, subprocess or inprocess, got {isolate!r}")
     dev = resolve_device(device)
@@ -206,8 +215,20 @@ def run_bench(
             raise ValueError(f"configs {unknown} are not in shape set {shapes!r}: {sorted(names)}")
         todo = [s for s in todo if s.name in configs]
     opts = _BenchOptions(
-        mode, iterations, warmup, parity, seed, threads, timeout, verbose, chunk, json_path
+        mode,
+        iterations,
+        warmup,
+        parity,
+        seed,
+        threads,
+        timeout,
+        verbose,
+        chunk,
+        json_path,
+        host_allocator,
     )
+    if mode == "inprocess":
+        apply_host_allocator(host_allocator)
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -243,6 +264,7 @@ class _BenchOptions:
     verbose: bool
     encoder_chunk: int
     json_path: str | None = None
+    host_allocator: str = "system"
 
 
 def _save_references(refs: dict[str, dict[str, torch.Tensor]], folder: str) -> dict[str, str]:
@@ -323,6 +345,7 @@ def _run(shape, shapes, provider, meta_grad, v, dev, o, info, errs, refs, ref_pa
         "iterations": o.iterations,
         "warmup": warmup,
         **info,
+        "host_allocator": o.host_allocator,
     }
     if provider.endswith("-fast"):
         rec.update(
@@ -358,6 +381,7 @@ def _run(shape, shapes, provider, meta_grad, v, dev, o, info, errs, refs, ref_pa
             "warmup": warmup,
             "iterations": o.iterations,
             "threads": o.threads,
+            "host_allocator": o.host_allocator,
             "encoder_chunk": chunk,
             "autocast": v.autocast,
             "reference": ref_paths.get(meta_grad) if fast_rb else None,
@@ -378,6 +402,7 @@ def _run(shape, shapes, provider, meta_grad, v, dev, o, info, errs, refs, ref_pa
             reference=refs.get(meta_grad) if fast_rb else None,
             **kw,
         )
+        out["host_allocator"] = host_allocator()
     rec.update(out)
     if "skipped" in out and out.get("parity"):
         rec["parity_failed"] = True
@@ -408,6 +433,7 @@ def run_profile(
     encoder_chunk: int | None = None,
     configs: Sequence[StepShape] | None = None,
     memory_budget_mib: float = 0,
+    host_allocator: str = "system",
 ) -> dict:
     """Per-phase time and peak memory of the fast path's distillation step.
 
@@ -420,6 +446,8 @@ def run_profile(
     instead of the set's (e.g. :func:`repblend_fast.bench.shapes.shapes_with_config` of it);
     ``shapes`` then only names them in the result. ``memory_budget_mib``: the fast path's
     ``DistillConfig.memory_budget_mib`` (each entry then records the plan it chose).
+    ``host_allocator``: this process's host allocator policy (:mod:`repblend_fast.host_allocator`;
+    applied here, irreversibly, and recorded; the command line asks for ``retain``).
     """
     if not memory_budget_mib >= 0:
         raise ValueError(f"memory_budget_mib must be >= 0, got {memory_budget_mib}")
@@ -441,6 +469,7 @@ def run_profile(
     try:
         info = machine_info(dev)
         info["threads"] = torch.get_num_threads()
+        info["host_allocator"] = apply_host_allocator(host_allocator)
         result = {"provider": provider, "meta_grad": meta_grad, "shapes": shapes, **info}
         result["configs"] = []
         tables = []

@@ -16,6 +16,7 @@ import torch
 
 from repblend_fast.bench.measure import RESULT_TAG, run_one
 from repblend_fast.bench.shapes import StepShape
+from repblend_fast.host_allocator import apply_host_allocator, host_allocator
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads(argv[0])
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
+    apply_host_allocator(spec.get("host_allocator", "system"))
     out = run_one(
         StepShape(**spec["shape"]),
         spec["provider"],
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         autocast=spec.get("autocast", "auto"),
         reference=spec.get("reference"),
     )
+    out["host_allocator"] = host_allocator()  # the policy in force, not only the one asked for
     print(RESULT_TAG + json.dumps(out), flush=True)
     return 0
 

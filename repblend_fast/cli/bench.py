@@ -50,6 +50,14 @@ def _add_common(p: argparse.ArgumentParser, chunk_default: str) -> None:
         default=0,
         help="seeds the random stand-in data, expert snapshots and plans",
     )
+    p.add_argument(
+        "--host-allocator",
+        choices=("retain", "system"),
+        default="retain",
+        help="host memory policy of the timed processes: retain keeps freed memory in the "
+        "process for the next iteration (glibc: no per-allocation mappings, no trimming; "
+        "repblend_fast.host_allocator), system leaves the C library's defaults",
+    )
     add_threads_arg(p)
 
 
@@ -265,6 +273,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         memory_budget_mib=variants["memory_budget_mib"],
         autocast=variants["autocast"],
         configs=configs,
+        host_allocator=args.host_allocator,
     )
     return 0
 
@@ -338,5 +347,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
         encoder_chunk=chunk,
         configs=configs,
         memory_budget_mib=args.memory_budget_mib,
+        host_allocator=args.host_allocator,
     )
     return 0

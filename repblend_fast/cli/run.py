@@ -401,6 +401,10 @@ def run_distill(
 
     flag = {"experts": "--experts", "pairs": "--pairs", **(flags or {})}
     check_device(args)
+    if getattr(args, "device", "cpu") == "cpu":
+        from repblend_fast.host_allocator import retain_freed_memory
+
+        retain_freed_memory()  # reuse each iteration's memory (docs/design.md, host memory)
     ctx = distributed.current()
     if ctx is not None:
         try:
