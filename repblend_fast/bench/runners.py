@@ -249,26 +249,6 @@ class AuthorsRunner:
         self.loop.meta_grads(plan_to(plan, self.device))
         return {k: v.detach().clone() for k, v in self.loop.grads().items() if v is not None}
 
-    def reference_grads_at_start(self, plan: StepPlan) -> dict[str, torch.Tensor]:
-        """:meth:`grads_at_start` of the reference path in this runner's precision: the same
-        encoder autocast and dtype, but eager, the whole encoder graph kept (no chunking, no
-        memory budget) and the plain-torch ops (``REPBLEND_IMPL=reference``, TF32 off): what
-        the fused configuration must match to the same-precision bound
-        (:mod:`repblend_fast.bench.parity`)."""
-        from repblend_fast.bench.parity import reference_ops
-
-        if self._reference is None:
-            s = dataclasses.replace(
-                self.unroller.s, compile="none", encoder_chunk=0, memory_budget_mib=0.0
-            )
-            self._reference = self._make_unroller(s)
-        fast, self.unroller = self.unroller, self._reference
-        try:
-            with reference_ops():
-                return self.grads_at_start(plan)
-        finally:
-            self.unroller = fast
-
     def iteration(self, i: int) -> float:
         return self.loop.iteration(plan_to(self.plans[i], self.device))
 
