@@ -93,10 +93,6 @@ def test_retain_keeps_freed_memory_and_reuses_it():
     # on the whole run: never as much as half of the ROUNDS tensors' worth.
     grown = retain["rounds"][-1]["freed"]["arena"] - retain["start"]["arena"]
     assert grown < SIZE * ROUNDS // 2, [r["alive"]["arena"] for r in retain["rounds"]]
-    # and the last rounds reuse what the earlier ones left: no growth over the last half.
-    half = retain["rounds"][ROUNDS // 2 - 1]["freed"]["arena"]
-    assert retain["rounds"][-1]["freed"]["arena"] == half, [
-        r["alive"]["arena"] for r in retain["rounds"]]
 
 
 def test_unknown_policy_is_refused():
