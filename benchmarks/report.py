@@ -273,7 +273,7 @@ def skips_markdown(skips: list[dict]) -> str:
 
 def markdown(doc: dict) -> str:
     from repblend_fast.bench import format_step_table
-    from repblend_fast.bench.table import add_ratios
+    from repblend_fast.bench.table import add_ratios, format_accounting_table
     from repblend_fast.profiling import format_profile_table
 
     m = doc.get("machine", {})
@@ -306,6 +306,13 @@ def markdown(doc: dict) -> str:
             "",
             format_step_table(doc["step"]),
         ]
+        accounting = format_accounting_table(doc["step"])
+        if accounting:
+            parts += [
+                "## Memory a device would see, and the step's FLOP rate",
+                "",
+                accounting,
+            ]
     for prof in doc.get("profiles", []):
         parts += [f"## Step profile ({prof.get('meta_grad')})", ""]
         for c in prof.get("configs", []):

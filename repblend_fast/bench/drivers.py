@@ -55,7 +55,12 @@ from repblend_fast.bench.runners import (
     precision_rows,
 )
 from repblend_fast.bench.shapes import SHAPE_SETS, StepShape, default_encoder_chunk
-from repblend_fast.bench.table import add_ratios, format_step_table, record_label
+from repblend_fast.bench.table import (
+    add_ratios,
+    format_accounting_table,
+    format_step_table,
+    record_label,
+)
 from repblend_fast.host_allocator import HOST_ALLOCATORS, apply_host_allocator, host_allocator
 from repblend_fast.io import atomic_write_json
 
@@ -241,6 +246,7 @@ def run_bench(
         atomic_write_json(records, json_path, indent=1)
     if verbose:
         print(format_step_table(records))
+        print(format_accounting_table(records))
     failed = [r for r in records if r.get("parity_failed")]
     if failed:
         names = ", ".join(f"{r['config']} {record_label(r)}" for r in failed)

@@ -34,10 +34,13 @@ __all__ = [
     "TIMING_KEYS",
     "WORKER",
     "ParityError",
+    "account_iteration",
+    "add_peak_fraction",
     "check_parity",
     "cpu_name",
     "git_sha",
     "machine_info",
+    "machine_rates",
     "measure",
     "resolve_device",
     "run_in_subprocess",
@@ -63,8 +66,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def measure(runner, warmup: int, iterations: int, device: torch.device) -> dict:
-    """Warm-up then timed iterations of ``runner``: per-iteration ms and memory (module doc)."""
+def measure(
+    runner, warmup: int, iterations: int, device: torch.device, account: bool = True
+) -> dict:
+    """Warm-up then timed iterations of ``runner``: per-iteration ms and memory (module doc).
+
+    ``account``: the last warm-up iteration (never a timed one) also counts the tensors saved
+    for backward and the FLOPs (:func:`account_iteration`); no accounting without a warm-up.
+    """
     from repblend_fast.profiling import reset_rss_peak, rss_mib, rss_peak_mib
 
     cuda = device.type == "cuda"
@@ -82,9 +91,13 @@ def measure(runner, warmup: int, iterations: int, device: torch.device) -> dict:
     if not cuda:
         split = _rss_split(setup, "setup")
         split.pop("peak_setup_mib", None)
+    accounted: dict = {}
     for i in range(warmup + iterations):
         if i == warmup and split:
             split.update(_rss_split(setup, "warmup"))
+        if account and i == warmup - 1:
+            losses.append(account_iteration(runner, i, accounted))
+            continue
         if cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
@@ -116,7 +129,54 @@ def measure(runner, warmup: int, iterations: int, device: torch.device) -> dict:
         "losses": losses,
         "threads": torch.get_num_threads(),
         **split,
+        **accounted,
     }
+
+
+def account_iteration(runner, i: int, out: dict) -> float:
+    """Run ``runner.iteration(i)`` counting its tensors saved for backward and its FLOPs
+    (:mod:`repblend_fast.bench.memory`, :mod:`repblend_fast.bench.flops`); fills ``out`` with
+    ``saved_peak_mib``, ``saved_total_mib``, ``state_mib`` (after the iteration: the optimiser's
+    state exists by then), ``predicted_peak_mib``, ``flops`` and ``flops_by_op``."""
+    from repblend_fast.bench.flops import count_flops
+    from repblend_fast.bench.memory import (
+        SavedTensorMeter,
+        predicted_peak_mib,
+        state_bytes,
+        state_tensors,
+    )
+
+    with SavedTensorMeter(exclude=state_tensors(runner)) as meter, count_flops() as fl:
+        loss = runner.iteration(i)
+    out.update(meter.record())
+    out["state_mib"] = state_bytes(runner) / 2**20
+    out["predicted_peak_mib"] = predicted_peak_mib(out["state_mib"], out["saved_peak_mib"])
+    out["flops"] = fl["flops"]
+    out["flops_by_op"] = fl["by_op"]
+    return loss
+
+
+def machine_rates(device: torch.device) -> dict:
+    """The dense matmul rates of this process's device and threads
+    (:func:`repblend_fast.bench.flops.matmul_rate`): fp32 everywhere, bf16 on CUDA."""
+    from repblend_fast.bench.flops import matmul_rate
+
+    rates = {"matmul_fp32_flops_per_s": matmul_rate(device, torch.float32)["flops_per_s"]}
+    if device.type == "cuda":
+        rates["matmul_bf16_flops_per_s"] = matmul_rate(device, torch.bfloat16)["flops_per_s"]
+    return rates
+
+
+def add_peak_fraction(out: dict) -> None:
+    """``peak_fraction``: the step's FLOP rate over the matmul rate of its precision (the bf16
+    rate for a bf16-encoder row, where measured; else fp32)."""
+    if "flops" not in out or "ms_per_iter" not in out:
+        return
+    key = "matmul_bf16_flops_per_s" if out.get("autocast") == "bf16" else ""
+    rate = out.get(key) or out.get("matmul_fp32_flops_per_s")
+    if rate:
+        out["step_flops_per_s"] = out["flops"] / (out["ms_per_iter"] / 1e3)
+        out["peak_fraction"] = out["step_flops_per_s"] / rate
 
 
 def _rss_split(setup: float, phase: str) -> dict[str, float]:
@@ -270,6 +330,11 @@ def run_one(
                 )
     else:
         out["autocast"] = "none"
+    if "ms_per_iter" in out:
+        out.update(machine_rates(device))
+        add_peak_fraction(out)
+        if device.type == "cuda" and out.get("predicted_peak_mib"):
+            out["peak_over_prediction"] = out["peak_total_mib"] / out["predicted_peak_mib"]
     del runner
     gc.collect()
     if device.type == "cuda":

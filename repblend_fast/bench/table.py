@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from repblend_fast.bench.shapes import StepShape
 
-__all__ = ["add_ratios", "format_step_table", "precision_text", "record_label"]
+__all__ = [
+    "add_ratios",
+    "format_accounting_table",
+    "format_step_table",
+    "precision_text",
+    "record_label",
+]
 
 
 def record_label(r: dict) -> str:
@@ -129,6 +135,45 @@ def format_step_table(records: list[dict]) -> str:
                 f"{ratio('time_ratio_to_fast_exact')} | {ratio('time_ratio_to_fast_tesla')} | "
                 f"{ratio('mem_ratio_to_fast_exact')} | {ratio('mem_ratio_to_fast_tesla')} | "
                 f"{ratio('speedup_vs_repblend_authors')} | {err_s} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def format_accounting_table(records: list[dict]) -> str:
+    """Markdown table per configuration: the memory a device would see (state, peak of the
+    tensors saved for backward, their sum as the predicted device peak; the measured peak beside
+    it) and the step's FLOP rate against the machine's matmul rate (docs in
+    :mod:`repblend_fast.bench.memory` and :mod:`repblend_fast.bench.flops`). Records without
+    accounting (no warm-up, skipped) are left out; empty when none has it."""
+    lines: list[str] = []
+    for cfg in dict.fromkeys(r["config"] for r in records):
+        rows = [r for r in records if r["config"] == cfg and "predicted_peak_mib" in r]
+        if not rows:
+            continue
+        lines.append(f"**{cfg}** — memory a device would see, and the distance to the limit")
+        lines.append("")
+        lines.append(
+            "| provider | meta-grad | precision | settings | state MiB | saved for backward, "
+            "peak MiB | predicted device peak MiB | measured peak MiB (total) | GFLOP/iter "
+            "| GFLOP/s | matmul GFLOP/s | fraction of matmul rate |"
+        )
+        lines.append("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            rate = (
+                r.get("matmul_bf16_flops_per_s")
+                if r.get("autocast") == "bf16"
+                else r.get("matmul_fp32_flops_per_s")
+            )
+            step = r.get("step_flops_per_s")
+            frac = r.get("peak_fraction")
+            lines.append(
+                f"| {r['provider']} | {r['meta_grad']} | {precision_text(r)} | "
+                f"{_settings_text(r)} | {r['state_mib']:.0f} | {r['saved_peak_mib']:.0f} | "
+                f"{r['predicted_peak_mib']:.0f} | {r.get('peak_total_mib', float('nan')):.0f} | "
+                f"{r['flops'] / 1e9:.1f} | {step / 1e9 if step else float('nan'):.1f} | "
+                f"{rate / 1e9 if rate else float('nan'):.0f} | "
+                f"{f'{frac:.1%}' if frac is not None else '–'} |"
             )
         lines.append("")
     return "\n".join(lines)
