@@ -20,7 +20,8 @@ Students: RepBlend trains two projection heads on frozen-encoder features, so wi
 ``share_encoder=True`` the encoder runs once per iteration on the touched images and the whole
 unroll lives in feature space; the cotangents of all steps are summed and pulled back through the
 encoder with one VJP (blending is linear: the gather backward is exactly ``lam g + (1-lam) P^T g``).
-``share_encoder=False`` re-encodes every step's batch (twice in TESLA), as the authors' code does.
+``share_encoder=False`` re-encodes every step's batch (twice in TESLA), as the authors' code does;
+eager calls reuse NFNet's standardised weights (:mod:`repblend_fast.models.standardized_conv`).
 LoRS / MTT-VL train the image encoder itself (its parameters are the image-side flat vector).
 
 Speed and memory settings (``UnrollSettings``; results equal within rounding, tests/test_compile.py,
@@ -42,8 +43,7 @@ tests/test_memory_budget.py):
   budget chooses ``keep``, ``chunk`` and (exact mode) ``checkpoint_steps`` from a measured
   per-image graph size (:meth:`Unroller.memory_plan`, :mod:`repblend_fast.memory_plan`).
 
-The plan of an iteration's random draws, :class:`StepPlan`, lives in :mod:`repblend_fast.step_plan`
-(importable from here too).
+An iteration's random draws: :class:`StepPlan` (:mod:`repblend_fast.step_plan`, importable here).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ from repblend_fast.known_faults import step_compile_backend
 from repblend_fast.memory_plan import MemoryPlan, measure_image_graph_mib, plan_memory
 from repblend_fast.models.flat import FlatSpec, functional_forward
 from repblend_fast.models.heads import HeadSpec, head_forward
+from repblend_fast.models.standardized_conv import reuse_standardized_weights
 from repblend_fast.ops import blend_pairs, contrastive_loss, trajectory_distance, trajectory_terms
 from repblend_fast.step_plan import StepPlan
 
@@ -119,7 +120,6 @@ class SharedFeatures:
 
 class Unroller:
     """Runs the unroll of K trajectories at once and returns their meta-gradients.
-
     Internally every flat parameter vector carries a leading K: the K students of RepBlend are
     batched (``bmm`` heads, ``[K, B, D]`` contrastive losses, ``[K, B]`` blending). The LoRS student
     (a whole encoder) runs one trajectory per call.
@@ -130,8 +130,7 @@ class Unroller:
             images ``[B, 3, H, W]`` to features ``[B, d_f]``.
         img_spec: ``HeadSpec`` of the image head (RepBlend) or ``FlatSpec`` of the encoder (LoRS).
         txt_spec: ``HeadSpec`` of the text head.
-        similarity: a similarity generator with ``params()`` and
-            ``block(indices, params, check=)``, or ``None`` for identity targets.
+        similarity: ``params()`` + ``block(indices, params, check=)``, or None (identity targets).
     """
 
     compile_backend = "inductor"
@@ -169,6 +168,7 @@ class Unroller:
         self._impl = "reference" if settings.compile == "step" else "auto"
         self._compiled: dict[tuple[str, str], object] = {}
         self._image_bytes: dict[tuple, float] = {}
+        self._standardized: dict = {}
         self.last_memory_plan: MemoryPlan | None = None
 
     # ----------------------------------------------------------------- pieces
@@ -176,7 +176,8 @@ class Unroller:
         """Frozen-encoder features ``[n, d_f]`` in the images' dtype (autocast and
         ``torch.compile`` when configured)."""
         if self.s.compile == "none":
-            return self._encode_eager(images)
+            with reuse_standardized_weights(self.encoder, self._standardized):
+                return self._encode_eager(images)
         fn = self._compiled_fn("encoder", self._encode_eager, images.device, static=False)
         if images.shape[0] > 1:
             # The number of touched images changes every iteration: one graph for all of them
