@@ -303,7 +303,8 @@ def run_one(
         autocast=autocast,
     )
     del inputs
-    out = measure(runner, warmup, iterations, device)
+    # Compiled code is not run under the counting modes (they would change what is compiled).
+    out = measure(runner, warmup, iterations, device, account=compile == "none")
     if isinstance(runner, FastRunner):
         out.update(runner.settings())
         plan = runner.unroller.last_memory_plan
