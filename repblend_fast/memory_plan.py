@@ -112,23 +112,23 @@ def measure_image_graph_mib(
     unroll's eager encoder call) of 1 and 3 images of ``x``: the difference, so that what a
     forward saves once whatever the batch (autocast's low-precision copies of the weights) is
     not counted per image. A compiled encoder saves no more than this."""
-    own = {t.untyped_storage().data_ptr() for t in encoder.parameters()}
-    own |= {t.untyped_storage().data_ptr() for t in encoder.buffers()}
+    own = {t.untyped_storage()._cdata for t in encoder.parameters()}
+    own |= {t.untyped_storage()._cdata for t in encoder.buffers()}
 
     def graph_bytes(n: int) -> int:
         seen: dict[int, int] = {}
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             st = t.untyped_storage()
-            if st.data_ptr() not in own:
-                seen[st.data_ptr()] = st.nbytes()
+            if st._cdata not in own:
+                seen[st._cdata] = st.nbytes()
             return t
 
         probe = x[:n].detach().clone().requires_grad_(True)
         hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
         with torch.enable_grad(), hooks:
             out = encode(probe)
-        seen[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
+        seen[out.untyped_storage()._cdata] = out.untyped_storage().nbytes()
         return sum(seen.values())
 
     if x.shape[0] >= 3:

@@ -66,6 +66,14 @@ def test_image_graph_size_is_measured_per_image():
         HeadSpec(3, 4),
     )
     assert bf.image_graph_mib(x) * MIB == pytest.approx(2 * d + 4 * d)
+    # The same count with the work on the meta device (storages told apart by identity, not by
+    # address: every meta storage has address 0), so a plan can be made without computing.
+    deep = nn.Sequential(nn.Flatten(), nn.Tanh(), nn.Linear(3 * h * h, d), nn.Tanh())
+    deep.requires_grad_(False)
+    want = 4 * (3 * h * h + d)  # both tanh outputs per image
+    for dev in ("cpu", "meta"):
+        un = Unroller(UnrollSettings(memory_budget_mib=1.0), deep.to(dev), spec, HeadSpec(3, 4))
+        assert un.image_graph_mib(x.to(dev)) * MIB == pytest.approx(want), dev
 
 
 def test_plan_without_budget_follows_the_settings(inputs):

@@ -90,3 +90,13 @@ def test_autocast_state_is_part_of_the_key():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         a_plain = enc(x)
     assert torch.equal(a, a_plain) and torch.equal(b, enc(x))
+
+
+def test_runs_on_a_device_without_autocast():
+    """The meta device (shapes only; the step's memory and FLOPs are counted there) has no
+    autocast state to read."""
+    enc = _model().to("meta")
+    cache: dict = {}
+    with reuse_standardized_weights(enc, cache) as n:
+        out = enc(torch.randn(2, 3, 64, 64, device="meta"))
+    assert out.shape == (2, enc.num_features) and len(cache) == n

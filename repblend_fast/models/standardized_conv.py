@@ -46,7 +46,10 @@ def _frozen(m: nn.Module) -> bool:
 
 def _key(m: nn.Module, device_type: str) -> tuple:
     params = tuple((n, p._version, p.dtype, p.device) for n, p in m.named_parameters(recurse=False))
-    cast = torch.is_autocast_enabled(device_type)
+    try:
+        cast = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type without autocast (meta)
+        return params, False, None
     return params, cast, torch.get_autocast_dtype(device_type) if cast else None
 
 
