@@ -18,6 +18,10 @@ SIMILARITIES = ("lowrank", "full", "none")
 META_GRADS = ("exact", "tesla")
 AUTOCAST = ("auto", "none", "bf16", "fp16")
 COMPILE = ("none", "encoder", "step")
+# CLIP's logit temperature tau, stated once: logits are ``logit_scale * cos`` with ``logit_scale``
+# = 1/tau. The default of distillation and expert training, and the temperature of every
+# evaluation (EVAL_TEMPERATURE below).
+TEMPERATURE = 0.07
 # The accepted logit temperatures (CLIP clamps 1/tau at 100; the presets use 0.07 and 0.1).
 TEMPERATURE_RANGE = (1e-3, 10.0)
 
@@ -36,8 +40,19 @@ METHODS = tuple(METHOD_DEFAULTS)
 # every 10), with the logit temperature fixed at EVAL_TEMPERATURE whatever the distillation used,
 # over EVAL_SEEDS evaluation seeds.
 EVAL_EVERY: dict[str, int] = {"repblend": 20, "lors": 10, "mtt-vl": 10}
-EVAL_TEMPERATURE = 0.07
+EVAL_TEMPERATURE = TEMPERATURE
 EVAL_SEEDS = 3
+
+
+def check_trajectories(num_trajectories: int, world: int) -> None:
+    """``ValueError`` unless K trajectories split evenly over ``world`` processes."""
+    if world > 1 and num_trajectories % world:
+        raise ValueError(
+            f"num_trajectories={num_trajectories} cannot be split over {world} processes: each "
+            "rank unrolls num_trajectories / world-size trajectories per iteration, so set "
+            f"num_trajectories to a multiple of {world} (--set num_trajectories={world}) or "
+            "launch a number of processes that divides it"
+        )
 
 
 @dataclass
@@ -145,7 +160,7 @@ class DistillConfig:
     sim_alpha: float = 3.0
     loss: str = "wbce"
     eps: float = 1e-6
-    temperature: float = 0.07
+    temperature: float = TEMPERATURE
     blend: bool = True
     symmetric: bool = True
     blend_alpha: float = 1.0
@@ -176,12 +191,14 @@ class DistillConfig:
     device: str = "cpu"
     threads: int = 0
 
-    def validate(self) -> DistillConfig:
+    def validate(self, world: int = 1) -> DistillConfig:
         """Raise ``ValueError`` naming the field for any inconsistent setting; returns self.
 
         Every field must have its declared type first (an integer field refuses ``2.5`` and
         ``True``, a boolean refuses ``1``, a number must be finite), so that no value is
-        silently rounded or turned into NaN/Inf downstream; then the ranges below.
+        silently rounded or turned into NaN/Inf downstream; then the ranges below. ``world``:
+        the number of processes the run is split over (torchrun), whose count must divide
+        ``num_trajectories``.
         """
         from repblend_fast.reference.contrastive import LOSSES
 
@@ -230,6 +247,7 @@ class DistillConfig:
         for ok, name, want in checks:
             if not ok:
                 raise ValueError(f"DistillConfig.{name}={getattr(self, name)!r}: expected {want}")
+        check_trajectories(self.num_trajectories, world)
         for name in ("lr_img", "lr_txt", "lr_lr", "lr_sim"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DistillConfig.{name} must be >= 0, got {getattr(self, name)}")

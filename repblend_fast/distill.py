@@ -36,6 +36,7 @@ from repblend_fast.models.heads import HeadSpec
 from repblend_fast.outer import CLIPPED_GROUPS, GROUPS, OuterOptimizer
 from repblend_fast.sampling import IterationSampler
 from repblend_fast.stats import median
+from repblend_fast.threads import set_threads
 from repblend_fast.transfer import to_device
 from repblend_fast.unroll import StepPlan, Unroller, UnrollSettings
 
@@ -83,15 +84,14 @@ class Distiller(DistillerState):
         init_texts: torch.Tensor,
         out_dir: str | os.PathLike | None = None,
     ):
-        config.validate()
+        config.validate(world=distributed.world_size())
         # Several processes (torchrun): each unrolls its share of the K trajectories.
         self._dist = distributed.step_sync(config.num_trajectories)
         # Results depend on the CPU thread count: run with the configured one, or record the
         # one in use, so that config.json and every checkpoint say which it was.
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        else:
-            config = config.replace(threads=torch.get_num_threads())
+        threads = set_threads(config.threads)
+        if not config.threads:
+            config = config.replace(threads=threads)
         self.cfg = config
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -172,22 +172,7 @@ class Distiller(DistillerState):
     def _make_unroller(self, d_txt: int) -> Unroller:
         cfg = self.cfg
         method = cfg.expert_kind
-        settings = UnrollSettings(
-            method=method,
-            meta_grad=cfg.meta_grad,
-            loss=cfg.loss,
-            eps=cfg.eps,
-            logit_scale=cfg.logit_scale,
-            merge_loss=cfg.merge_loss,
-            blend_target=cfg.blend_target,
-            share_encoder=cfg.share_encoder,
-            checkpoint_steps=cfg.checkpoint_steps,
-            encoder_chunk=cfg.encoder_chunk,
-            parity_eta_grad=cfg.parity_eta_grad,
-            encoder_autocast=self._autocast_dtype(),
-            compile=cfg.compile,
-            memory_budget_mib=float(cfg.memory_budget_mib),
-        )
+        settings = UnrollSettings.from_config(cfg, encoder_autocast=self._autocast_dtype())
         with torch.no_grad():
             d_f = int(self.encoder(self.x[:1]).shape[-1])
         man = self._manifest()

@@ -49,7 +49,6 @@ __all__ = [
     "PeerTimeout",
     "RanksDiverged",
     "StepSync",
-    "check_divisible",
     "close",
     "current",
     "init",
@@ -112,17 +111,6 @@ def world_size() -> int:
 def is_main() -> bool:
     """True on rank 0 and in a single-process run: the process that prints and writes."""
     return _CTX is None or _CTX.is_main
-
-
-def check_divisible(num_trajectories: int, world: int) -> None:
-    """``ValueError`` unless K trajectories split evenly over ``world`` processes."""
-    if world > 1 and num_trajectories % world:
-        raise ValueError(
-            f"num_trajectories={num_trajectories} cannot be split over {world} processes: each "
-            "rank unrolls num_trajectories / world-size trajectories per iteration, so set "
-            f"num_trajectories to a multiple of {world} (--set num_trajectories={world}) or "
-            "launch a number of processes that divides it"
-        )
 
 
 def init(device: str | torch.device = "cpu", *, timeout: float = DEFAULT_TIMEOUT) -> Context | None:
@@ -470,7 +458,6 @@ class StepSync:
     check_every = 10
 
     def __init__(self, ctx: Context, num_trajectories: int):
-        check_divisible(num_trajectories, ctx.world)
         self.ctx = ctx
         self.per_rank = num_trajectories // ctx.world
         self.stop_source = None  # the run's StopOnSignal: its signal joins the all-reduce

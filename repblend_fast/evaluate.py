@@ -31,12 +31,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from repblend_fast.config import EVAL_TEMPERATURE
 from repblend_fast.metrics import retrieval_metrics
 from repblend_fast.models.heads import HeadSpec, head_forward, init_head_flat
 from repblend_fast.ops import contrastive_loss
 from repblend_fast.stats import mean_std
 
-DEFAULT_LOGIT_SCALE = 1.0 / 0.07  # docs/algorithm.md §8: evaluation at tau = 0.07
+DEFAULT_LOGIT_SCALE = 1.0 / EVAL_TEMPERATURE  # docs/algorithm.md §8: evaluation at tau = 0.07
 EvalFn = Callable[[int, torch.Tensor, torch.Tensor], "dict[str, Any] | None"]
 
 

@@ -48,6 +48,7 @@ The plan of an iteration's random draws, :class:`StepPlan`, lives in :mod:`repbl
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -56,7 +57,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from repblend_fast.config import COMPILE
+from repblend_fast.config import COMPILE, TEMPERATURE
 from repblend_fast.known_faults import step_compile_backend
 from repblend_fast.memory_plan import MemoryPlan, measure_image_graph_mib, plan_memory
 from repblend_fast.models.flat import FlatSpec, functional_forward
@@ -89,7 +90,7 @@ class UnrollSettings:
     meta_grad: MetaGrad = "exact"
     loss: str = "wbce"
     eps: float = 1e-6
-    logit_scale: float = 1 / 0.07
+    logit_scale: float = 1 / TEMPERATURE
     merge_loss: bool = False
     blend_target: bool = False
     share_encoder: bool = True
@@ -99,6 +100,16 @@ class UnrollSettings:
     encoder_chunk: int = 0
     compile: str = "none"
     memory_budget_mib: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg, encoder_autocast: torch.dtype | None = None) -> UnrollSettings:
+        """The settings a :class:`repblend_fast.config.DistillConfig` asks for: every field of the
+        same name, ``method`` from ``cfg.expert_kind``; ``encoder_autocast`` is resolved by the
+        caller (it depends on the device)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        same = {n: getattr(cfg, n) for n in names if n not in ("method", "encoder_autocast")}
+        same["memory_budget_mib"] = float(same["memory_budget_mib"])
+        return cls(method=cfg.expert_kind, encoder_autocast=encoder_autocast, **same)
 
 
 @dataclass

@@ -373,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
     budgets = [int(b) for b in a.budgets.split(",")]
     seeds = [int(s) for s in a.seeds.split(",")]
-    torch.set_num_threads(a.threads)
+    from repblend_fast.threads import set_threads
+
+    set_threads(a.threads)
     out.mkdir(parents=True, exist_ok=True)
     todo = [
         (m, n, s)

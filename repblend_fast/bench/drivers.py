@@ -58,6 +58,7 @@ from repblend_fast.bench.shapes import SHAPE_SETS, StepShape, default_encoder_ch
 from repblend_fast.bench.table import add_ratios, format_step_table, record_label
 from repblend_fast.host_allocator import HOST_ALLOCATORS, apply_host_allocator, host_allocator
 from repblend_fast.io import atomic_write_json
+from repblend_fast.threads import threads_scope
 
 __all__ = [
     "FastVariant",
@@ -229,13 +230,8 @@ def run_bench(
     )
     if mode == "inprocess":
         apply_host_allocator(host_allocator)
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with threads_scope(threads):
         records = _bench_all(shapes, todo, runs, variants, dev, opts)
-    finally:
-        torch.set_num_threads(old_threads)
     add_ratios(records)
     if json_path:
         atomic_write_json(records, json_path, indent=1)
@@ -463,10 +459,7 @@ def run_profile(
     dev = resolve_device(device)
     todo = list(configs) if configs is not None else SHAPE_SETS[shapes]
     chunk = default_encoder_chunk() if encoder_chunk is None else encoder_chunk
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with threads_scope(threads):
         info = machine_info(dev)
         info["threads"] = torch.get_num_threads()
         info["host_allocator"] = apply_host_allocator(host_allocator)
@@ -487,8 +480,6 @@ def run_profile(
             )
             result["configs"].append(entry)
             tables.append(table)
-    finally:
-        torch.set_num_threads(old_threads)
     if trace is not None:
         result["trace"] = str(trace)
     if json_path:

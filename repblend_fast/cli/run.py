@@ -21,7 +21,7 @@ from repblend_fast.cli.common import (
     dataset_from_args,
     encoders_from_args,
     parse_set,
-    resolve_threads,
+    threads_flag,
 )
 from repblend_fast.config import (
     COMPILE,
@@ -406,20 +406,14 @@ def run_distill(
 
         retain_freed_memory()  # reuse each iteration's memory (docs/design.md, host memory)
     ctx = distributed.current()
-    if ctx is not None:
-        try:
-            distributed.check_divisible(cfg.num_trajectories, ctx.world)
-        except ValueError as exc:
-            raise CLIError(f"--set num_trajectories={cfg.num_trajectories}: {exc}") from None
 
-    def decide_threads() -> int:
+    def saved_threads() -> int | None:
         saved = _checkpoint_config(Path(args.out)) if args.resume else None
-        return resolve_threads(args.threads, saved.threads if saved is not None else None)
+        return saved.threads if saved is not None else None
 
     if ctx is None or ctx.is_main:
         _check_out(args, flag.get("out", "--out"))
-    threads = decide_threads() if ctx is None else ctx.from_main("threads", decide_threads)
-    cfg = cfg.replace(threads=threads)
+    cfg = cfg.replace(threads=threads_flag(args.threads, saved_threads))
     writes = ctx is None or ctx.is_main
     if not Path(args.experts, "manifest.json").exists():
         if Path(args.experts, "manifest.partial.json").exists():
