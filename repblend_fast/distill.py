@@ -31,7 +31,6 @@ from repblend_fast.distill_state import DistillerState
 from repblend_fast.distilled_set import DistilledSet
 from repblend_fast.guard_report import GuardReport, probe_point
 from repblend_fast.io import json_bytes
-from repblend_fast.models.flat import FlatSpec
 from repblend_fast.models.heads import HeadSpec
 from repblend_fast.outer import CLIPPED_GROUPS, GROUPS, OuterOptimizer
 from repblend_fast.sampling import IterationSampler
@@ -162,7 +161,7 @@ class Distiller(DistillerState):
         the CPU tests measure the bf16 encoder's meta-gradient error."""
         choice = self.cfg.encoder_autocast
         if choice == "auto":
-            frozen = self.cfg.student == "heads"
+            frozen = self.cfg.student_kind.frozen_encoder
             return torch.bfloat16 if self.device.type == "cuda" and frozen else None
         return _AUTOCAST[choice]
 
@@ -171,18 +170,14 @@ class Distiller(DistillerState):
 
     def _make_unroller(self, d_txt: int) -> Unroller:
         cfg = self.cfg
-        method = cfg.expert_kind
         settings = UnrollSettings.from_config(cfg, encoder_autocast=self._autocast_dtype())
         with torch.no_grad():
             d_f = int(self.encoder(self.x[:1]).shape[-1])
-        man = self._manifest()
-        if method == "repblend":
-            dim = int(man.get("dim", 0)) or _infer_dim(self.store, d_f)
-            img_spec: HeadSpec | FlatSpec = HeadSpec(d_f, dim)
-            txt_spec = HeadSpec(d_txt, dim)
-        else:
-            img_spec = FlatSpec.from_module(self.encoder, trainable_only=False)
-            txt_spec = HeadSpec(d_txt, d_f)
+
+        def head_dim() -> int:
+            return int(self._manifest().get("dim", 0)) or _infer_dim(self.store, d_f)
+
+        img_spec, txt_spec = cfg.student_kind.specs(self.encoder, d_f, d_txt, head_dim)
         self.img_spec, self.txt_spec = img_spec, txt_spec
         return Unroller(settings, self.encoder, img_spec, txt_spec, self.similarity)
 
@@ -342,7 +337,7 @@ class Distiller(DistillerState):
         """``((loss, loss_img, loss_txt), grads)`` of the iteration's K trajectories (means), at
         the current leaves or at ``at = (x, y, sim_params, eta_img, eta_txt)``."""
         args = at or (self.x, self.y, self.sim_params, self.eta_img, self.eta_txt)
-        if self.cfg.student == "heads":
+        if self.cfg.student_kind.trajectories_per_call is None:
             # The K trajectories run batched in one unroll (mean loss and gradients).
             stack = lambda pairs, m: torch.stack([p[m] for p in pairs])  # noqa: E731
             r = self.unroller.run(

@@ -53,7 +53,8 @@ def evaluate_file(
         image_size: the encoder's input resolution (default: the dataset's).
         loss: training loss (default: the set's config, else ``wbce``).
         eval_every: score the test split every this many epochs (default: the set's method's
-            cadence, :data:`repblend_fast.config.EVAL_EVERY`: 20 for RepBlend, 10 for LoRS).
+            cadence, ``Method.eval_every`` in :mod:`repblend_fast.methods`: 20 for RepBlend, 10 for
+            LoRS).
         temperature: the logit temperature of evaluation (default
             :data:`repblend_fast.config.EVAL_TEMPERATURE`, 0.07 whatever the distillation used,
             as docs/algorithm.md §8 fixes it).
@@ -66,12 +67,12 @@ def evaluate_file(
     {"distilled": {...}, ["random": {...}]}}`` with :func:`evaluate_distilled`'s results; raises
     ``FileNotFoundError`` / ``ValueError`` with a one-line reason for a file it cannot use.
     """
-    from repblend_fast.config import EVAL_EVERY
+    from repblend_fast.methods import get_method
     from repblend_fast.pipeline import image_size_for
 
     path, d, (cfg_loss, eps, method) = open_checked_set(path, note)
     if eval_every is None:
-        eval_every = EVAL_EVERY[method]
+        eval_every = get_method(method).eval_every
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     loss = loss or cfg_loss

@@ -329,8 +329,9 @@ def _register_import_distilled(sub) -> None:
 def cmd_import_distilled(args) -> int:
     from repblend_fast.checkpoint import CHECKSUMS
     from repblend_fast.compat import AuthorsBufferError, import_distilled
-    from repblend_fast.config import METHOD_DEFAULTS, DistillConfig
+    from repblend_fast.config import DistillConfig
     from repblend_fast.locks import FolderLock
+    from repblend_fast.methods import get_method
 
     if not args.out.endswith(".safetensors"):
         raise CLIError(f"--out {args.out}: must end in .safetensors")
@@ -348,9 +349,10 @@ def cmd_import_distilled(args) -> int:
     kind = {3: "lowrank", 1: "full"}.get(len(distilled.sim_params), "none")
     if distilled.similarity is not None and not distilled.sim_params:
         kind = "full"
-    fields: dict[str, Any] = {**METHOD_DEFAULTS[args.format], "method": args.format}
+    method = get_method(args.format)
+    fields: dict[str, Any] = {**method.defaults, "method": args.format}
     fields.update(pairs=n, batch_size=min(20, n))
-    if args.format != "mtt-vl":
+    if method.learns_similarity:
         fields["similarity"] = kind
     elif kind != "none":
         raise CLIError(

@@ -26,12 +26,11 @@ from repblend_fast.cli.common import (
 from repblend_fast.config import (
     COMPILE,
     META_GRADS,
-    METHOD_DEFAULTS,
-    METHODS,
     PRESETS,
     DistillConfig,
     preset,
 )
+from repblend_fast.methods import METHOD_REGISTRY
 
 
 def register(sub) -> None:
@@ -142,7 +141,8 @@ def _preset_default(field: str) -> str:
     the tables :func:`preset` combines, without building one (that would load torch)."""
     import dataclasses
 
-    demo = {**PRESETS["demo"], **METHOD_DEFAULTS[PRESETS["demo"].get("method", "repblend")]}
+    method = METHOD_REGISTRY[PRESETS["demo"].get("method", "repblend")]
+    demo = {**PRESETS["demo"], **method.defaults}
     fallback = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
     return f"default: the preset's, {demo.get(field, fallback[field])} for demo"
 
@@ -167,7 +167,7 @@ def _register_distill(sub) -> None:
     )
     g.add_argument(
         "--method",
-        choices=list(METHODS),
+        choices=list(METHOD_REGISTRY),
         default=None,
         help="default: the preset's (repblend); lors and mtt-vl need `buffer --method lors`",
     )

@@ -152,11 +152,7 @@ def run_demo(
     )
     for method, cfg in configs.items():
         n_exp, e_batch = branch_size(run, method)
-        what = (
-            "image + text heads on cached features"
-            if method == "repblend"
-            else "whole image encoder + text head"
-        )
+        what = cfg.student_kind.description
         epochs = cfg.max_start_epoch - 1 + cfg.expert_epochs
         steps = math.ceil(tr.num_captions / e_batch)
         clock.run(
