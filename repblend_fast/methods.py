@@ -198,7 +198,6 @@ class Method:
         eval_every: the evaluation cadence of its research code, in epochs (docs/algorithm.md §8).
         blends: whether it may blend representations (``blend``).
         learns_similarity: whether it may learn a similarity (else ``similarity='none'``).
-        research_script: the research script it reproduces (``compat``).
     """
 
     name: str
@@ -209,7 +208,6 @@ class Method:
     eval_every: int = 10
     blends: bool = False
     learns_similarity: bool = True
-    research_script: str | None = None
 
     def student_kind(self, symmetric: bool = True) -> StudentKind:
         """The student a run of this method trains (``symmetric=False``: its ablation's)."""
@@ -249,7 +247,6 @@ REPBLEND = register_method(
         ablation_student="encoder",
         eval_every=20,
         blends=True,
-        research_script="distill_repblend.py",
     )
 )
 # LoRS and MTT-VL have no frozen feature space to blend in (their image student is the encoder
@@ -260,7 +257,6 @@ LORS = register_method(
         label="LoRS",
         student="encoder",
         defaults={"blend": False},
-        research_script="distill_tesla_lors.py",
     )
 )
 MTT_VL = register_method(
@@ -270,6 +266,5 @@ MTT_VL = register_method(
         student="encoder",
         defaults={"blend": False, "similarity": "none", "loss": "infonce"},
         learns_similarity=False,
-        research_script="distill.py (VL-distill)",
     )
 )

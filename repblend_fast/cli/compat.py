@@ -104,6 +104,7 @@ def import_buffer_folder(
     src_flag: str,
 ):
     from repblend_fast.compat import AuthorsBufferError, buffer_layout, import_authors_buffers
+    from repblend_fast.methods import get_method
 
     try:
         layout = buffer_layout(
@@ -111,7 +112,7 @@ def import_buffer_folder(
             d_img=enc.image_info.feature_dim,
             d_txt=enc.text.dim,
             dim=dim,
-            encoder=enc.image if fmt != "repblend" else None,
+            encoder=None if get_method(fmt).student_kind().frozen_encoder else enc.image,
         )
         return import_authors_buffers(
             src,
