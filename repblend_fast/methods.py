@@ -26,6 +26,7 @@ __all__ = [
     "StudentKind",
     "get_method",
     "register_method",
+    "register_student_kind",
     "student_for_experts",
 ]
 
@@ -171,7 +172,21 @@ def _null():
     return nullcontext()
 
 
-STUDENT_KINDS: dict[str, StudentKind] = {k.name: k for k in (HeadsStudent(), EncoderStudent())}
+STUDENT_KINDS: dict[str, StudentKind] = {}
+
+
+def register_student_kind(kind: StudentKind) -> StudentKind:
+    """Add ``kind`` to :data:`STUDENT_KINDS` (replacing one of the same name); returns it. Its
+    ``experts`` name must be its own (a store's manifest names the kind it was trained for)."""
+    for other in STUDENT_KINDS.values():
+        if other.experts == kind.experts and other.name != kind.name:
+            raise ValueError(f"expert kind {kind.experts!r} belongs to student {other.name!r}")
+    STUDENT_KINDS[kind.name] = kind
+    return kind
+
+
+register_student_kind(HeadsStudent())
+register_student_kind(EncoderStudent())
 
 
 def student_for_experts(kind: str) -> StudentKind:

@@ -82,7 +82,8 @@ def ordered_methods(methods: dict[str, Any]) -> list[str]:
 
 def method_label(methods: dict[str, Any], name: str) -> str:
     """Row label of method ``name``: its ``label`` entry, else :data:`DEFAULT_LABELS`."""
-    return (methods.get(name) or {}).get("label") or DEFAULT_LABELS.get(name, name)
+    own = METHOD_REGISTRY[name].label if name in METHOD_REGISTRY else None
+    return (methods.get(name) or {}).get("label") or DEFAULT_LABELS.get(name, own or name)
 
 
 # ------------------------------------------------------------------------------- tables
