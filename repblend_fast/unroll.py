@@ -105,9 +105,8 @@ class UnrollSettings:
 
     @classmethod
     def from_config(cls, cfg, encoder_autocast: torch.dtype | None = None) -> UnrollSettings:
-        """The settings a :class:`repblend_fast.config.DistillConfig` asks for: every field of the
-        same name, ``method`` from ``cfg.expert_kind``; ``encoder_autocast`` is resolved by the
-        caller (it depends on the device)."""
+        """The settings of a ``DistillConfig``: its fields of the same names, ``method`` =
+        ``cfg.expert_kind``; the caller resolves ``encoder_autocast`` (it depends on the device)."""
         names = [f.name for f in dataclasses.fields(cls)]
         same = {n: getattr(cfg, n) for n in names if n not in ("method", "encoder_autocast")}
         same["memory_budget_mib"] = float(same["memory_budget_mib"])
@@ -327,11 +326,8 @@ class Unroller:
                 f"plan has K={k} trajectories but start/target have "
                 f"{start[0].shape[0]}/{target[0].shape[0]} rows"
             )
-        most = self.kind.trajectories_per_call
-        if most is not None and k > most:
-            raise ValueError(
-                f"method={self.s.method!r} unrolls {most} trajectory per call (K={most})"
-            )
+        if (most := self.kind.trajectories_per_call) is not None and k > most:
+            raise ValueError(f"method={self.s.method!r} unrolls K={most} trajectory per call")
         fn = self._run_exact if self.s.meta_grad == "exact" else self._run_tesla
         return fn(x, y, sim_params, eta_img, eta_txt, start, target, plan)
 
