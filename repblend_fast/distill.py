@@ -84,7 +84,8 @@ class Distiller(DistillerState):
         out_dir: str | os.PathLike | None = None,
     ):
         config.validate(world=distributed.world_size())
-        # Several processes (torchrun): each unrolls its share of the K trajectories.
+        # Several processes (torchrun): each unrolls its share of the K trajectories; one process:
+        # a LocalSync whose collective operations do nothing.
         self._dist = distributed.step_sync(config.num_trajectories)
         # Results depend on the CPU thread count: run with the configured one, or record the
         # one in use, so that config.json and every checkpoint say which it was.
@@ -98,7 +99,7 @@ class Distiller(DistillerState):
                 "DistillConfig.device='cuda' but no CUDA device is available: use 'cpu'"
             )
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        if self._dist is not None and not self._dist.ctx.is_main:
+        if not self._dist.is_main:
             self.out_dir = None  # rank 0 writes the run folder
         n = config.pairs
         if init_images.dim() != 4 or init_images.shape[0] != n:
@@ -240,15 +241,14 @@ class Distiller(DistillerState):
         draws = self.sampler.draw()  # all K trajectories, on every rank
         picks = [(e, t) for e, t, _ in draws]
         starts, targets, plans = [], [], []
-        for e, t, plan in draws if self._dist is None else self._dist.mine(draws):
+        for e, t, plan in self._dist.mine(draws):  # this rank's share (torchrun)
             start, target = self._snapshots(e, t)
             starts.append(start)
             targets.append(target)
             plans.append(plan)
         losses, grads = self._meta_gradients(starts, targets, plans)
-        synced = {}
-        if self._dist is not None:  # one all-reduce: the means over all K trajectories
-            losses, grads, synced = self._dist.average(losses, grads)
+        # Under torchrun, one all-reduce: the means over all K trajectories.
+        losses, grads, synced = self._dist.average(losses, grads)
         loss, loss_img, loss_txt = losses
         check = self._grad_check(loss, grads, starts, targets, plans)
         stats = self.opt.step(grads, loss)
@@ -264,8 +264,7 @@ class Distiller(DistillerState):
                 **check,
             }
         )
-        if self._dist is not None:
-            self._dist.after_step(self, vals)
+        self._dist.after_step(self, vals)
         rec = self._record(picks, vals)
         rec["ms"] = (time.perf_counter() - t0) * 1e3
         if self.device.type == "cuda":
@@ -323,7 +322,7 @@ class Distiller(DistillerState):
         predicts (1 for a correct gradient; docs/algorithm.md §14). ``{}`` otherwise, and under
         torchrun (each rank holds only its share of the trajectories)."""
         every = self.cfg.grad_check_every
-        if not every or self.iteration % every or self._dist is not None:
+        if not every or self.iteration % every or not self._dist.whole:
             return {}
         params = self._params()
         shifted, predicted = probe_point(params, grads, self.opt.lr, loss)
@@ -438,22 +437,20 @@ class Distiller(DistillerState):
         if lock is not None:
             lock.acquire()
         try:
-            if self._dist is not None:
-                self._dist.start(self)  # every rank starts from rank 0's state
+            self._dist.start(self)  # under torchrun every rank starts from rank 0's state
             if self.out_dir is not None:
                 self._open_outputs()
             bar = tqdm(
                 total=cfg.iterations,
                 initial=self.iteration,
-                disable=not progress or not distributed.is_main(),
+                disable=not progress or not self._dist.is_main,
                 desc=f"distill[{cfg.method}]",
                 unit="it",
             )
             if on_iteration is not None:
                 on_iteration(self)
             with StopOnSignal() as stop:
-                if self._dist is not None:
-                    self._dist.stop_source = stop  # ranks stop after the same iteration
+                self._dist.stop_source = stop  # under torchrun ranks stop after the same iteration
                 while self.iteration < cfg.iterations:
                     try:
                         rec = self.step()
@@ -467,8 +464,7 @@ class Distiller(DistillerState):
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", ms=f"{rec['ms']:.0f}")
                     if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
                         self.save_checkpoint()
-                    signum = stop.signum if self._dist is None else self._dist.stop_signum
-                    if signum is not None:
+                    if (signum := self._dist.stop_signum) is not None:
                         bar.close()
                         raise RunInterrupted(signum, self.iteration, self.save_checkpoint())
             bar.close()
@@ -477,8 +473,7 @@ class Distiller(DistillerState):
             if self.out_dir is not None:
                 self.save_checkpoint()
                 result.save(self.out_dir / DISTILLED, cfg, record=self._run_record())
-            if self._dist is not None:
-                self._dist.finish()
+            self._dist.finish()
             return result
         finally:
             if lock is not None:
@@ -487,7 +482,7 @@ class Distiller(DistillerState):
     def _summarise(self) -> None:
         """Log the guard's run summary and write ``summary.json`` (atomically, recorded in
         ``checksums.json``) with its ``guard`` block."""
-        if not distributed.is_main():
+        if not self._dist.is_main:
             return
         logger.info("%s", self.guard_report.line())
         if self.out_dir is not None:

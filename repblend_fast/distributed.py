@@ -433,9 +433,37 @@ def map_shards(fn: Callable[[Any], Any], items: Iterable, tag: str) -> list:
 
 
 # --------------------------------------------------------------------------- distillation
-def step_sync(num_trajectories: int) -> StepSync | None:
-    """The :class:`StepSync` of a launch of several processes, None otherwise."""
-    return StepSync(_CTX, num_trajectories) if _CTX is not None else None
+def step_sync(num_trajectories: int) -> StepSync | LocalSync:
+    """The :class:`StepSync` of a launch of several processes, else a :class:`LocalSync`."""
+    return StepSync(_CTX, num_trajectories) if _CTX is not None else LocalSync()
+
+
+class LocalSync:
+    """:class:`StepSync`'s interface for a single process: every rank's share is the whole
+    iteration, and every collective operation does nothing."""
+
+    is_main = True  # the process that writes the run folder
+    whole = True  # holds every trajectory of an iteration (the gradient check needs them all)
+    stop_source = None  # the run's StopOnSignal
+
+    @property
+    def stop_signum(self) -> int | None:
+        return self.stop_source.signum if self.stop_source is not None else None
+
+    def mine(self, draws: list) -> list:
+        return draws
+
+    def average(self, losses: tuple, grads: dict[str, torch.Tensor]):
+        return losses, grads, {}
+
+    def after_step(self, distiller, vals: dict[str, float]) -> None:
+        pass
+
+    def start(self, distiller) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
 
 
 def _bitsum(t: torch.Tensor) -> torch.Tensor:
@@ -456,9 +484,11 @@ class StepSync:
     """
 
     check_every = 10
+    whole = False
 
     def __init__(self, ctx: Context, num_trajectories: int):
         self.ctx = ctx
+        self.is_main = ctx.is_main
         self.per_rank = num_trajectories // ctx.world
         self.stop_source = None  # the run's StopOnSignal: its signal joins the all-reduce
         self.stop_signum: int | None = None
