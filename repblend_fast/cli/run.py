@@ -30,7 +30,7 @@ from repblend_fast.config import (
     DistillConfig,
     preset,
 )
-from repblend_fast.methods import METHOD_REGISTRY
+from repblend_fast.methods import METHOD_REGISTRY, STUDENT_KINDS
 
 
 def register(sub) -> None:
@@ -59,7 +59,7 @@ def _register_buffer(sub) -> None:
     g.add_argument("--out", required=True, help="directory of the expert store to write")
     g.add_argument(
         "--method",
-        choices=["repblend", "lors"],
+        choices=[k.experts for k in STUDENT_KINDS.values()],
         default="repblend",
         help="repblend: image and text heads on cached frozen-encoder features; lors: the image "
         "encoder itself and a text head (for --method lors and mtt-vl distillation)",
