@@ -17,6 +17,7 @@ from repblend_fast.cli.common import (
     check_device,
     check_set_path,
 )
+from repblend_fast.compat.flag_specs import SCRIPTS
 
 __all__ = [
     "FORMATS",
@@ -29,7 +30,7 @@ __all__ = [
     "register",
 ]
 
-FORMATS = ("repblend", "lors", "mtt-vl")
+FORMATS = tuple(SCRIPTS)  # one per research script, named by its method
 
 
 def register(sub) -> None:

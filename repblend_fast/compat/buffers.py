@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from repblend_fast.compat.flag_specs import SCRIPT_FACTS
 from repblend_fast.experts.store import MODALITIES, head_layout, module_layout
 from repblend_fast.methods import STUDENT_KINDS, get_method
 from repblend_fast.models.flat import FlatSpec
@@ -59,7 +60,7 @@ __all__ = [
     "scan_authors_buffers",
 ]
 
-AUTHORS_FORMATS = ("repblend", "lors", "mtt-vl")
+AUTHORS_FORMATS = tuple(SCRIPT_FACTS)  # one per research script, named by its method
 # Their ProjectionHead's parameter names, in parameters() order = HeadSpec's flat order.
 HEAD_PARAM_NAMES = (
     "projection.weight",
