@@ -124,6 +124,25 @@ def fast_variants(compile=("none",), memory_budget_mib=(0,), autocast=("auto",))
     return [FastVariant(c, b, a) for a in casts for b in budgets for c in comps]
 
 
+def _check_modes(host_allocator: str, isolate: str) -> None:
+    if host_allocator not in HOST_ALLOCATORS:
+        raise ValueError(f"host_allocator must be one of {HOST_ALLOCATORS}, got {host_allocator!r}")
+    if isolate not in ("auto", "subprocess", "inprocess"):
+        raise ValueError(f"isolate must be auto, subprocess or inprocess, got {isolate!r}")
+
+
+def _select_configs(shapes: str, configs: Sequence[str] | None) -> list[StepShape]:
+    """The configurations of shape set ``shapes`` named in ``configs`` (default: all)."""
+    todo = SHAPE_SETS[shapes]
+    if configs is None:
+        return todo
+    names = {s.name for s in todo}
+    unknown = sorted(set(configs) - names)
+    if unknown:
+        raise ValueError(f"configs {unknown} are not in shape set {shapes!r}: {sorted(names)}")
+    return [s for s in todo if s.name in configs]
+
+
 def run_bench(
     shapes: str = "ci",
     json_path: str | None = None,
@@ -193,10 +212,7 @@ def run_bench(
         ``memory_plan`` and ``parity``.
     """
     _check_shapes(shapes)
-    if host_allocator not in HOST_ALLOCATORS:
-        raise ValueError(f"host_allocator must be one of {HOST_ALLOCATORS}, got {host_allocator!r}")
-    if isolate not in ("auto", "subprocess", "inprocess"):
-        raise ValueError(f"isolate must be auto, subprocess or inprocess, got {isolate!r}")
+    _check_modes(host_allocator, isolate)
     dev = resolve_device(device)
     runs = parse_providers(providers)
     variants = fast_variants(compile, memory_budget_mib, autocast)
@@ -208,26 +224,11 @@ def run_bench(
     _check_counts(iterations, warmup, encoder_chunk)
     chunk = default_encoder_chunk() if encoder_chunk is None else encoder_chunk
     mode = isolate if isolate != "auto" else ("inprocess" if cuda else "subprocess")
-    todo = SHAPE_SETS[shapes]
-    if configs is not None:
-        names = {s.name for s in todo}
-        unknown = sorted(set(configs) - names)
-        if unknown:
-            raise ValueError(f"configs {unknown} are not in shape set {shapes!r}: {sorted(names)}")
-        todo = [s for s in todo if s.name in configs]
+    todo = _select_configs(shapes, configs)
     opts = _BenchOptions(
-        mode,
-        iterations,
-        warmup,
-        parity,
-        seed,
-        threads,
-        timeout,
-        verbose,
-        chunk,
-        json_path,
+        mode, iterations, warmup, parity, seed, threads, timeout, verbose, chunk, json_path,
         host_allocator,
-    )
+    )  # fmt: skip
     if mode == "inprocess":
         apply_host_allocator(host_allocator)
     with threads_scope(threads):
