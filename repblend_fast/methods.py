@@ -16,6 +16,7 @@ library.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,7 +106,7 @@ class HeadsStudent(StudentKind):
         if shared_rows is not None:
             return shared_rows
         k, b = idx.shape
-        with torch.no_grad() if no_grad_encode else _null():
+        with torch.no_grad() if no_grad_encode else nullcontext():
             return unroller.encode(xl[idx.reshape(-1)]).reshape(k, b, -1)
 
     def embed_image(self, unroller, th_img, img_in, y_b, perm, lam, keep):
@@ -164,12 +165,6 @@ class EncoderStudent(StudentKind):
 
         images = load_images(ds, enc, size, progress=progress)
         return experts.train_experts_lors(enc.image, images, txt, ds.cap2img, **common)
-
-
-def _null():
-    from contextlib import nullcontext
-
-    return nullcontext()
 
 
 STUDENT_KINDS: dict[str, StudentKind] = {}
