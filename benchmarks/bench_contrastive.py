@@ -24,9 +24,10 @@ import torch
 
 from benchmarks.common import PROVIDERS, compiled, run_case
 from repblend_fast import reference
+from repblend_fast.config import TEMPERATURE
 from repblend_fast.ops import contrastive_loss
 
-SCALE = 1 / 0.07
+SCALE = 1 / TEMPERATURE
 MODES = ("fwd", "fwd+bwd", "double-bwd")
 FLOP_FACTOR = {"fwd": 1, "fwd+bwd": 3, "double-bwd": 9}
 

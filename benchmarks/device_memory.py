@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         budgets = [float(b) for b in args.memory_budget_mib.split(",")]
     except ValueError:
-        ap.error(f"--memory-budget-mib: expected comma-separated MiB, got {args.memory_budget_mib!r}")
+        ap.error(f"--memory-budget-mib: expected comma-separated MiB, got {args.memory_budget_mib}")
     records = [count(s, m, b) for s in shapes for m in modes for b in budgets]
     print(table(records))
     if args.json:

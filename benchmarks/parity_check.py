@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from repblend_fast.bench import SHAPE_SETS  # noqa: E402
 from repblend_fast.bench.parity import timed_parity  # noqa: E402
 from repblend_fast.io import atomic_write_json  # noqa: E402
+from repblend_fast.threads import set_threads  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--json", required=True)
     a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    set_threads(a.threads)
     shapes = SHAPE_SETS[a.shapes]
     if a.configs:
         want = a.configs.split(",")

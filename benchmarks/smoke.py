@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from repblend_fast import reference  # noqa: E402
+from repblend_fast.config import TEMPERATURE  # noqa: E402
 from repblend_fast.io import atomic_write_json  # noqa: E402
 from repblend_fast.ops import (  # noqa: E402
     blend_pairs,
@@ -38,7 +39,7 @@ from repblend_fast.ops import (  # noqa: E402
 )
 from repblend_fast.ops._dispatch import cuda_status, triton_status  # noqa: E402
 
-S = 1 / 0.07
+S = 1 / TEMPERATURE
 
 
 def _cases(device: torch.device, big: bool):

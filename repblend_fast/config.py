@@ -1,5 +1,6 @@
-"""Distillation configuration, the named presets of docs/algorithm.md §12, and the rules that
-tie the three methods to their students, experts and defaults (stated here once).
+"""Distillation configuration, the named presets of docs/algorithm.md §12 and validation. What
+each method implies (its student, experts, defaults, evaluation cadence) is its entry in
+:mod:`repblend_fast.methods`.
 
 Every field is used by :class:`repblend_fast.Distiller`; the docstring of :class:`DistillConfig`
 says what each does.
@@ -14,30 +15,36 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+from repblend_fast.methods import METHOD_REGISTRY, StudentKind, get_method
+
 SIMILARITIES = ("lowrank", "full", "none")
 META_GRADS = ("exact", "tesla")
 AUTOCAST = ("auto", "none", "bf16", "fp16")
 COMPILE = ("none", "encoder", "step")
+# CLIP's logit temperature tau, stated once: logits are ``logit_scale * cos`` with ``logit_scale``
+# = 1/tau. The default of distillation and expert training, and the temperature of every
+# evaluation (EVAL_TEMPERATURE below).
+TEMPERATURE = 0.07
 # The accepted logit temperatures (CLIP clamps 1/tau at 100; the presets use 0.07 and 0.1).
 TEMPERATURE_RANGE = (1e-3, 10.0)
 
-# What choosing a method implies unless the user says otherwise. LoRS and MTT-VL have no frozen
-# feature space to blend in (their image student is the encoder itself); MTT-VL learns no
-# similarity and trains with the symmetric InfoNCE of CLIP.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "repblend": {},
-    "lors": {"blend": False},
-    "mtt-vl": {"blend": False, "similarity": "none", "loss": "infonce"},
-}
-METHODS = tuple(METHOD_DEFAULTS)
-
 # The evaluation protocol (docs/algorithm.md §8): a distilled set is scored on the test split
-# every EVAL_EVERY[method] training epochs (RepBlend's code every 20 of its 101 epochs, LoRS's
-# every 10), with the logit temperature fixed at EVAL_TEMPERATURE whatever the distillation used,
-# over EVAL_SEEDS evaluation seeds.
-EVAL_EVERY: dict[str, int] = {"repblend": 20, "lors": 10, "mtt-vl": 10}
-EVAL_TEMPERATURE = 0.07
+# every ``Method.eval_every`` training epochs (repblend_fast.methods: RepBlend's code every 20 of
+# its 101 epochs, LoRS's every 10), with the logit temperature fixed at EVAL_TEMPERATURE whatever
+# the distillation used, over EVAL_SEEDS evaluation seeds.
+EVAL_TEMPERATURE = TEMPERATURE
 EVAL_SEEDS = 3
+
+
+def check_trajectories(num_trajectories: int, world: int) -> None:
+    """``ValueError`` unless K trajectories split evenly over ``world`` processes."""
+    if world > 1 and num_trajectories % world:
+        raise ValueError(
+            f"num_trajectories={num_trajectories} cannot be split over {world} processes: each "
+            "rank unrolls num_trajectories / world-size trajectories per iteration, so set "
+            f"num_trajectories to a multiple of {world} (--set num_trajectories={world}) or "
+            "launch a number of processes that divides it"
+        )
 
 
 @dataclass
@@ -145,7 +152,7 @@ class DistillConfig:
     sim_alpha: float = 3.0
     loss: str = "wbce"
     eps: float = 1e-6
-    temperature: float = 0.07
+    temperature: float = TEMPERATURE
     blend: bool = True
     symmetric: bool = True
     blend_alpha: float = 1.0
@@ -176,18 +183,20 @@ class DistillConfig:
     device: str = "cpu"
     threads: int = 0
 
-    def validate(self) -> DistillConfig:
+    def validate(self, world: int = 1) -> DistillConfig:
         """Raise ``ValueError`` naming the field for any inconsistent setting; returns self.
 
         Every field must have its declared type first (an integer field refuses ``2.5`` and
         ``True``, a boolean refuses ``1``, a number must be finite), so that no value is
-        silently rounded or turned into NaN/Inf downstream; then the ranges below.
+        silently rounded or turned into NaN/Inf downstream; then the ranges below. ``world``:
+        the number of processes the run is split over (torchrun), whose count must divide
+        ``num_trajectories``.
         """
         from repblend_fast.reference.contrastive import LOSSES
 
         self._check_types()
         checks = [
-            (self.method in METHODS, "method", f"one of {METHODS}"),
+            (self.method in METHOD_REGISTRY, "method", f"one of {tuple(METHOD_REGISTRY)}"),
             (self.similarity in SIMILARITIES, "similarity", f"one of {SIMILARITIES}"),
             (self.meta_grad in META_GRADS, "meta_grad", f"one of {META_GRADS}"),
             (self.encoder_autocast in AUTOCAST, "encoder_autocast", f"one of {AUTOCAST}"),
@@ -230,24 +239,26 @@ class DistillConfig:
         for ok, name, want in checks:
             if not ok:
                 raise ValueError(f"DistillConfig.{name}={getattr(self, name)!r}: expected {want}")
+        check_trajectories(self.num_trajectories, world)
         for name in ("lr_img", "lr_txt", "lr_lr", "lr_sim"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DistillConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.method != "repblend" and self.blend and self.blend_alpha > 0:
+        method = METHOD_REGISTRY[self.method]
+        if not method.blends and self.blend and self.blend_alpha > 0:
             # Blending mixes encoder features; the LoRS student has no frozen feature space.
             raise ValueError(
                 f"method={self.method!r} does not blend representations: set blend=False "
                 "(or use method='repblend')"
             )
-        if self.method == "mtt-vl" and self.similarity != "none":
-            raise ValueError("method='mtt-vl' uses identity targets: set similarity='none'")
-        if self.compile != "none" and self.student != "heads":
+        if not method.learns_similarity and self.similarity != "none":
+            raise ValueError(f"method={self.method!r} uses identity targets: set similarity='none'")
+        if self.compile != "none" and not self.student_kind.frozen_encoder:
             raise ValueError(
                 f"DistillConfig.compile={self.compile!r} compiles RepBlend's frozen encoder and "
                 "heads unroll; this run's image student is the encoder itself: set compile='none'"
             )
         if self.memory_budget_mib > 0:
-            if self.student != "heads" or not self.share_encoder:
+            if not self.student_kind.frozen_encoder or not self.share_encoder:
                 raise ValueError(
                     "DistillConfig.memory_budget_mib sizes the shared frozen-encoder graph of "
                     "RepBlend's heads student: it needs method='repblend', symmetric=True and "
@@ -283,20 +294,31 @@ class DistillConfig:
                 raise ValueError(f"DistillConfig.{f.name}={v!r}: expected {want}")
 
     @property
+    def method_entry(self):
+        """The :class:`repblend_fast.methods.Method` of ``method``."""
+        return get_method(self.method)
+
+    @property
+    def student_kind(self) -> StudentKind:
+        """The :class:`repblend_fast.methods.StudentKind` this run trains (its method's, or its
+        asymmetric ablation's under ``symmetric=False``)."""
+        return self.method_entry.student_kind(self.symmetric)
+
+    @property
     def student(self) -> str:
         """``heads`` (symmetric RepBlend) or ``encoder`` (LoRS, MTT-VL, asymmetric ablation)."""
-        return "heads" if self.method == "repblend" and self.symmetric else "encoder"
+        return self.student_kind.name
 
     @property
     def expert_kind(self) -> str:
         """The experts this run matches: ``repblend`` (two heads on frozen features) for a heads
         student, ``lors`` (image encoder + text head) for an encoder student."""
-        return "repblend" if self.student == "heads" else "lors"
+        return self.student_kind.experts
 
     @property
     def blending(self) -> bool:
         """Whether the unroll blends representations (RepBlend with ``blend`` on)."""
-        return self.method == "repblend" and self.blend
+        return self.method_entry.blends and self.blend
 
     @property
     def logit_scale(self) -> float:
@@ -425,16 +447,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 def preset(name: str, **overrides: Any) -> DistillConfig:
     """The named preset (docs/algorithm.md §12) with ``overrides`` applied, validated.
 
-    An overridden ``method`` brings its :data:`METHOD_DEFAULTS` (e.g. ``method="lors"`` turns
+    An overridden ``method`` brings its ``Method.defaults`` (e.g. ``method="lors"`` turns
     blending off) unless ``overrides`` sets those fields itself.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     method = overrides.get("method", PRESETS[name].get("method", "repblend"))
-    if method not in METHOD_DEFAULTS:
-        raise ValueError(f"DistillConfig.method={method!r}: expected one of {METHODS}")
+    if method not in METHOD_REGISTRY:
+        raise ValueError(
+            f"DistillConfig.method={method!r}: expected one of {tuple(METHOD_REGISTRY)}"
+        )
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"unknown DistillConfig fields {unknown}; known: {sorted(fields)}")
-    return DistillConfig(**{**PRESETS[name], **METHOD_DEFAULTS[method], **overrides}).validate()
+    return DistillConfig(
+        **{**PRESETS[name], **METHOD_REGISTRY[method].defaults, **overrides}
+    ).validate()

@@ -1,17 +1,14 @@
 """Coreset baselines for the evaluation: ``n`` real pairs chosen at random, by herding, or by
 greedy k-center, each returned as ``(image features [n, d_f], text features [n, d_t], caption
-indices [n])`` of a :class:`~repblend_fast.evaluate.FeaturePairs` training split (one caption per
+indices [n])`` of a :class:`~repblend_fast.features.FeaturePairs` training split (one caption per
 image, distinct images).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from repblend_fast.evaluate import FeaturePairs
+from repblend_fast.features import FeaturePairs
 
 __all__ = ["herding_subset", "kcenter_subset", "random_subset"]
 

@@ -31,11 +31,11 @@ from repblend_fast.distill_state import DistillerState
 from repblend_fast.distilled_set import DistilledSet
 from repblend_fast.guard_report import GuardReport, probe_point
 from repblend_fast.io import json_bytes
-from repblend_fast.models.flat import FlatSpec
 from repblend_fast.models.heads import HeadSpec
 from repblend_fast.outer import CLIPPED_GROUPS, GROUPS, OuterOptimizer
 from repblend_fast.sampling import IterationSampler
 from repblend_fast.stats import median
+from repblend_fast.threads import set_threads
 from repblend_fast.transfer import to_device
 from repblend_fast.unroll import StepPlan, Unroller, UnrollSettings
 
@@ -83,15 +83,15 @@ class Distiller(DistillerState):
         init_texts: torch.Tensor,
         out_dir: str | os.PathLike | None = None,
     ):
-        config.validate()
-        # Several processes (torchrun): each unrolls its share of the K trajectories.
+        config.validate(world=distributed.world_size())
+        # Several processes (torchrun): each unrolls its share of the K trajectories; one process:
+        # a LocalSync whose collective operations do nothing.
         self._dist = distributed.step_sync(config.num_trajectories)
         # Results depend on the CPU thread count: run with the configured one, or record the
         # one in use, so that config.json and every checkpoint say which it was.
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        else:
-            config = config.replace(threads=torch.get_num_threads())
+        threads = set_threads(config.threads)
+        if not config.threads:
+            config = config.replace(threads=threads)
         self.cfg = config
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -99,7 +99,7 @@ class Distiller(DistillerState):
                 "DistillConfig.device='cuda' but no CUDA device is available: use 'cpu'"
             )
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        if self._dist is not None and not self._dist.ctx.is_main:
+        if not self._dist.is_main:
             self.out_dir = None  # rank 0 writes the run folder
         n = config.pairs
         if init_images.dim() != 4 or init_images.shape[0] != n:
@@ -162,7 +162,7 @@ class Distiller(DistillerState):
         the CPU tests measure the bf16 encoder's meta-gradient error."""
         choice = self.cfg.encoder_autocast
         if choice == "auto":
-            frozen = self.cfg.student == "heads"
+            frozen = self.cfg.student_kind.frozen_encoder
             return torch.bfloat16 if self.device.type == "cuda" and frozen else None
         return _AUTOCAST[choice]
 
@@ -171,33 +171,14 @@ class Distiller(DistillerState):
 
     def _make_unroller(self, d_txt: int) -> Unroller:
         cfg = self.cfg
-        method = cfg.expert_kind
-        settings = UnrollSettings(
-            method=method,
-            meta_grad=cfg.meta_grad,
-            loss=cfg.loss,
-            eps=cfg.eps,
-            logit_scale=cfg.logit_scale,
-            merge_loss=cfg.merge_loss,
-            blend_target=cfg.blend_target,
-            share_encoder=cfg.share_encoder,
-            checkpoint_steps=cfg.checkpoint_steps,
-            encoder_chunk=cfg.encoder_chunk,
-            parity_eta_grad=cfg.parity_eta_grad,
-            encoder_autocast=self._autocast_dtype(),
-            compile=cfg.compile,
-            memory_budget_mib=float(cfg.memory_budget_mib),
-        )
+        settings = UnrollSettings.from_config(cfg, encoder_autocast=self._autocast_dtype())
         with torch.no_grad():
             d_f = int(self.encoder(self.x[:1]).shape[-1])
-        man = self._manifest()
-        if method == "repblend":
-            dim = int(man.get("dim", 0)) or _infer_dim(self.store, d_f)
-            img_spec: HeadSpec | FlatSpec = HeadSpec(d_f, dim)
-            txt_spec = HeadSpec(d_txt, dim)
-        else:
-            img_spec = FlatSpec.from_module(self.encoder, trainable_only=False)
-            txt_spec = HeadSpec(d_txt, d_f)
+
+        def head_dim() -> int:
+            return int(self._manifest().get("dim", 0)) or _infer_dim(self.store, d_f)
+
+        img_spec, txt_spec = cfg.student_kind.specs(self.encoder, d_f, d_txt, head_dim)
         self.img_spec, self.txt_spec = img_spec, txt_spec
         return Unroller(settings, self.encoder, img_spec, txt_spec, self.similarity)
 
@@ -260,15 +241,14 @@ class Distiller(DistillerState):
         draws = self.sampler.draw()  # all K trajectories, on every rank
         picks = [(e, t) for e, t, _ in draws]
         starts, targets, plans = [], [], []
-        for e, t, plan in draws if self._dist is None else self._dist.mine(draws):
+        for e, t, plan in self._dist.mine(draws):  # this rank's share (torchrun)
             start, target = self._snapshots(e, t)
             starts.append(start)
             targets.append(target)
             plans.append(plan)
         losses, grads = self._meta_gradients(starts, targets, plans)
-        synced = {}
-        if self._dist is not None:  # one all-reduce: the means over all K trajectories
-            losses, grads, synced = self._dist.average(losses, grads)
+        # Under torchrun, one all-reduce: the means over all K trajectories.
+        losses, grads, synced = self._dist.average(losses, grads)
         loss, loss_img, loss_txt = losses
         check = self._grad_check(loss, grads, starts, targets, plans)
         stats = self.opt.step(grads, loss)
@@ -284,8 +264,7 @@ class Distiller(DistillerState):
                 **check,
             }
         )
-        if self._dist is not None:
-            self._dist.after_step(self, vals)
+        self._dist.after_step(self, vals)
         rec = self._record(picks, vals)
         rec["ms"] = (time.perf_counter() - t0) * 1e3
         if self.device.type == "cuda":
@@ -343,7 +322,7 @@ class Distiller(DistillerState):
         predicts (1 for a correct gradient; docs/algorithm.md §14). ``{}`` otherwise, and under
         torchrun (each rank holds only its share of the trajectories)."""
         every = self.cfg.grad_check_every
-        if not every or self.iteration % every or self._dist is not None:
+        if not every or self.iteration % every or not self._dist.whole:
             return {}
         params = self._params()
         shifted, predicted = probe_point(params, grads, self.opt.lr, loss)
@@ -357,7 +336,7 @@ class Distiller(DistillerState):
         """``((loss, loss_img, loss_txt), grads)`` of the iteration's K trajectories (means), at
         the current leaves or at ``at = (x, y, sim_params, eta_img, eta_txt)``."""
         args = at or (self.x, self.y, self.sim_params, self.eta_img, self.eta_txt)
-        if self.cfg.student == "heads":
+        if self.cfg.student_kind.trajectories_per_call is None:
             # The K trajectories run batched in one unroll (mean loss and gradients).
             stack = lambda pairs, m: torch.stack([p[m] for p in pairs])  # noqa: E731
             r = self.unroller.run(
@@ -458,22 +437,20 @@ class Distiller(DistillerState):
         if lock is not None:
             lock.acquire()
         try:
-            if self._dist is not None:
-                self._dist.start(self)  # every rank starts from rank 0's state
+            self._dist.start(self)  # under torchrun every rank starts from rank 0's state
             if self.out_dir is not None:
                 self._open_outputs()
             bar = tqdm(
                 total=cfg.iterations,
                 initial=self.iteration,
-                disable=not progress or not distributed.is_main(),
+                disable=not progress or not self._dist.is_main,
                 desc=f"distill[{cfg.method}]",
                 unit="it",
             )
             if on_iteration is not None:
                 on_iteration(self)
             with StopOnSignal() as stop:
-                if self._dist is not None:
-                    self._dist.stop_source = stop  # ranks stop after the same iteration
+                self._dist.stop_source = stop  # under torchrun ranks stop after the same iteration
                 while self.iteration < cfg.iterations:
                     try:
                         rec = self.step()
@@ -487,8 +464,7 @@ class Distiller(DistillerState):
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", ms=f"{rec['ms']:.0f}")
                     if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
                         self.save_checkpoint()
-                    signum = stop.signum if self._dist is None else self._dist.stop_signum
-                    if signum is not None:
+                    if (signum := self._dist.stop_signum) is not None:
                         bar.close()
                         raise RunInterrupted(signum, self.iteration, self.save_checkpoint())
             bar.close()
@@ -497,8 +473,7 @@ class Distiller(DistillerState):
             if self.out_dir is not None:
                 self.save_checkpoint()
                 result.save(self.out_dir / DISTILLED, cfg, record=self._run_record())
-            if self._dist is not None:
-                self._dist.finish()
+            self._dist.finish()
             return result
         finally:
             if lock is not None:
@@ -507,7 +482,7 @@ class Distiller(DistillerState):
     def _summarise(self) -> None:
         """Log the guard's run summary and write ``summary.json`` (atomically, recorded in
         ``checksums.json``) with its ``guard`` block."""
-        if not distributed.is_main():
+        if not self._dist.is_main:
             return
         logger.info("%s", self.guard_report.line())
         if self.out_dir is not None:

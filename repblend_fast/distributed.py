@@ -49,7 +49,6 @@ __all__ = [
     "PeerTimeout",
     "RanksDiverged",
     "StepSync",
-    "check_divisible",
     "close",
     "current",
     "init",
@@ -112,17 +111,6 @@ def world_size() -> int:
 def is_main() -> bool:
     """True on rank 0 and in a single-process run: the process that prints and writes."""
     return _CTX is None or _CTX.is_main
-
-
-def check_divisible(num_trajectories: int, world: int) -> None:
-    """``ValueError`` unless K trajectories split evenly over ``world`` processes."""
-    if world > 1 and num_trajectories % world:
-        raise ValueError(
-            f"num_trajectories={num_trajectories} cannot be split over {world} processes: each "
-            "rank unrolls num_trajectories / world-size trajectories per iteration, so set "
-            f"num_trajectories to a multiple of {world} (--set num_trajectories={world}) or "
-            "launch a number of processes that divides it"
-        )
 
 
 def init(device: str | torch.device = "cpu", *, timeout: float = DEFAULT_TIMEOUT) -> Context | None:
@@ -445,9 +433,37 @@ def map_shards(fn: Callable[[Any], Any], items: Iterable, tag: str) -> list:
 
 
 # --------------------------------------------------------------------------- distillation
-def step_sync(num_trajectories: int) -> StepSync | None:
-    """The :class:`StepSync` of a launch of several processes, None otherwise."""
-    return StepSync(_CTX, num_trajectories) if _CTX is not None else None
+def step_sync(num_trajectories: int) -> StepSync | LocalSync:
+    """The :class:`StepSync` of a launch of several processes, else a :class:`LocalSync`."""
+    return StepSync(_CTX, num_trajectories) if _CTX is not None else LocalSync()
+
+
+class LocalSync:
+    """:class:`StepSync`'s interface for a single process: every rank's share is the whole
+    iteration, and every collective operation does nothing."""
+
+    is_main = True  # the process that writes the run folder
+    whole = True  # holds every trajectory of an iteration (the gradient check needs them all)
+    stop_source = None  # the run's StopOnSignal
+
+    @property
+    def stop_signum(self) -> int | None:
+        return self.stop_source.signum if self.stop_source is not None else None
+
+    def mine(self, draws: list) -> list:
+        return draws
+
+    def average(self, losses: tuple, grads: dict[str, torch.Tensor]):
+        return losses, grads, {}
+
+    def after_step(self, distiller, vals: dict[str, float]) -> None:
+        pass
+
+    def start(self, distiller) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
 
 
 def _bitsum(t: torch.Tensor) -> torch.Tensor:
@@ -468,10 +484,11 @@ class StepSync:
     """
 
     check_every = 10
+    whole = False
 
     def __init__(self, ctx: Context, num_trajectories: int):
-        check_divisible(num_trajectories, ctx.world)
         self.ctx = ctx
+        self.is_main = ctx.is_main
         self.per_rank = num_trajectories // ctx.world
         self.stop_source = None  # the run's StopOnSignal: its signal joins the all-reduce
         self.stop_signum: int | None = None

@@ -17,8 +17,9 @@ test embeddings; fixed s = 1/0.07. The test score matrix is ``s · Û V̂ᵀ``; 
 This module holds the protocol (:func:`train_on_pairs`, :func:`evaluate_heads`), its repetition
 over seeds (:func:`evaluate_distilled`, of a :class:`~repblend_fast.distill.DistilledSet` with
 :func:`evaluate_distilled_set`) and the full-data baseline (:func:`evaluate_full_data`). Reading
-and checking a saved set or run folder is :mod:`repblend_fast.evaluate_saved`
-(``evaluate_file``, also importable from here).
+and checking a saved set or run folder is :mod:`repblend_fast.evaluate_saved` (``evaluate_file``),
+which sits above this module and imports it. The features of a real split are
+:class:`~repblend_fast.features.FeaturePairs` (also importable from here).
 """
 
 from __future__ import annotations
@@ -31,36 +32,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from repblend_fast.config import EVAL_TEMPERATURE
+from repblend_fast.features import FeaturePairs
 from repblend_fast.metrics import retrieval_metrics
 from repblend_fast.models.heads import HeadSpec, head_forward, init_head_flat
 from repblend_fast.ops import contrastive_loss
 from repblend_fast.stats import mean_std
 
-DEFAULT_LOGIT_SCALE = 1.0 / 0.07  # docs/algorithm.md §8: evaluation at tau = 0.07
+DEFAULT_LOGIT_SCALE = 1.0 / EVAL_TEMPERATURE  # docs/algorithm.md §8: evaluation at tau = 0.07
 EvalFn = Callable[[int, torch.Tensor, torch.Tensor], "dict[str, Any] | None"]
-
-
-@dataclass
-class FeaturePairs:
-    """Encoder features of a real split: ``img`` ``[N_img, d_f]``, ``txt`` ``[N_cap, d_t]``,
-    ``cap2img`` ``[N_cap]`` (image of each caption)."""
-
-    img: torch.Tensor
-    txt: torch.Tensor
-    cap2img: torch.Tensor
-
-    def __post_init__(self) -> None:
-        self.cap2img = torch.as_tensor(self.cap2img, dtype=torch.long).reshape(-1)
-        if self.img.dim() != 2 or self.txt.dim() != 2:
-            raise ValueError("img and txt features must be 2-D [N, d]")
-        if self.cap2img.numel() != self.txt.shape[0]:
-            raise ValueError(
-                f"cap2img has {self.cap2img.numel()} entries for {self.txt.shape[0]} captions"
-            )
-
-    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One row per caption: ``(img[cap2img] [N_cap, d_f], txt [N_cap, d_t])``."""
-        return self.img[self.cap2img.to(self.img.device)], self.txt
 
 
 @dataclass
@@ -472,13 +452,3 @@ def evaluate_full_data(
         decay_epoch=decay_epoch,
         **kw,
     )
-
-
-def __getattr__(name: str) -> Any:
-    # evaluate_file lives in repblend_fast.evaluate_saved (which imports this module); it is
-    # still importable from here, loaded on first use.
-    if name == "evaluate_file":
-        from repblend_fast.evaluate_saved import evaluate_file
-
-        return evaluate_file
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from repblend_fast.config import EVAL_TEMPERATURE
 from repblend_fast.evaluate import FeaturePairs, evaluate_distilled, evaluate_distilled_set
 from repblend_fast.stats import mean_std
 
@@ -34,7 +35,7 @@ def evaluate_file(
     epochs: int = 101,
     eval_every: int | None = None,
     loss: str | None = None,
-    temperature: float = 0.07,
+    temperature: float = EVAL_TEMPERATURE,
     lr_img: float | None = None,
     lr_txt: float | None = None,
     cache_dir=None,
@@ -52,8 +53,10 @@ def evaluate_file(
         image_size: the encoder's input resolution (default: the dataset's).
         loss: training loss (default: the set's config, else ``wbce``).
         eval_every: score the test split every this many epochs (default: the set's method's
-            cadence, :data:`repblend_fast.config.EVAL_EVERY`: 20 for RepBlend, 10 for LoRS).
-        temperature: the logit temperature of evaluation (0.07 whatever the distillation used,
+            cadence, ``Method.eval_every`` in :mod:`repblend_fast.methods`: 20 for RepBlend, 10 for
+            LoRS).
+        temperature: the logit temperature of evaluation (default
+            :data:`repblend_fast.config.EVAL_TEMPERATURE`, 0.07 whatever the distillation used,
             as docs/algorithm.md §8 fixes it).
         lr_img, lr_txt: override the learned learning rates.
         note: receives one-line remarks (e.g. that the images are resized).
@@ -64,15 +67,14 @@ def evaluate_file(
     {"distilled": {...}, ["random": {...}]}}`` with :func:`evaluate_distilled`'s results; raises
     ``FileNotFoundError`` / ``ValueError`` with a one-line reason for a file it cannot use.
     """
-    from repblend_fast.config import EVAL_EVERY
+    from repblend_fast.methods import get_method
     from repblend_fast.pipeline import image_size_for
 
     path, d, (cfg_loss, eps, method) = open_checked_set(path, note)
     if eval_every is None:
-        eval_every = EVAL_EVERY[method]
+        eval_every = get_method(method).eval_every
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    scale = 1.0 / temperature
     loss = loss or cfg_loss
     n = _check_set_fits(path, d, encoders)
     size = image_size_for(test.name, image_size, encoders.image_info)
@@ -82,7 +84,7 @@ def evaluate_file(
             f"{size} px: resizing the distilled images for the encoder"
         )
     ftest = _split_features(test, encoders, size, cache_dir)
-    kw = dict(dim=dim, epochs=epochs, eval_every=eval_every, logit_scale=scale)
+    kw = dict(dim=dim, epochs=epochs, eval_every=eval_every, logit_scale=1.0 / temperature)
     res, _ = evaluate_distilled_set(
         d,
         encoders=encoders,

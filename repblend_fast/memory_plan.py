@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from repblend_fast.methods import student_for_experts
 from repblend_fast.step_plan import StepPlan
 
 
@@ -70,7 +71,7 @@ def plan_memory(
         image_mib: the encoder-graph MiB per image (called only under a budget).
     """
     ckpt = s.checkpoint_steps
-    shared = s.method == "repblend" and s.share_encoder
+    shared = student_for_experts(s.method).shares_encoder(s)
     if s.memory_budget_mib <= 0 or not shared:
         keep = touched if s.encoder_chunk == 0 else 0
         chunk = 0 if keep >= touched else s.encoder_chunk

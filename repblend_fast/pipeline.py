@@ -161,7 +161,9 @@ def train_experts(
     refused (``StoreExistsError``) unless ``overwrite``, an identical one keeps its experts.
     """
     from repblend_fast import experts
+    from repblend_fast.methods import student_for_experts
 
+    kind = student_for_experts(method)
     recipe = experts.ExpertRecipe(
         num_experts=num_experts, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed
     )
@@ -177,13 +179,10 @@ def train_experts(
         progress=progress,
         overwrite=overwrite,
     )
-    if method == "repblend":
-        feats = image_features(ds, enc, size, cache_dir=cache_dir, progress=progress)
-        return Path(experts.train_experts_symmetric(feats, txt, ds.cap2img, dim=dim, **common))
-    if method == "lors":
-        images = load_images(ds, enc, size, progress=progress)
-        return Path(experts.train_experts_lors(enc.image, images, txt, ds.cap2img, **common))
-    raise ValueError(f"method must be 'repblend' or 'lors', got {method!r}")
+    out = kind.train_experts(
+        ds, enc, size, txt, dim=dim, cache_dir=cache_dir, progress=progress, common=common
+    )
+    return Path(out)
 
 
 def initial_pairs(ds, enc: Encoders, n: int, size: int, seed: int, *, cache_dir=None):

@@ -1,5 +1,9 @@
 """CPU thread policy: what ``--threads`` means, in one place.
 
+:func:`resolve_threads` turns a ``--threads`` value into a count, :func:`agreed_threads` does so
+once for all torchrun processes, and :func:`set_threads` (or :func:`threads_scope` for a block)
+is the only place the library sets torch's intra-op thread count.
+
 Results depend on torch's intra-op thread count (reductions are split differently), so a run
 records the count it used and a resumed run reuses it. The default is one thread per CPU core,
 which does not depend on what else runs on the machine; the load-aware choice
@@ -10,8 +14,17 @@ on the load.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
-__all__ = ["auto_threads", "load_average", "resolve_threads"]
+__all__ = [
+    "agreed_threads",
+    "auto_threads",
+    "load_average",
+    "resolve_threads",
+    "set_threads",
+    "threads_scope",
+]
 
 
 def load_average() -> list[float] | None:
@@ -52,3 +65,39 @@ def resolve_threads(value: str | int | None, default: int | None = None) -> int:
     if n < 1 or str(value).strip() != str(n):
         raise ValueError(f"threads={value!r}: expected a positive integer or 'auto'")
     return n
+
+
+def agreed_threads(value: str | int | None, default: int | Callable[[], int | None] | None = None):
+    """:func:`resolve_threads` of ``value``; under torchrun rank 0 resolves it and every rank uses
+    its count (``auto`` reads the load, which differs between processes, and results depend on
+    the count). ``default`` may be a callable, then called where the count is resolved."""
+    from repblend_fast import distributed
+
+    def resolve() -> int:
+        return resolve_threads(value, default() if callable(default) else default)
+
+    ctx = distributed.current()
+    return resolve() if ctx is None else ctx.from_main("threads", resolve)
+
+
+def set_threads(n: int | None) -> int:
+    """Set torch's intra-op thread count to ``n`` (``None`` or 0 keeps the current one); returns
+    the count in use."""
+    import torch
+
+    if n:
+        torch.set_num_threads(int(n))
+    return torch.get_num_threads()
+
+
+@contextmanager
+def threads_scope(n: int | None) -> Iterator[int]:
+    """:func:`set_threads` for the duration of a ``with`` block, the previous count restored
+    after it; yields the count in use."""
+    import torch
+
+    old = torch.get_num_threads()
+    try:
+        yield set_threads(n)
+    finally:
+        set_threads(old)

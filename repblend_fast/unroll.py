@@ -48,6 +48,7 @@ An iteration's random draws: :class:`StepPlan` (:mod:`repblend_fast.step_plan`, 
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -56,13 +57,14 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from repblend_fast.config import COMPILE
+from repblend_fast.config import COMPILE, TEMPERATURE
 from repblend_fast.known_faults import step_compile_backend
 from repblend_fast.memory_plan import MemoryPlan, measure_image_graph_mib, plan_memory
-from repblend_fast.models.flat import FlatSpec, functional_forward
+from repblend_fast.methods import student_for_experts
+from repblend_fast.models.flat import FlatSpec
 from repblend_fast.models.heads import HeadSpec, head_forward
 from repblend_fast.models.standardized_conv import reuse_standardized_weights
-from repblend_fast.ops import blend_pairs, contrastive_loss, trajectory_distance, trajectory_terms
+from repblend_fast.ops import contrastive_loss, trajectory_distance, trajectory_terms
 from repblend_fast.step_plan import StepPlan
 
 MetaGrad = Literal["exact", "tesla"]
@@ -84,13 +86,14 @@ class UnrollResult:
 
 @dataclass
 class UnrollSettings:
-    """How one iteration is unrolled and differentiated (see ``DistillConfig``)."""
+    """How one iteration is unrolled and differentiated (see ``DistillConfig``). ``method`` is the
+    expert kind of the student (:func:`repblend_fast.methods.student_for_experts`)."""
 
-    method: Literal["repblend", "lors"] = "repblend"
+    method: str = "repblend"
     meta_grad: MetaGrad = "exact"
     loss: str = "wbce"
     eps: float = 1e-6
-    logit_scale: float = 1 / 0.07
+    logit_scale: float = 1 / TEMPERATURE
     merge_loss: bool = False
     blend_target: bool = False
     share_encoder: bool = True
@@ -100,6 +103,15 @@ class UnrollSettings:
     encoder_chunk: int = 0
     compile: str = "none"
     memory_budget_mib: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg, encoder_autocast: torch.dtype | None = None) -> UnrollSettings:
+        """The settings of a ``DistillConfig``: its fields of the same names, ``method`` =
+        ``cfg.expert_kind``; the caller resolves ``encoder_autocast`` (it depends on the device)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        same = {n: getattr(cfg, n) for n in names if n not in ("method", "encoder_autocast")}
+        same["memory_budget_mib"] = float(same["memory_budget_mib"])
+        return cls(method=cfg.expert_kind, encoder_autocast=encoder_autocast, **same)
 
 
 @dataclass
@@ -152,15 +164,18 @@ class Unroller:
         self.similarity = similarity
         if settings.compile not in COMPILE:
             raise ValueError(f"compile must be one of {COMPILE}, got {settings.compile!r}")
-        if settings.compile != "none" and settings.method != "repblend":
+        self.kind = student_for_experts(settings.method)
+        if settings.compile != "none" and not self.kind.frozen_encoder:
             raise ValueError(
                 f"compile={settings.compile!r} compiles RepBlend's frozen encoder and its "
                 "feature-space unroll; the LoRS student encoder runs eagerly: use compile='none'"
             )
-        if settings.method == "lors" and not isinstance(img_spec, FlatSpec):
-            raise ValueError("method='lors' needs img_spec to be the encoder's FlatSpec")
-        if settings.method == "repblend" and not isinstance(img_spec, HeadSpec):
-            raise ValueError("method='repblend' needs img_spec to be the image head's HeadSpec")
+        spec_type = self.kind.image_spec_type()
+        if not isinstance(img_spec, spec_type):
+            raise ValueError(
+                f"method={settings.method!r} needs img_spec to be a {spec_type.__name__} "
+                f"(the {self.kind.name} student's image side)"
+            )
         if not settings.memory_budget_mib >= 0:
             raise ValueError(f"memory_budget_mib must be >= 0, got {settings.memory_budget_mib}")
         # compile='step': the ops' reference math runs inside the compiled step, where inductor
@@ -235,16 +250,7 @@ class Unroller:
         ``th_*``: ``[K, numel]``; ``img_in``: features ``[K, B, d_f]`` (RepBlend) or images
         ``[K, B, 3, H, W]`` (LoRS, K = 1); ``y_b`` ``[K, B, d_t]``; ``s_blk`` ``[K, B, B]``.
         """
-        if self.s.method == "repblend":
-            if perm is not None:
-                # The plan draws valid permutations and lam in [0, 1]: skip the host-synced checks.
-                img_in, y_b = blend_pairs(img_in, y_b, perm, lam, check="none", impl=self._impl)
-            e_img = head_forward(th_img, img_in, self.img_spec, keep=keep[0])
-        else:
-            e_img = functional_forward(self.encoder, self.img_spec, th_img[0], img_in[0])[None]
-            if perm is not None:
-                # Asymmetric ablation: blend the student encoder's outputs with the texts.
-                e_img, y_b = blend_pairs(e_img, y_b, perm, lam, check="none", impl=self._impl)
+        e_img, y_b = self.kind.embed_image(self, th_img, img_in, y_b, perm, lam, keep[0])
         e_txt = head_forward(th_txt, y_b, self.txt_spec, keep=keep[1])
         return contrastive_loss(
             e_img,
@@ -321,8 +327,8 @@ class Unroller:
                 f"plan has K={k} trajectories but start/target have "
                 f"{start[0].shape[0]}/{target[0].shape[0]} rows"
             )
-        if self.s.method == "lors" and k > 1:
-            raise ValueError("method='lors' unrolls one trajectory per call (K=1)")
+        if (most := self.kind.trajectories_per_call) is not None and k > most:
+            raise ValueError(f"method={self.s.method!r} unrolls K={most} trajectory per call")
         fn = self._run_exact if self.s.meta_grad == "exact" else self._run_tesla
         return fn(x, y, sim_params, eta_img, eta_txt, start, target, plan)
 
@@ -357,7 +363,7 @@ class Unroller:
         and by re-encoding the others ``chunk`` at a time (:meth:`memory_plan`; less memory,
         one more encoder forward for those). Sets :attr:`last_memory_plan`.
         """
-        if self.s.method != "repblend" or not self.s.share_encoder:
+        if not self.kind.shares_encoder(self.s):
             self.last_memory_plan = self.memory_plan(xl, 0, start, plan)
             return None
         if plan.touched is not None:
@@ -406,14 +412,8 @@ class Unroller:
 
     def _img_input(self, i, xl, plan, inverse, feats, no_grad_encode: bool):
         """Step i's image-side input ``[K, B, ...]``."""
-        idx = plan.batches[:, i]
-        if self.s.method == "lors":
-            return xl[idx]
-        if feats is not None:
-            return feats[inverse[:, i]]
-        k, b = idx.shape
-        with torch.no_grad() if no_grad_encode else nullcontext():
-            return self.encode(xl[idx.reshape(-1)]).reshape(k, b, -1)
+        rows = feats[inverse[:, i]] if feats is not None else None
+        return self.kind.image_input(self, xl, plan.batches[:, i], rows, no_grad_encode)
 
     def _blend_args(self, i, plan):
         lam = plan.lams[:, i]

@@ -317,10 +317,12 @@ def test_a_published_failure_stops_the_others_and_is_printed_once():
 
 
 def test_trajectories_must_split_evenly_over_the_ranks():
-    distributed.check_divisible(4, 2)
-    distributed.check_divisible(3, 1)
+    from repblend_fast.config import DistillConfig
+
+    DistillConfig(num_trajectories=4).validate(world=2)
+    DistillConfig(num_trajectories=3).validate(world=1)
     with pytest.raises(ValueError, match="multiple of 2"):
-        distributed.check_divisible(3, 2)
+        DistillConfig(num_trajectories=3).validate(world=2)
     with pytest.raises(ValueError, match="multiple of 2"):
-        distributed.check_divisible(1, 2)
+        DistillConfig(num_trajectories=1).validate(world=2)
     assert distributed.current() is None and distributed.world_size() == 1

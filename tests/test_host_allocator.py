@@ -59,7 +59,10 @@ ROUNDS = 8
 
 def _probe(policy: str) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", f"SIZE, ROUNDS = {SIZE}, {ROUNDS}\n" + PROBE, policy], capture_output=True, text=True, check=True
+        [sys.executable, "-c", f"SIZE, ROUNDS = {SIZE}, {ROUNDS}\n" + PROBE, policy],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 

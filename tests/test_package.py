@@ -29,3 +29,29 @@ def test_public_api_entry_points_resolve():
         assert getattr(rf, name) is not None, name
     cfg = rf.preset("demo")
     assert isinstance(cfg, rf.DistillConfig)
+
+
+def test_evaluation_modules_import_downward():
+    """``evaluate_saved`` sits above ``evaluate``, ``coresets`` and ``features``: none of these
+    imports it (or each other upward), at module level or inside a function."""
+    import ast
+    from pathlib import Path
+
+    import repblend_fast
+
+    root = Path(repblend_fast.__file__).parent
+
+    def imported(mod: str) -> set[str]:
+        tree = ast.parse((root / f"{mod}.py").read_text())
+        return {
+            n.module.removeprefix("repblend_fast.")
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("repblend_fast")
+        }
+
+    assert not imported("features") & {"evaluate", "coresets", "evaluate_saved"}
+    assert not imported("coresets") & {"evaluate", "evaluate_saved"}
+    assert "evaluate_saved" not in imported("evaluate")
+    import repblend_fast.evaluate as ev
+
+    assert "__getattr__" not in vars(ev)

@@ -86,9 +86,7 @@ def test_a_reordered_files_list_names_the_position(env, tmp_path, capsys):
     assert "lists it at position 0" in _err(capsys)
 
 
-def test_a_store_of_an_earlier_version_is_rebuilt_with_its_size_not_refused(
-    env, tmp_path, caplog
-):
+def test_a_store_of_an_earlier_version_is_rebuilt_with_its_size_not_refused(env, tmp_path, caplog):
     """Caches of earlier versions (demo, study) hold stores without image_size: a rerun of the
     same command rebuilds them, it does not stop with "other settings"."""
     from repblend_fast.experts.manifest import hash_config, recipe_of

@@ -59,7 +59,6 @@ DISTILLED = {
     "mtt-vl": {"method": "mtt-vl"},
 }
 METHODS = (*CORESETS, *DISTILLED)
-ENCODER_STUDENTS = ("repblend-asym", "lors", "mtt-vl")
 # RepBlend rows: the demo preset at this many iterations.
 REPBLEND_ITERATIONS = 300
 # Encoder-student rows (LoRS, MTT-VL, asymmetric RepBlend): DistillConfig overrides, and their
@@ -119,9 +118,11 @@ class Study:
         if kind in self._experts:
             return self._experts[kind]
         from repblend_fast.data.cache import default_cache_dir
+        from repblend_fast.methods import student_for_experts
         from repblend_fast.pipeline import train_experts
 
-        recipe = REPBLEND_EXPERTS if kind == "repblend" else LORS_EXPERTS
+        heads = student_for_experts(kind).frozen_encoder
+        recipe = REPBLEND_EXPERTS if heads else LORS_EXPERTS
         key = json.dumps(
             {"kind": kind, "data": self.train.fingerprint(), "size": self.size, **recipe},
             sort_keys=True,
@@ -146,8 +147,8 @@ class Study:
     # ------------------------------------------------------------------------- rows
     def coreset_row(self, method: str, n: int, seed: int) -> dict[str, Any]:
         from repblend_fast import coresets
-        from repblend_fast.config import EVAL_EVERY
         from repblend_fast.evaluate import evaluate_distilled
+        from repblend_fast.methods import get_method
 
         select = getattr(coresets, f"{method}_subset")
         img, txt, _ = select(self.ftrain, n, seed=seed)
@@ -161,21 +162,21 @@ class Study:
             dim=DIM,
             num_eval=NUM_EVAL,
             loss="infonce",
-            eval_every=EVAL_EVERY["repblend"],
+            eval_every=get_method("repblend").eval_every,  # RepBlend's cadence
         )
         return {"protocol": "symmetric InfoNCE, lr 0.1, identity targets", **res}
 
     def distill_row(self, method: str, n: int, seed: int, workdir: Path) -> dict[str, Any]:
-        from repblend_fast.config import EVAL_EVERY, preset
+        from repblend_fast.config import preset
         from repblend_fast.distill import DistillationStopped
         from repblend_fast.evaluate import evaluate_distilled_set
         from repblend_fast.guard_report import read_guard
         from repblend_fast.pipeline import distill
 
         over = dict(DISTILLED[method], pairs=n, seed=seed, iterations=REPBLEND_ITERATIONS)
-        if method in ENCODER_STUDENTS:
-            over.update(LORS_BUDGET)
         cfg = preset("demo", **over)
+        if not cfg.student_kind.frozen_encoder:
+            cfg = preset("demo", **{**over, **LORS_BUDGET})
         store = self.experts(cfg.expert_kind)
         run_dir = workdir / f"{method}_n{n}_s{seed}"
         out: dict[str, Any] = {"config": cfg.to_dict(), "experts": str(store)}
@@ -202,7 +203,7 @@ class Study:
             num_eval=NUM_EVAL,
             loss=cfg.loss,
             eps=cfg.eps,
-            eval_every=EVAL_EVERY[cfg.method],
+            eval_every=cfg.method_entry.eval_every,
         )
         return {**out, "eta_img": d.eta_img, "eta_txt": d.eta_txt, **res}
 
@@ -373,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
     budgets = [int(b) for b in a.budgets.split(",")]
     seeds = [int(s) for s in a.seeds.split(",")]
-    torch.set_num_threads(a.threads)
+    from repblend_fast.threads import set_threads
+
+    set_threads(a.threads)
     out.mkdir(parents=True, exist_ok=True)
     todo = [
         (m, n, s)

@@ -39,6 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from repblend_fast.config import TEMPERATURE
+
 __all__ = [
     "AuthorsHead",
     "AuthorsSettings",
@@ -157,7 +159,7 @@ def split_pieces(module: nn.Module, flat: torch.Tensor) -> list[torch.Tensor]:
 class AuthorsSettings:
     """Hyper-parameters shared by both baselines (docs/algorithm.md §4, §12; flickr-100 values)."""
 
-    logit_scale: float = 1 / 0.07
+    logit_scale: float = 1 / TEMPERATURE
     eps: float = 1e-6
     merge_loss: bool = False
     lr_img: float = 100.0

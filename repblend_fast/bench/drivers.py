@@ -63,6 +63,7 @@ from repblend_fast.bench.table import (
 )
 from repblend_fast.host_allocator import HOST_ALLOCATORS, apply_host_allocator, host_allocator
 from repblend_fast.io import atomic_write_json
+from repblend_fast.threads import threads_scope
 
 __all__ = [
     "FastVariant",
@@ -126,6 +127,25 @@ def fast_variants(compile=("none",), memory_budget_mib=(0,), autocast=("auto",))
     if not comps or not budgets or not casts:
         raise ValueError("compile, memory_budget_mib and autocast need at least one value each")
     return [FastVariant(c, b, a) for a in casts for b in budgets for c in comps]
+
+
+def _check_modes(host_allocator: str, isolate: str) -> None:
+    if host_allocator not in HOST_ALLOCATORS:
+        raise ValueError(f"host_allocator must be one of {HOST_ALLOCATORS}, got {host_allocator!r}")
+    if isolate not in ("auto", "subprocess", "inprocess"):
+        raise ValueError(f"isolate must be auto, subprocess or inprocess, got {isolate!r}")
+
+
+def _select_configs(shapes: str, configs: Sequence[str] | None) -> list[StepShape]:
+    """The configurations of shape set ``shapes`` named in ``configs`` (default: all)."""
+    todo = SHAPE_SETS[shapes]
+    if configs is None:
+        return todo
+    names = {s.name for s in todo}
+    unknown = sorted(set(configs) - names)
+    if unknown:
+        raise ValueError(f"configs {unknown} are not in shape set {shapes!r}: {sorted(names)}")
+    return [s for s in todo if s.name in configs]
 
 
 def run_bench(
@@ -197,10 +217,7 @@ def run_bench(
         ``memory_plan`` and ``parity``.
     """
     _check_shapes(shapes)
-    if host_allocator not in HOST_ALLOCATORS:
-        raise ValueError(f"host_allocator must be one of {HOST_ALLOCATORS}, got {host_allocator!r}")
-    if isolate not in ("auto", "subprocess", "inprocess"):
-        raise ValueError(f"isolate must be auto, subprocess or inprocess, got {isolate!r}")
+    _check_modes(host_allocator, isolate)
     dev = resolve_device(device)
     runs = parse_providers(providers)
     variants = fast_variants(compile, memory_budget_mib, autocast)
@@ -212,35 +229,15 @@ def run_bench(
     _check_counts(iterations, warmup, encoder_chunk)
     chunk = default_encoder_chunk() if encoder_chunk is None else encoder_chunk
     mode = isolate if isolate != "auto" else ("inprocess" if cuda else "subprocess")
-    todo = SHAPE_SETS[shapes]
-    if configs is not None:
-        names = {s.name for s in todo}
-        unknown = sorted(set(configs) - names)
-        if unknown:
-            raise ValueError(f"configs {unknown} are not in shape set {shapes!r}: {sorted(names)}")
-        todo = [s for s in todo if s.name in configs]
+    todo = _select_configs(shapes, configs)
     opts = _BenchOptions(
-        mode,
-        iterations,
-        warmup,
-        parity,
-        seed,
-        threads,
-        timeout,
-        verbose,
-        chunk,
-        json_path,
+        mode, iterations, warmup, parity, seed, threads, timeout, verbose, chunk, json_path,
         host_allocator,
-    )
+    )  # fmt: skip
     if mode == "inprocess":
         apply_host_allocator(host_allocator)
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with threads_scope(threads):
         records = _bench_all(shapes, todo, runs, variants, dev, opts)
-    finally:
-        torch.set_num_threads(old_threads)
     add_ratios(records)
     if json_path:
         atomic_write_json(records, json_path, indent=1)
@@ -469,10 +466,7 @@ def run_profile(
     dev = resolve_device(device)
     todo = list(configs) if configs is not None else SHAPE_SETS[shapes]
     chunk = default_encoder_chunk() if encoder_chunk is None else encoder_chunk
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with threads_scope(threads):
         info = machine_info(dev)
         info["threads"] = torch.get_num_threads()
         info["host_allocator"] = apply_host_allocator(host_allocator)
@@ -493,8 +487,6 @@ def run_profile(
             )
             result["configs"].append(entry)
             tables.append(table)
-    finally:
-        torch.set_num_threads(old_threads)
     if trace is not None:
         result["trace"] = str(trace)
     if json_path:

@@ -308,7 +308,7 @@ def run_one(
     if isinstance(runner, FastRunner):
         out.update(runner.settings())
         plan = runner.unroller.last_memory_plan
-        if plan is not None and runner.method == "repblend":
+        if plan is not None and runner.kind.frozen_encoder:
             out["memory_plan"] = plan.to_dict()
         if reference is not None:
             from repblend_fast.bench.parity import check_against

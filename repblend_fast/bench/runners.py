@@ -24,6 +24,7 @@ import torch
 from repblend_fast.bench import baselines as authors
 from repblend_fast.bench.inputs import StepInputs, plan_to
 from repblend_fast.bench.shapes import default_encoder_chunk
+from repblend_fast.methods import student_for_experts
 from repblend_fast.models.heads import HeadSpec
 from repblend_fast.unroll import StepPlan, Unroller, UnrollSettings, make_unroller_for_lors
 
@@ -81,6 +82,7 @@ class FastRunner:
         self.device = device
         self.timer = timer
         self.method = method
+        self.kind = student_for_experts(method)
         self.autocast = autocast
         self.compile = compile
         self.memory_budget_mib = memory_budget_mib
@@ -101,11 +103,11 @@ class FastRunner:
         )
         self._sim = LowRankSimilarity(sh.pairs, sh.rank, sh.alpha, device=device)
         self._specs = (HeadSpec(inputs.d_feat, sh.dim), HeadSpec(sh.d_txt, sh.dim))
-        if method != "repblend":
+        if not self.kind.frozen_encoder:
             self._specs = (None, HeadSpec(sh.d_txt, inputs.d_feat))
         self.unroller = self._make_unroller(settings, timer)
         self._reference: Unroller | None = None
-        if method == "repblend":
+        if self.kind.frozen_encoder:
             snaps = inputs.repblend
             self.plans = inputs.plans_repblend
         else:
@@ -130,7 +132,7 @@ class FastRunner:
         }
 
     def _make_unroller(self, settings: UnrollSettings, timer=None) -> Unroller:
-        if self.method != "repblend":
+        if not self.kind.frozen_encoder:
             return make_unroller_for_lors(settings, self.encoder, self._specs[1], self._sim)
         cls, kw = Unroller, {}
         if timer is not None:
@@ -227,7 +229,7 @@ class AuthorsRunner:
             lr_img=sh.lr_img, lr_txt=sh.lr_txt, lr_lr=sh.lr_lr, lr_sim=sh.lr_sim
         )
         enc = copy.deepcopy(inputs.encoder).cpu()
-        if method == "repblend":
+        if student_for_experts(method).frozen_encoder:
             model = authors.RepBlendModel(enc, inputs.d_feat, sh.d_txt, sh.dim)
             snaps, cls = inputs.repblend, authors.RepBlendAuthors
             parts = (model.image_head, model.text_head)

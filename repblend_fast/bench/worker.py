@@ -17,6 +17,7 @@ import torch
 from repblend_fast.bench.measure import RESULT_TAG, run_one
 from repblend_fast.bench.shapes import StepShape
 from repblend_fast.host_allocator import apply_host_allocator, host_allocator
+from repblend_fast.threads import set_threads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,8 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m repblend_fast.bench.worker '<json spec>'", file=sys.stderr)
         return 2
     spec = json.loads(argv[0])
-    if spec.get("threads"):
-        torch.set_num_threads(int(spec["threads"]))
+    set_threads(spec.get("threads"))
     apply_host_allocator(spec.get("host_allocator", "system"))
     out = run_one(
         StepShape(**spec["shape"]),

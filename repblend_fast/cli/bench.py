@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from repblend_fast.cli.common import CLIError, add_parser, add_threads_arg, resolve_threads
+from repblend_fast.cli.common import CLIError, add_parser, add_threads_arg, threads_flag
 
 __all__ = ["cmd_bench", "cmd_profile", "register"]
 
@@ -225,8 +225,8 @@ def _check_device(device: str) -> None:
 
 
 def _threads(value: str | None) -> int | None:
-    """``--threads``: None keeps torch's default; ``auto`` or N as :func:`resolve_threads` says."""
-    return None if value is None else resolve_threads(value)
+    """``--threads``: None keeps torch's default; ``auto`` or N as :func:`threads_flag` says."""
+    return None if value is None else threads_flag(value)
 
 
 def _read_config(path: str):

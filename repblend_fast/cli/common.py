@@ -201,31 +201,23 @@ def check_set_path(value: str, flag: str) -> Path:
     return path
 
 
-def resolve_threads(value: str | int | None, default: int | None = None) -> int:
-    """:func:`repblend_fast.threads.resolve_threads` for a ``--threads`` flag."""
-    from repblend_fast import threads
+def threads_flag(value: str | int | None, default=None) -> int:
+    """:func:`repblend_fast.threads.agreed_threads` for a ``--threads`` flag (a ``CLIError`` for
+    a value it refuses)."""
+    from repblend_fast.threads import agreed_threads
 
     try:
-        return threads.resolve_threads(value, default)
+        return agreed_threads(value, default)
     except ValueError:
         raise CLIError(f"--threads {value!r}: expected a positive integer or 'auto'") from None
 
 
 def apply_threads(value: str | int | None, default: int | None = None) -> int:
-    """Resolve ``--threads`` and set torch's intra-op thread count; returns the count. Under
-    torchrun rank 0 resolves it and every rank uses its count (``auto`` reads the load, which
-    differs between processes, and results depend on the count)."""
-    import torch
+    """Resolve ``--threads`` (:func:`threads_flag`) and set torch's intra-op thread count to it;
+    returns the count."""
+    from repblend_fast.threads import set_threads
 
-    from repblend_fast import distributed
-
-    ctx = distributed.current()
-    if ctx is None:
-        n = resolve_threads(value, default)
-    else:
-        n = ctx.from_main("threads", lambda: resolve_threads(value, default))
-    torch.set_num_threads(n)
-    return n
+    return set_threads(threads_flag(value, default))
 
 
 def check_device(args) -> None:

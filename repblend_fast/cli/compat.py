@@ -17,6 +17,7 @@ from repblend_fast.cli.common import (
     check_device,
     check_set_path,
 )
+from repblend_fast.compat.flag_specs import SCRIPTS
 
 __all__ = [
     "FORMATS",
@@ -29,7 +30,7 @@ __all__ = [
     "register",
 ]
 
-FORMATS = ("repblend", "lors", "mtt-vl")
+FORMATS = tuple(SCRIPTS)  # one per research script, named by its method
 
 
 def register(sub) -> None:
@@ -104,6 +105,7 @@ def import_buffer_folder(
     src_flag: str,
 ):
     from repblend_fast.compat import AuthorsBufferError, buffer_layout, import_authors_buffers
+    from repblend_fast.methods import get_method
 
     try:
         layout = buffer_layout(
@@ -111,7 +113,7 @@ def import_buffer_folder(
             d_img=enc.image_info.feature_dim,
             d_txt=enc.text.dim,
             dim=dim,
-            encoder=enc.image if fmt != "repblend" else None,
+            encoder=None if get_method(fmt).student_kind().frozen_encoder else enc.image,
         )
         return import_authors_buffers(
             src,
@@ -329,8 +331,9 @@ def _register_import_distilled(sub) -> None:
 def cmd_import_distilled(args) -> int:
     from repblend_fast.checkpoint import CHECKSUMS
     from repblend_fast.compat import AuthorsBufferError, import_distilled
-    from repblend_fast.config import METHOD_DEFAULTS, DistillConfig
+    from repblend_fast.config import DistillConfig
     from repblend_fast.locks import FolderLock
+    from repblend_fast.methods import get_method
 
     if not args.out.endswith(".safetensors"):
         raise CLIError(f"--out {args.out}: must end in .safetensors")
@@ -348,9 +351,10 @@ def cmd_import_distilled(args) -> int:
     kind = {3: "lowrank", 1: "full"}.get(len(distilled.sim_params), "none")
     if distilled.similarity is not None and not distilled.sim_params:
         kind = "full"
-    fields: dict[str, Any] = {**METHOD_DEFAULTS[args.format], "method": args.format}
+    method = get_method(args.format)
+    fields: dict[str, Any] = {**method.defaults, "method": args.format}
     fields.update(pairs=n, batch_size=min(20, n))
-    if args.format != "mtt-vl":
+    if method.learns_similarity:
         fields["similarity"] = kind
     elif kind != "none":
         raise CLIError(

@@ -21,17 +21,16 @@ from repblend_fast.cli.common import (
     dataset_from_args,
     encoders_from_args,
     parse_set,
-    resolve_threads,
+    threads_flag,
 )
 from repblend_fast.config import (
     COMPILE,
     META_GRADS,
-    METHOD_DEFAULTS,
-    METHODS,
     PRESETS,
     DistillConfig,
     preset,
 )
+from repblend_fast.methods import METHOD_REGISTRY, STUDENT_KINDS
 
 
 def register(sub) -> None:
@@ -60,7 +59,7 @@ def _register_buffer(sub) -> None:
     g.add_argument("--out", required=True, help="directory of the expert store to write")
     g.add_argument(
         "--method",
-        choices=["repblend", "lors"],
+        choices=[k.experts for k in STUDENT_KINDS.values()],
         default="repblend",
         help="repblend: image and text heads on cached frozen-encoder features; lors: the image "
         "encoder itself and a text head (for --method lors and mtt-vl distillation)",
@@ -142,7 +141,8 @@ def _preset_default(field: str) -> str:
     the tables :func:`preset` combines, without building one (that would load torch)."""
     import dataclasses
 
-    demo = {**PRESETS["demo"], **METHOD_DEFAULTS[PRESETS["demo"].get("method", "repblend")]}
+    method = METHOD_REGISTRY[PRESETS["demo"].get("method", "repblend")]
+    demo = {**PRESETS["demo"], **method.defaults}
     fallback = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
     return f"default: the preset's, {demo.get(field, fallback[field])} for demo"
 
@@ -167,7 +167,7 @@ def _register_distill(sub) -> None:
     )
     g.add_argument(
         "--method",
-        choices=list(METHODS),
+        choices=list(METHOD_REGISTRY),
         default=None,
         help="default: the preset's (repblend); lors and mtt-vl need `buffer --method lors`",
     )
@@ -406,20 +406,14 @@ def run_distill(
 
         retain_freed_memory()  # reuse each iteration's memory (docs/design.md, host memory)
     ctx = distributed.current()
-    if ctx is not None:
-        try:
-            distributed.check_divisible(cfg.num_trajectories, ctx.world)
-        except ValueError as exc:
-            raise CLIError(f"--set num_trajectories={cfg.num_trajectories}: {exc}") from None
 
-    def decide_threads() -> int:
+    def saved_threads() -> int | None:
         saved = _checkpoint_config(Path(args.out)) if args.resume else None
-        return resolve_threads(args.threads, saved.threads if saved is not None else None)
+        return saved.threads if saved is not None else None
 
     if ctx is None or ctx.is_main:
         _check_out(args, flag.get("out", "--out"))
-    threads = decide_threads() if ctx is None else ctx.from_main("threads", decide_threads)
-    cfg = cfg.replace(threads=threads)
+    cfg = cfg.replace(threads=threads_flag(args.threads, saved_threads))
     writes = ctx is None or ctx.is_main
     if not Path(args.experts, "manifest.json").exists():
         if Path(args.experts, "manifest.partial.json").exists():

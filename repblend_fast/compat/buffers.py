@@ -37,7 +37,9 @@ from pathlib import Path
 
 import torch
 
+from repblend_fast.compat.flag_specs import SCRIPT_FACTS
 from repblend_fast.experts.store import MODALITIES, head_layout, module_layout
+from repblend_fast.methods import STUDENT_KINDS, get_method
 from repblend_fast.models.flat import FlatSpec
 from repblend_fast.models.heads import HeadSpec
 
@@ -58,7 +60,7 @@ __all__ = [
     "scan_authors_buffers",
 ]
 
-AUTHORS_FORMATS = ("repblend", "lors", "mtt-vl")
+AUTHORS_FORMATS = tuple(SCRIPT_FACTS)  # one per research script, named by its method
 # Their ProjectionHead's parameter names, in parameters() order = HeadSpec's flat order.
 HEAD_PARAM_NAMES = (
     "projection.weight",
@@ -187,7 +189,9 @@ class BufferLayout:
     @property
     def method(self) -> str:
         """The store method these experts drive: ``repblend`` (two heads) or ``lors``."""
-        return "repblend" if isinstance(self.image, HeadSpec) else "lors"
+        return next(
+            k.experts for k in STUDENT_KINDS.values() if isinstance(self.image, k.image_spec_type())
+        )
 
     def manifest_layouts(self) -> dict:
         if isinstance(self.image, HeadSpec):
@@ -214,7 +218,7 @@ def buffer_layout(
     """
     if fmt not in AUTHORS_FORMATS:
         raise AuthorsBufferError(f"format {fmt!r}: expected one of {AUTHORS_FORMATS}")
-    if fmt == "repblend":
+    if get_method(fmt).student_kind().frozen_encoder:
         width = int(dim) if dim else int(d_img)
         return BufferLayout(HeadSpec(int(d_img), width), HeadSpec(int(d_txt), width))
     if encoder is None:

@@ -8,6 +8,8 @@ from ``./distill_utils/checkpoints`` (:func:`local_image_weights`, :func:`local_
 
 from __future__ import annotations
 
+from repblend_fast.compat.flag_specs import SCRIPT_FACTS
+
 __all__ = [
     "CLASSIFIER_KEPT",
     "IMAGE_ENCODER_ALIASES",
@@ -52,6 +54,6 @@ def local_image_weights(script: str, name: str) -> str | None:
 
 def local_text_model(script: str, name: str) -> str | None:
     """The local Hugging Face folder their code loads for ``--text_encoder name``."""
-    if script == "mtt-vl":
+    if SCRIPT_FACTS[script].text_from_hub:
         return None  # VL-distill loads bert-base-uncased from the hub
     return _LOCAL_TEXT_MODELS.get(name)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from repblend_fast.compat.encoder_names import CLASSIFIER_KEPT, IMAGE_ENCODER_ALIASES
-from repblend_fast.compat.flag_specs import PARSER_SPECS, SCRIPTS
+from repblend_fast.compat.flag_specs import PARSER_SPECS, SCRIPT_FACTS, SCRIPTS
 
 __all__ = [
     "FLAG_KINDS",
@@ -122,7 +122,7 @@ def _dataset(v, values, script):
 
 def _image_encoder(v, values, script):
     if v == "clip":
-        if script == "mtt-vl":
+        if SCRIPT_FACTS[script].clip_from_package:
             raise RefusedValue("its CLIP image tower comes from the `clip` package, not from timm")
         raise RefusedValue(
             "their code raises NotImplementedError for it (pretrained CLIP is unfair)"
@@ -158,7 +158,7 @@ def _random_init(v, values, script):
 
 
 def _projection(v, values, script):
-    if script == "repblend" and not v:
+    if SCRIPT_FACTS[script].needs_projection and not v:
         raise RefusedValue(
             "their RepBlend script needs the image projection head and fails without it"
         )
@@ -383,12 +383,10 @@ def implied_fields(script: str) -> list[tuple[str, Any, str]]:
         ("parity_eta_grad", True, "their eta gradient uses the per-modality normalisation"),
         ("eps", 1e-6, "their WBCE's log epsilon"),
     ]
-    if script == "repblend":
-        return [("method", "repblend", SCRIPTS[script]), *tesla, *common]
-    if script == "lors":
-        return [("method", "lors", SCRIPTS[script]), *tesla, *common]
+    if SCRIPT_FACTS[script].meta_grad == "tesla":
+        return [("method", script, SCRIPTS[script]), *tesla, *common]
     return [
-        ("method", "mtt-vl", SCRIPTS[script]),
+        ("method", script, SCRIPTS[script]),
         ("meta_grad", "exact", "VL-distill backpropagates through the whole unroll"),
         ("similarity", "none", "identity targets"),
         ("loss", "infonce", "CLIP's symmetric cross-entropy"),

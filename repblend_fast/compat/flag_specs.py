@@ -9,14 +9,39 @@ types and choices (:data:`PARSER_SPECS`). How each flag maps onto repblend_fast 
 from __future__ import annotations
 
 import datetime
+from dataclasses import dataclass
 
-__all__ = ["PARSER_SPECS", "SCRIPTS", "script_flags"]
+__all__ = ["PARSER_SPECS", "SCRIPTS", "SCRIPT_FACTS", "ScriptFacts", "script_flags"]
 
-SCRIPTS = {
-    "repblend": "distill_repblend.py",
-    "lors": "distill_tesla_lors.py",
-    "mtt-vl": "distill.py (VL-distill)",
+
+@dataclass(frozen=True)
+class ScriptFacts:
+    """What a research script's code fixes beyond its flags (keyed by the method it runs).
+
+    Attributes:
+        file: the script.
+        meta_grad: ``tesla`` (their two-pass TESLA) or ``exact`` (backpropagation through the
+            whole unroll).
+        needs_projection: it fails without the image projection head.
+        clip_from_package: its CLIP image tower comes from the ``clip`` package, not from timm.
+        text_from_hub: it loads its text encoder from the Hugging Face hub (no local folder).
+    """
+
+    file: str
+    meta_grad: str = "tesla"
+    needs_projection: bool = False
+    clip_from_package: bool = False
+    text_from_hub: bool = False
+
+
+SCRIPT_FACTS = {
+    "repblend": ScriptFacts("distill_repblend.py", needs_projection=True),
+    "lors": ScriptFacts("distill_tesla_lors.py"),
+    "mtt-vl": ScriptFacts(
+        "distill.py (VL-distill)", meta_grad="exact", clip_from_package=True, text_from_hub=True
+    ),
 }
+SCRIPTS = {name: facts.file for name, facts in SCRIPT_FACTS.items()}
 
 
 # ----------------------------------------------------------------------------- parser specs

@@ -39,7 +39,8 @@ from repblend_fast.compat.flag_rules import (
     implied_fields,
 )
 from repblend_fast.compat.flag_specs import PARSER_SPECS, SCRIPTS, script_flags
-from repblend_fast.config import METHOD_DEFAULTS, DistillConfig
+from repblend_fast.config import DistillConfig
+from repblend_fast.methods import METHOD_REGISTRY, get_method
 
 __all__ = [
     "FLAG_KINDS",
@@ -126,7 +127,8 @@ class AuthorsRun:
     def config(self, **overrides: Any) -> DistillConfig:
         """The run's validated :class:`DistillConfig` (``overrides`` last, e.g. from --set)."""
         method = overrides.get("method", self.fields["method"])
-        merged = {**METHOD_DEFAULTS.get(method, {}), **self.fields, **overrides}
+        entry = METHOD_REGISTRY.get(method)
+        merged = {**(entry.defaults if entry else {}), **self.fields, **overrides}
         try:
             return DistillConfig.from_dict(merged).validate()
         except (TypeError, ValueError) as exc:
@@ -182,6 +184,6 @@ def parse_authors_flags(script: str, argv: list[str]) -> AuthorsRun:
     for fld, value, why in implied_fields(script):
         run.fields[fld] = value
         run.rows.append((f"({SCRIPTS[script]})", f"{fld} = {value!r}", why))
-    if script != "repblend":
+    if not get_method(script).blends:
         run.fields.pop("blend_alpha", None)
     return run

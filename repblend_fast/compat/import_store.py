@@ -23,6 +23,7 @@ from repblend_fast.compat.buffers import (
     find_buffer_pairs,
     scan_authors_buffers,
 )
+from repblend_fast.config import TEMPERATURE
 from repblend_fast.experts.store import (
     FORMAT_VERSION,
     MANIFEST,
@@ -190,7 +191,7 @@ def _import_manifest(
         "dim": int(layout.text.dim),
         "dataset_fingerprint": f"authors:{fmt}:{dataset}",
         # Their buffer scripts train with s = exp(log(1/0.07)) and symmetric InfoNCE.
-        "logit_scale": 1 / 0.07,
+        "logit_scale": 1 / TEMPERATURE,
         "loss": "infonce",
         "train": {
             "optimizer": "sgd",

@@ -150,26 +150,8 @@ def run_demo(
         f"{tr.num_images}+{te.num_images} images at {run.size} px, "
         f"{tr.num_captions}+{te.num_captions} captions (cached)",
     )
-    for method, cfg in configs.items():
-        n_exp, e_batch = branch_size(run, method)
-        what = (
-            "image + text heads on cached features"
-            if method == "repblend"
-            else "whole image encoder + text head"
-        )
-        epochs = cfg.max_start_epoch - 1 + cfg.expert_epochs
-        steps = math.ceil(tr.num_captions / e_batch)
-        clock.run(
-            f"{LABELS[method]} experts",
-            lambda m=method: stage_experts(run, m),
-            f"{n_exp} × {epochs} epochs, batch {e_batch} ({steps} steps/epoch), {what}",
-        )
-        clock.run(
-            f"{LABELS[method]} distillation",
-            lambda m=method: stage_distill(run, m),
-            f"N={cfg.pairs}, {cfg.iterations} iterations, T={cfg.syn_steps}, B={cfg.batch_size},"
-            f" {cfg.meta_grad} meta-gradient",
-        )
+    for method in configs:
+        _branch_stages(run, method)
     clock.run(
         "evaluation",
         lambda: stage_evaluate(run),
@@ -207,6 +189,26 @@ def run_demo(
     rep.write_report_md(metrics, out)  # with the report stage's own time
     clock.note(f"done in {clock.elapsed():.0f} s; report: {out / rep.REPORT_FILE}")
     return metrics
+
+
+def _branch_stages(run: DemoRun, method: str) -> None:
+    """The expert and distillation stages of one branch."""
+    cfg, clock = run.configs[method], run.clock
+    n_exp, e_batch = branch_size(run, method)
+    epochs = cfg.max_start_epoch - 1 + cfg.expert_epochs
+    steps = math.ceil(run.train.num_captions / e_batch)
+    clock.run(
+        f"{LABELS[method]} experts",
+        lambda: stage_experts(run, method),
+        f"{n_exp} × {epochs} epochs, batch {e_batch} ({steps} steps/epoch), "
+        f"{cfg.student_kind.description}",
+    )
+    clock.run(
+        f"{LABELS[method]} distillation",
+        lambda: stage_distill(run, method),
+        f"N={cfg.pairs}, {cfg.iterations} iterations, T={cfg.syn_steps}, B={cfg.batch_size},"
+        f" {cfg.meta_grad} meta-gradient",
+    )
 
 
 # ----------------------------------------------------------------------------- output folder

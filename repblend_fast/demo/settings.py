@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from repblend_fast.config import EVAL_EVERY, EVAL_TEMPERATURE, DistillConfig, preset
+from repblend_fast.config import EVAL_TEMPERATURE, DistillConfig, preset
+from repblend_fast.methods import get_method
 from repblend_fast.report.tables import DEFAULT_LABELS
 
 FORMAT_VERSION = 1
@@ -102,7 +103,7 @@ class DemoSettings:
     def every(self, method: str) -> int:
         """How often the test split is scored when evaluating ``method``'s set (and the baselines
         compared with it: RepBlend's cadence)."""
-        return self.eval_every or EVAL_EVERY[method]
+        return self.eval_every or get_method(method).eval_every
 
     def configs(self, overrides: dict[str, Any] | None = None) -> dict[str, DistillConfig]:
         """The distillation config of each branch: ``demo`` preset + ``overrides`` (+ the LoRS

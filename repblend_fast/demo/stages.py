@@ -63,9 +63,15 @@ def branch_size(run: DemoRun, method: str) -> tuple[int, int]:
     s = run.settings
     return (
         (s.experts, s.expert_batch)
-        if method == "repblend"
+        if _main_branch(run, method)
         else (s.lors_experts, s.lors_expert_batch)
     )
+
+
+def _main_branch(run: DemoRun, method: str) -> bool:
+    """Whether ``method`` is the demo's first branch (RepBlend's: the experts, head width and
+    learning curve of :class:`DemoSettings` without the ``lors_`` prefix are its)."""
+    return method == next(iter(run.configs))
 
 
 def stage_experts(run: DemoRun, method: str) -> None:
@@ -112,7 +118,7 @@ def stage_distill(run: DemoRun, method: str) -> None:
 
     cfg = run.configs[method]
     curve: list[dict[str, Any]] = []
-    at = set(run.settings.curve_at(cfg.iterations)) if method == "repblend" else set()
+    at = set(run.settings.curve_at(cfg.iterations)) if _main_branch(run, method) else set()
 
     def on_iteration(dist) -> None:
         if dist.iteration in at:
@@ -205,7 +211,7 @@ def _expert_dir(run: DemoRun, method: str, n: int, epochs: int, batch: int) -> P
         "epochs": epochs,
         "batch_size": batch,
         "lr": s.expert_lr,
-        "dim": s.dim if method == "repblend" else None,
+        "dim": s.dim if _main_branch(run, method) else None,
         "seed": s.seed,
         # Expert bytes depend on the thread count (the store records it and refuses a mix).
         "threads": torch.get_num_threads(),

@@ -10,7 +10,11 @@ from repblend_fast.experts.store import (
     StoreWriter,
     TrajectoryStore,
 )
-from repblend_fast.experts.train import train_experts_lors, train_experts_symmetric
+from repblend_fast.experts.train import (
+    train_experts_lors,
+    train_experts_symmetric,
+    train_student_experts,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -23,4 +27,5 @@ __all__ = [
     "tensor_fingerprint",
     "train_experts_lors",
     "train_experts_symmetric",
+    "train_student_experts",
 ]

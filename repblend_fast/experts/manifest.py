@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from repblend_fast.io import FileDigest, IntegrityError
+from repblend_fast.methods import STUDENT_KINDS
 from repblend_fast.models.flat import FlatSpec
 from repblend_fast.models.heads import HeadSpec
 
@@ -192,7 +193,7 @@ def validate_manifest(man: dict, mpath: Path) -> None:
     lacking = [k for k in _REQUIRED if k not in man]
     if lacking:
         raise ValueError(f"{mpath} lacks the fields {lacking}; retrain the experts")
-    if man["method"] not in ("repblend", "lors"):
+    if man["method"] not in {k.experts for k in STUDENT_KINDS.values()}:
         raise ValueError(f"{mpath}: unknown method {man['method']!r}")
     _validate_files(man, mpath)
     _validate_layouts(man["modalities"], mpath)

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from repblend_fast.config import TEMPERATURE
+
 __all__ = ["ExpertRecipe", "expert_seed", "tensor_fingerprint"]
 
 
@@ -66,7 +68,7 @@ class ExpertRecipe:
     batch_size: int = 128
     lr: float = 0.1
     lr_txt: float | None = None
-    logit_scale: float = 1 / 0.07
+    logit_scale: float = 1 / TEMPERATURE
     loss: str = "infonce"
     dropout: float = 0.1
     keep_epochs: tuple[int, ...] | None = None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ __all__ = [
     "tensor_fingerprint",
     "train_experts_lors",
     "train_experts_symmetric",
+    "train_student_experts",
 ]
 
 
@@ -283,12 +285,9 @@ def _train_sharded(
             writer.close()
 
 
-def train_experts_symmetric(
-    img_feats: torch.Tensor,
-    txt_feats: torch.Tensor,
-    cap2img: torch.Tensor,
+def train_student_experts(
+    build: Callable[..., tuple[Student, str]],
     *,
-    dim: int,
     out_dir: str | os.PathLike,
     recipe: ExpertRecipe | None = None,
     image_encoder: str = "unknown",
@@ -300,6 +299,46 @@ def train_experts_symmetric(
     overwrite: bool = False,
     progress: bool = True,
     **recipe_kw: Any,
+) -> Path:
+    """Train the experts of the student ``build(dropout=, device=, dataset_fingerprint=)``
+    returns (with the dataset fingerprint) and store them; returns ``out_dir``. What differs
+    between the kinds of expert is their :class:`~repblend_fast.experts.students.Student`; the
+    rest is this.
+
+    Args:
+        recipe: an :class:`ExpertRecipe`; its fields can also be given (or overridden) as
+            keywords (``num_experts=5, epochs=3, batch_size=32, ...``).
+        image_encoder, text_encoder: encoder ids (``info.encoder_id`` / ``TextEncoder.encoder_id``).
+        dataset_fingerprint: identifies the training data (default: a hash of the inputs).
+        image_size: the pixel size the images were encoded at, recorded in the manifest (and so
+            in its recipe: a rerun at another size is another store, `distill` checks it).
+        device: where to train (default: the inputs' device).
+        resume: keep expert files of an identical earlier run instead of retraining them.
+        overwrite: replace a finished store of other settings in ``out_dir`` (refused
+            otherwise: :class:`repblend_fast.experts.store.StoreExistsError`).
+    """
+    recipe = ExpertRecipe.from_kwargs(recipe, recipe_kw)
+    student, fingerprint = build(
+        dropout=recipe.dropout, device=device, dataset_fingerprint=dataset_fingerprint
+    )
+    identity = {
+        "image_encoder": image_encoder,
+        "text_encoder": text_encoder,
+        "dataset_fingerprint": fingerprint,
+        "image_size": image_size,
+    }
+    return _train_and_store(
+        recipe, student, out_dir, identity, resume=resume, progress=progress, overwrite=overwrite
+    )
+
+
+def train_experts_symmetric(
+    img_feats: torch.Tensor,
+    txt_feats: torch.Tensor,
+    cap2img: torch.Tensor,
+    *,
+    dim: int,
+    **options: Any,
 ) -> Path:
     """Train RepBlend experts (image and text heads) on cached features; returns ``out_dir``.
 
@@ -309,36 +348,13 @@ def train_experts_symmetric(
         txt_feats: frozen text-encoder features ``[N_cap, d_t]``, one row per caption.
         cap2img: ``[N_cap]`` int64, the image index of each caption.
         dim: head output width ``D``.
-        recipe: an :class:`ExpertRecipe`; its fields can also be given (or overridden) as
-            keywords (``num_experts=5, epochs=3, batch_size=32, ...``).
-        image_encoder, text_encoder: encoder ids (``info.encoder_id`` / ``TextEncoder.encoder_id``).
-        dataset_fingerprint: identifies the training data (default: a hash of the inputs).
-        image_size: the pixel size the images were encoded at, recorded in the manifest (and so
-            in its recipe: a rerun at another size is another store, `distill` checks it).
-        device: where to train (default: ``img_feats``'s device).
-        resume: keep expert files of an identical earlier run instead of retraining them.
-        overwrite: replace a finished store of other settings in ``out_dir`` (refused
-            otherwise: :class:`repblend_fast.experts.store.StoreExistsError`).
+        options: ``out_dir`` and the other keywords of :func:`train_student_experts`.
     """
-    recipe = ExpertRecipe.from_kwargs(recipe, recipe_kw)
-    student, fingerprint = repblend_student(
-        img_feats,
-        txt_feats,
-        cap2img,
-        dim=dim,
-        dropout=recipe.dropout,
-        device=device,
-        dataset_fingerprint=dataset_fingerprint,
-    )
-    identity = {
-        "image_encoder": image_encoder,
-        "text_encoder": text_encoder,
-        "dataset_fingerprint": fingerprint,
-        "image_size": image_size,
-    }
-    return _train_and_store(
-        recipe, student, out_dir, identity, resume=resume, progress=progress, overwrite=overwrite
-    )
+
+    def build(**kw):
+        return repblend_student(img_feats, txt_feats, cap2img, dim=dim, **kw)
+
+    return train_student_experts(build, **options)
 
 
 def train_experts_lors(
@@ -346,18 +362,7 @@ def train_experts_lors(
     images: torch.Tensor,
     txt_feats: torch.Tensor,
     cap2img: torch.Tensor,
-    *,
-    out_dir: str | os.PathLike,
-    recipe: ExpertRecipe | None = None,
-    image_encoder: str = "unknown",
-    text_encoder: str = "unknown",
-    dataset_fingerprint: str | None = None,
-    image_size: int | None = None,
-    device: str | torch.device | None = None,
-    resume: bool = True,
-    overwrite: bool = False,
-    progress: bool = True,
-    **recipe_kw: Any,
+    **options: Any,
 ) -> Path:
     """Train LoRS / MTT-VL experts: the whole image encoder and a text head ``d_t -> d_f``.
 
@@ -366,25 +371,12 @@ def train_experts_lors(
     Every expert starts from the encoder's current parameters (all of them, in ``named_parameters``
     order: ``FlatSpec.from_module(encoder, trainable_only=False)``) and a fresh text head. The
     encoder runs in eval mode (batch-norm statistics frozen, no dropout), consistent with the
-    student in the distillation unroll; the text head keeps dropout on. Other arguments as in
-    :func:`train_experts_symmetric` (``image_encoder`` is the encoder's id string).
+    student in the distillation unroll; the text head keeps dropout on. ``options``: ``out_dir``
+    and the other keywords of :func:`train_student_experts` (``image_encoder`` is the encoder's
+    id string).
     """
-    recipe = ExpertRecipe.from_kwargs(recipe, recipe_kw)
-    student, fingerprint = lors_student(
-        encoder,
-        images,
-        txt_feats,
-        cap2img,
-        dropout=recipe.dropout,
-        device=device,
-        dataset_fingerprint=dataset_fingerprint,
-    )
-    identity = {
-        "image_encoder": image_encoder,
-        "text_encoder": text_encoder,
-        "dataset_fingerprint": fingerprint,
-        "image_size": image_size,
-    }
-    return _train_and_store(
-        recipe, student, out_dir, identity, resume=resume, progress=progress, overwrite=overwrite
-    )
+
+    def build(**kw):
+        return lors_student(encoder, images, txt_feats, cap2img, **kw)
+
+    return train_student_experts(build, **options)

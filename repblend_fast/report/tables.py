@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from repblend_fast.methods import METHOD_REGISTRY
+
 RECALL_KEYS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10")
 METHOD_ORDER = ("repblend", "lors", "random", "random_infonce", "kcenter", "herding", "full")
 DIAG_KEYS = (
@@ -15,10 +17,10 @@ DIAG_KEYS = (
     ("concentration_img", "concentration (image)"),
     ("concentration_txt", "concentration (text)"),
 )
-# Default row labels, for method dictionaries without a "label" entry.
+# Default row labels, for method dictionaries without a "label" entry: each distillation
+# method's own (repblend_fast.methods), then the baselines'.
 DEFAULT_LABELS = {
-    "repblend": "RepBlend",
-    "lors": "LoRS",
+    **{m.name: m.label for m in METHOD_REGISTRY.values()},
     "random": "Random subset",
     "random_infonce": "Random subset (InfoNCE)",
     "kcenter": "k-center coreset (InfoNCE)",
@@ -80,7 +82,8 @@ def ordered_methods(methods: dict[str, Any]) -> list[str]:
 
 def method_label(methods: dict[str, Any], name: str) -> str:
     """Row label of method ``name``: its ``label`` entry, else :data:`DEFAULT_LABELS`."""
-    return (methods.get(name) or {}).get("label") or DEFAULT_LABELS.get(name, name)
+    own = METHOD_REGISTRY[name].label if name in METHOD_REGISTRY else None
+    return (methods.get(name) or {}).get("label") or DEFAULT_LABELS.get(name, own or name)
 
 
 # ------------------------------------------------------------------------------- tables
