@@ -61,7 +61,8 @@ export PYTHONUNBUFFERED=1
 # The fused ops' kernel stems (contrastive blend trajectory), one ops_<stem> stage each: the list
 # is repblend_fast/ops/registry.py.
 # An interpreter that cannot say leaves the list empty: the ops stages are then one FAILED row.
-OP_STEMS=$("$PY" -m repblend_fast.ops.registry stems 2> "$OUT/logs/ops_list.log") || OP_STEMS=""
+OP_LIST='from repblend_fast.ops import registry; print(" ".join(registry.stems()))'
+OP_STEMS=$("$PY" -c "$OP_LIST" 2> "$OUT/logs/ops_list.log") || OP_STEMS=""
 # Online cores (not `nproc`, which shrinks to OMP_NUM_THREADS when that is set).
 NPROC=$(getconf _NPROCESSORS_ONLN 2> /dev/null || echo 1)
 START=$(date +%s)
@@ -222,7 +223,7 @@ fi
 
 # 7. op benchmarks, one pytest run per op (records appended as each benchmark finishes).
 if [ -z "$OP_STEMS" ] && [ "$STAGES" = all -o -n "$(printf ',%s,' "$STAGES" | grep ',ops_')" ]; then
-  echo "gpu_check.sh: no op list from '$PY -m repblend_fast.ops.registry stems' (logs/ops_list.log)" >&2
+  echo "gpu_check.sh: $PY could not read the op list (logs/ops_list.log)" >&2
   printf '%s\t%s\t0\t0\t0\t0\n' ops "FAILED(no-op-list)" >> "$ROWS"
 fi
 for op in $OP_STEMS; do

@@ -82,12 +82,6 @@ def test_smoke_checks_every_op():
     assert set(smoke._cases(torch.device("cpu"), big=False)) == set(registry.names())
 
 
-def test_registry_command_prints_the_lists(capsys):
-    assert registry.main(["stems"]) == 0
-    assert capsys.readouterr().out.split() == list(registry.stems())
-    assert registry.main(["bogus"]) == 2
-
-
 def test_each_op_takes_exactly_its_registered_implementations():
     from repblend_fast.ops import blend_pairs, contrastive_loss
     from repblend_fast.reference import contrastive as ref

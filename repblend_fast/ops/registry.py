@@ -4,7 +4,7 @@ implementations it has.
 Everything that enumerates the ops reads this list: the dispatcher (which implementations an op
 accepts), the tests of the CUDA extension's registrations and of the Triton kernels' compilation,
 ``benchmarks/smoke.py`` (one check per op) and ``benchmarks/gpu_check.sh`` (one benchmark stage per
-kernel stem, ``python3 -m repblend_fast.ops.registry stems``). The documentation's op table
+kernel stem, :func:`stems`). The documentation's op table
 (README.md, "Fused ops") is compared with it by ``tests/test_docs_sync.py``.
 
 Implementations (``impl=``):
@@ -21,7 +21,6 @@ Implementations (``impl=``):
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 COMMON_IMPLS = ("auto", "reference", "triton", "cuda")
@@ -121,19 +120,3 @@ def cuda_ops() -> tuple[str, ...]:
 def triton_kernels() -> tuple[str, ...]:
     """Every Triton kernel the ops launch, each once."""
     return _unique(n for o in OPS for n in o.triton_kernels)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m repblend_fast.ops.registry names|stems|cuda-ops|triton-kernels``: one line,
-    space-separated (for shell scripts)."""
-    what = (sys.argv[1:] if argv is None else argv) or ["names"]
-    table = {"names": names, "stems": stems, "cuda-ops": cuda_ops, "triton-kernels": triton_kernels}
-    if len(what) != 1 or what[0] not in table:
-        print(f"usage: python -m repblend_fast.ops.registry {{{'|'.join(table)}}}", file=sys.stderr)
-        return 2
-    print(" ".join(table[what[0]]()))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
