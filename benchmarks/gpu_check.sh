@@ -13,7 +13,8 @@
 #                 lors-authors                                                      -> step_n99.json
 #   gpu_tests     REPBLEND_TEST_GPU=1 pytest -m gpu                                 -> gpu_tests.xml
 #   step_n499     the same rows at N = 499                                          -> step_n499.json
-#   ops_*         op benchmarks (contrastive, blend, trajectory): eager, torch.compile, triton,
+#   ops_*         op benchmarks, one per kernel stem of repblend_fast/ops/registry.py
+#                 (contrastive, blend, trajectory): eager, torch.compile, triton,
 #                 cuda                                                  -> ops_<op>.jsonl (+ .json)
 #   step_compile  repblend-fast exact + tesla with compile=step, N = 99      -> step_compile.json
 #   report        everything combined                    -> results/<date>_<gpu>_<sha>.json, .md
@@ -42,7 +43,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --stages) shift; STAGES=${1:-all} ;;
     --stages=*) STAGES=${1#--stages=} ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (use --dry-run, --stages LIST or nothing)" >&2; exit 2 ;;
   esac
   shift
@@ -57,6 +58,11 @@ OUT=${OUT:-./out}
 mkdir -p "$OUT/logs" "$OUT/results"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+# The fused ops' kernel stems (contrastive blend trajectory), one ops_<stem> stage each: the list
+# is repblend_fast/ops/registry.py.
+# An interpreter that cannot say leaves the list empty: the ops stages are then one FAILED row.
+OP_LIST='from repblend_fast.ops import registry; print(" ".join(registry.stems()))'
+OP_STEMS=$("$PY" -c "$OP_LIST" 2> "$OUT/logs/ops_list.log") || OP_STEMS=""
 # Online cores (not `nproc`, which shrinks to OMP_NUM_THREADS when that is set).
 NPROC=$(getconf _NPROCESSORS_ONLN 2> /dev/null || echo 1)
 START=$(date +%s)
@@ -129,6 +135,13 @@ else
   export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$NPROC
   declare -n LIMIT=LIMIT_GPU
 fi
+
+for op in $OP_STEMS; do  # every op stage has a plan
+  if [ -z "${EXPECT[ops_$op]:-}" ] || [ -z "${LIMIT[ops_$op]:-}" ]; then
+    echo "gpu_check.sh: no stage plan (EXPECT, LIMIT_GPU, LIMIT_DRY) for op stage ops_$op" >&2
+    exit 2
+  fi
+done
 
 want() {  # want STAGE: is it in --stages?
   [ "$STAGES" = all ] && return 0
@@ -209,7 +222,11 @@ if [ "$N499" != "$N99" ]; then
 fi
 
 # 7. op benchmarks, one pytest run per op (records appended as each benchmark finishes).
-for op in contrastive blend trajectory; do
+if [ -z "$OP_STEMS" ] && [ "$STAGES" = all -o -n "$(printf ',%s,' "$STAGES" | grep ',ops_')" ]; then
+  echo "gpu_check.sh: $PY could not read the op list (logs/ops_list.log)" >&2
+  printf '%s\t%s\t0\t0\t0\t0\n' ops "FAILED(no-op-list)" >> "$ROWS"
+fi
+for op in $OP_STEMS; do
   rm -f "$OUT/ops_$op.jsonl"
   stage "ops_$op" "$PY" -m pytest "benchmarks/bench_$op.py" --shapes "$OP_SHAPES" -q -ra \
     -p no:cacheprovider ${OP_K:+-k "$OP_K"} --records-jsonl "$OUT/ops_$op.jsonl" \
@@ -226,7 +243,7 @@ files=()
 for f in smoke.json parity.json step_n99.json step_n499.json step_compile.json; do
   [ -s "$OUT/$f" ] && files+=("$OUT/$f")
 done
-for op in trajectory blend contrastive; do
+for op in $(printf '%s\n' $OP_STEMS | tac); do
   if [ -s "$OUT/ops_$op.json" ]; then files+=("$OUT/ops_$op.json")
   elif [ -s "$OUT/ops_$op.jsonl" ]; then files+=("$OUT/ops_$op.jsonl"); fi
   [ -s "$OUT/ops_$op.skips.json" ] && files+=("$OUT/ops_$op.skips.json")

@@ -33,6 +33,7 @@ from repblend_fast.guard_report import GuardReport, probe_point
 from repblend_fast.io import json_bytes
 from repblend_fast.models.heads import HeadSpec
 from repblend_fast.outer import CLIPPED_GROUPS, GROUPS, OuterOptimizer
+from repblend_fast.ranges import phase
 from repblend_fast.sampling import IterationSampler
 from repblend_fast.stats import median
 from repblend_fast.threads import set_threads
@@ -241,17 +242,19 @@ class Distiller(DistillerState):
         draws = self.sampler.draw()  # all K trajectories, on every rank
         picks = [(e, t) for e, t, _ in draws]
         starts, targets, plans = [], [], []
-        for e, t, plan in self._dist.mine(draws):  # this rank's share (torchrun)
-            start, target = self._snapshots(e, t)
-            starts.append(start)
-            targets.append(target)
-            plans.append(plan)
+        with phase("io"):
+            for e, t, plan in self._dist.mine(draws):  # this rank's share (torchrun)
+                start, target = self._snapshots(e, t)
+                starts.append(start)
+                targets.append(target)
+                plans.append(plan)
         losses, grads = self._meta_gradients(starts, targets, plans)
         # Under torchrun, one all-reduce: the means over all K trajectories.
         losses, grads, synced = self._dist.average(losses, grads)
         loss, loss_img, loss_txt = losses
         check = self._grad_check(loss, grads, starts, targets, plans)
-        stats = self.opt.step(grads, loss)
+        with phase("optimiser"):
+            stats = self.opt.step(grads, loss)
         vals = read_back(
             {
                 "loss": loss,

@@ -16,8 +16,9 @@ and its peak memory for, on the same inputs:
 
 How memory is measured: :mod:`repblend_fast.bench.measure`.
 
-:func:`run_profile` runs the fast path with :class:`repblend_fast.profiling.ProfiledUnroller` and
-reports per-phase time and memory (optionally a ``torch.profiler`` chrome trace).
+:func:`run_profile` runs the fast path under :class:`repblend_fast.profiling.RangeProfiler`, which
+reads per-phase time and memory from the engine's ranges through ``torch.profiler`` (optionally
+writing its chrome trace).
 
 The results table (:func:`add_ratios`, :func:`format_step_table`) is
 :mod:`repblend_fast.bench.table`'s (importable from here too).
@@ -31,7 +32,6 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -509,7 +509,7 @@ def _profile_one(
 ) -> tuple[dict, str]:
     """One configuration's results entry and table (and the trace, if asked for)."""
     from repblend_fast.profiling import (
-        PhaseTimer,
+        RangeProfiler,
         format_profile_table,
         rss_mib,
         summarise_profiles,
@@ -517,13 +517,11 @@ def _profile_one(
 
     provider = "repblend-fast"
     inputs = build_step_inputs(shape, warmup + iterations, seed, methods=("repblend",))
-    timer = PhaseTimer(dev)
     runner = make_runner(
         inputs,
         provider,
         meta_grad,
         dev,
-        timer=timer,
         encoder_chunk=chunk,
         memory_budget_mib=memory_budget_mib,
     )
@@ -532,20 +530,15 @@ def _profile_one(
     for i in range(warmup):
         runner.iteration(i)
     before = torch.cuda.memory_allocated(dev) / 2**20 if dev.type == "cuda" else rss_mib()
-    prof_ctx = nullcontext()
-    if trace is not None:
-        acts = [torch.profiler.ProfilerActivity.CPU]
-        if dev.type == "cuda":
-            acts.append(torch.profiler.ProfilerActivity.CUDA)
-        prof_ctx = torch.profiler.profile(activities=acts)
-    with prof_ctx as prof:
+    # The phases are the engine's ranges, read back from torch.profiler.
+    with RangeProfiler(dev) as prof:
         for i in range(warmup, warmup + iterations):
-            with timer.step():
+            with prof.step():
                 runner.iteration(i)
     if trace is not None:
         Path(trace).parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(trace))
-    summary = summarise_profiles(timer.steps)
+    summary = summarise_profiles(prof.steps)
     mem = "peak MiB" if dev.type == "cuda" else "peak RSS MiB"
     title = f"{shape.name} — {shape.describe()}; {provider} ({meta_grad}) on {dev.type}"
     plan = runner.unroller.last_memory_plan
@@ -563,7 +556,7 @@ def _profile_one(
         "memory_budget_mib": memory_budget_mib,
         "memory_plan": plan.to_dict() if plan is not None else None,
         "summary": summary,
-        "steps": [s.to_dict() for s in timer.steps],
+        "steps": [s.to_dict() for s in prof.steps],
     }
     del runner
     gc.collect()

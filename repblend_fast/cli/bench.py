@@ -187,8 +187,8 @@ def register(sub) -> None:
         "--trace",
         default=None,
         metavar="FILE",
-        help="write a torch.profiler chrome trace of the first configuration's profiled steps "
-        "there (without it: no trace)",
+        help="write the Chrome trace (JSON) of the first configuration's profiled steps there, "
+        "with the engine's repblend:<phase> ranges (without it: no trace)",
     )
     p.add_argument(
         "--json",
