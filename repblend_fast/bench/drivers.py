@@ -214,7 +214,9 @@ def run_bench(
         ratios to the default ``repblend-fast`` rows and to the baselines, and the machine
         description (``device``, ``cpu``, ``gpu``, ``torch``, ``git_sha``, ...); fast records
         also hold ``compile``, ``memory_budget_mib``, ``autocast``, ``encoder_chunk``,
-        ``memory_plan`` and ``parity``.
+        ``memory_plan`` and ``parity``; with a warm-up, the accounting of the last warm-up
+        iteration (``saved_peak_mib``, ``state_mib``, ``predicted_peak_mib``, ``flops``,
+        ``peak_fraction``: :func:`repblend_fast.bench.measure.account_iteration`).
     """
     _check_shapes(shapes)
     _check_modes(host_allocator, isolate)
@@ -238,6 +240,11 @@ def run_bench(
         apply_host_allocator(host_allocator)
     with threads_scope(threads):
         records = _bench_all(shapes, todo, runs, variants, dev, opts)
+    return _finish(records, json_path, verbose)
+
+
+def _finish(records: list[dict], json_path: str | None, verbose: bool) -> list[dict]:
+    """Ratios, the JSON file and the tables; :class:`ParityError` when a configuration failed."""
     add_ratios(records)
     if json_path:
         atomic_write_json(records, json_path, indent=1)

@@ -63,6 +63,11 @@ def _add_common(p: argparse.ArgumentParser, chunk_default: str) -> None:
 
 def register(sub) -> None:
     """Add the ``bench`` and ``profile`` subcommands to the subparsers object ``sub``."""
+    _register_bench(sub)
+    _register_profile(sub)
+
+
+def _register_bench(sub) -> None:
     from repblend_fast.bench import DEFAULT_PROVIDERS, PROVIDERS
     from repblend_fast.bench.runners import DEFAULT_AUTOCAST
 
@@ -144,6 +149,8 @@ def register(sub) -> None:
     )
     b.set_defaults(func=cmd_bench)
 
+
+def _register_profile(sub) -> None:
     p = add_parser(
         sub,
         "profile",
