@@ -1,6 +1,6 @@
 """Per-phase time and peak memory of distillation steps (docs/design.md §1 use 3).
 
-The engine marks its phases with ``repblend:<phase>`` ranges (:mod:`repblend_fast.ranges`:
+The engine marks its phases with ``repblend:<phase>`` ranges (:mod:`repblend_fast.engine.ranges`:
 ``io``, ``encoder_forward``, ``unroll``, ``meta_gradient``, ``encoder_vjp``, ``optimiser``).
 :class:`RangeProfiler` runs steps under ``torch.profiler`` (CPU activity, and CUDA on a GPU),
 puts a ``repblend:step`` range around each and reads the phases back from the profiler's events:
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from repblend_fast.ranges import PHASES, PREFIX, STEP
+from repblend_fast.engine.ranges import PHASES, PREFIX, STEP
 from repblend_fast.stats import median
 
 __all__ = [

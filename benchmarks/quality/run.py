@@ -168,9 +168,9 @@ class Study:
 
     def distill_row(self, method: str, n: int, seed: int, workdir: Path) -> dict[str, Any]:
         from repblend_fast.config import preset
-        from repblend_fast.distill import DistillationStopped
+        from repblend_fast.engine.distill import DistillationStopped
+        from repblend_fast.engine.guard_report import read_guard
         from repblend_fast.evaluate import evaluate_distilled_set
-        from repblend_fast.guard_report import read_guard
         from repblend_fast.pipeline import distill
 
         over = dict(DISTILLED[method], pairs=n, seed=seed, iterations=REPBLEND_ITERATIONS)

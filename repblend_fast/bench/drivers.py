@@ -8,7 +8,8 @@ and its peak memory for, on the same inputs:
   expert snapshots every iteration);
 * ``repblend-authors``: the RepBlend algorithm as its authors run it (eager fp32, TESLA, the frozen
   encoder run on every step's batch in both passes);
-* ``repblend-fast``: :class:`repblend_fast.unroll.Unroller` with ``share_encoder=True``, expert
+* ``repblend-fast``: :class:`repblend_fast.engine.unroll.Unroller` with ``share_encoder=True``,
+expert
   snapshots preloaded on the device, bf16 autocast of the encoder on a GPU; reported separately for
   ``meta_grad="exact"`` and ``"tesla"`` (``repblend-fast:exact`` / ``repblend-fast:tesla`` pick
   one);

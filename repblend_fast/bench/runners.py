@@ -3,7 +3,7 @@ iteration (meta-gradients and the optimiser step), ``grads(plan)`` only the meta
 the parity check).
 
 * ``lors-authors`` / ``repblend-authors``: :mod:`repblend_fast.bench.baselines`;
-* ``repblend-fast`` / ``lors-fast``: :class:`repblend_fast.unroll.Unroller` with
+* ``repblend-fast`` / ``lors-fast``: :class:`repblend_fast.engine.unroll.Unroller` with
   ``share_encoder=True``, snapshots preloaded on the device, bf16 autocast of the encoder on CUDA,
   optionally ``torch.compile`` (``compile``) and a memory budget (``memory_budget_mib``).
 
@@ -23,10 +23,10 @@ import torch
 from repblend_fast.bench import baselines as authors
 from repblend_fast.bench.inputs import StepInputs, plan_to
 from repblend_fast.bench.shapes import default_encoder_chunk
+from repblend_fast.engine.ranges import phase
+from repblend_fast.engine.unroll import StepPlan, Unroller, UnrollSettings, make_unroller_for_lors
 from repblend_fast.methods import student_for_experts
 from repblend_fast.models.heads import HeadSpec
-from repblend_fast.ranges import phase
-from repblend_fast.unroll import StepPlan, Unroller, UnrollSettings, make_unroller_for_lors
 
 __all__ = [
     "DEFAULT_AUTOCAST",
@@ -53,7 +53,7 @@ _AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class FastRunner:
     """repblend_fast's path: Unroller + SGD-momentum, snapshots preloaded on the device.
 
-    The step's phases are the engine's ranges (:mod:`repblend_fast.ranges`; this runner adds
+    The step's phases are the engine's ranges (:mod:`repblend_fast.engine.ranges`; this runner adds
     ``io`` and ``optimiser``), which :class:`repblend_fast.profiling.RangeProfiler` reads, so the
     profiler times the very code the benchmark does. ``encoder_chunk`` defaults to
     ``DistillConfig``'s. ``compile`` and ``memory_budget_mib`` are ``DistillConfig``'s fields.
@@ -74,7 +74,7 @@ class FastRunner:
         memory_budget_mib: float = 0,
         dtype: torch.dtype = torch.float32,
     ):
-        from repblend_fast.similarity import LowRankSimilarity
+        from repblend_fast.engine.similarity import LowRankSimilarity
 
         sh = inputs.shape
         self.provider = f"{method}-fast"

@@ -1,5 +1,5 @@
-"""The settings and result types of :class:`repblend_fast.unroll.Unroller` (importable from
-:mod:`repblend_fast.unroll` too)."""
+"""The settings and result types of :class:`repblend_fast.engine.unroll.Unroller` (importable from
+:mod:`repblend_fast.engine.unroll` too)."""
 
 from __future__ import annotations
 

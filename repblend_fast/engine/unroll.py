@@ -41,11 +41,13 @@ tests/test_memory_budget.py):
 * ``encoder_chunk`` / ``memory_budget_mib``: with shared features, keep the encoder graph of the
   first ``keep`` touched images and re-encode the others ``chunk`` at a time during the VJP; the
   budget chooses ``keep``, ``chunk`` and (exact mode) ``checkpoint_steps`` from a measured
-  per-image graph size (:meth:`Unroller.memory_plan`, :mod:`repblend_fast.memory_plan`).
+  per-image graph size (:meth:`Unroller.memory_plan`, :mod:`repblend_fast.engine.memory_plan`).
 
-The plan of an iteration's random draws, :class:`StepPlan`, lives in :mod:`repblend_fast.step_plan`,
-the settings and result types in :mod:`repblend_fast.unroll_settings` (all importable from here
-too). The phases are marked with :func:`repblend_fast.ranges.phase` ranges.
+The plan of an iteration's random draws, :class:`StepPlan`, lives in
+:mod:`repblend_fast.engine.step_plan`,
+the settings and result types in :mod:`repblend_fast.engine.unroll_settings` (all importable from
+here
+too). The phases are marked with :func:`repblend_fast.engine.ranges.phase` ranges.
 """
 
 from __future__ import annotations
@@ -57,16 +59,21 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from repblend_fast.config import COMPILE
+from repblend_fast.engine.memory_plan import MemoryPlan, measure_image_graph_mib, plan_memory
+from repblend_fast.engine.ranges import phase
+from repblend_fast.engine.step_plan import StepPlan
+from repblend_fast.engine.unroll_settings import (
+    MetaGrad,
+    SharedFeatures,
+    UnrollResult,
+    UnrollSettings,
+)
 from repblend_fast.known_faults import step_compile_backend
-from repblend_fast.memory_plan import MemoryPlan, measure_image_graph_mib, plan_memory
 from repblend_fast.methods import student_for_experts
 from repblend_fast.models.flat import FlatSpec
 from repblend_fast.models.heads import HeadSpec, head_forward
 from repblend_fast.models.standardized_conv import reuse_standardized_weights
 from repblend_fast.ops import contrastive_loss, trajectory_distance, trajectory_terms
-from repblend_fast.ranges import phase
-from repblend_fast.step_plan import StepPlan
-from repblend_fast.unroll_settings import MetaGrad, SharedFeatures, UnrollResult, UnrollSettings
 
 __all__ = [
     "MetaGrad", "SharedFeatures", "StepPlan", "UnrollResult", "UnrollSettings", "Unroller",
@@ -289,12 +296,12 @@ class Unroller:
 
     def memory_plan(self, x: torch.Tensor, touched: int, start, plan: StepPlan) -> MemoryPlan:
         """How this iteration holds the shared encoder graph
-        (:func:`repblend_fast.memory_plan.plan_memory` with these settings)."""
+        (:func:`repblend_fast.engine.memory_plan.plan_memory` with these settings)."""
         return plan_memory(self.s, x, touched, start, plan, lambda: self.image_graph_mib(x))
 
     def image_graph_mib(self, x: torch.Tensor) -> float:
         """MiB of encoder graph one more image keeps alive
-        (:func:`repblend_fast.memory_plan.measure_image_graph_mib`), measured once per image
+        (:func:`repblend_fast.engine.memory_plan.measure_image_graph_mib`), measured once per image
         shape, dtype, device and autocast dtype."""
         key = (tuple(x.shape[1:]), x.dtype, x.device, self.s.encoder_autocast)
         if key not in self._image_bytes:
