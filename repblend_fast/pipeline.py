@@ -20,7 +20,13 @@ from repblend_fast.config import DistillConfig
 
 logger = logging.getLogger("repblend_fast.pipeline")
 
-DEFAULT_IMAGE_SIZE = {"emoji": 64, "tuxpaint": 96, "openclipart": 96}
+DEFAULT_IMAGE_SIZE = {
+    "emoji": 64,
+    "tuxpaint": 96,
+    "openclipart": 96,
+    "real": 96,
+    "real-sentences": 96,
+}
 
 
 @dataclass
