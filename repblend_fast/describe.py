@@ -200,7 +200,7 @@ def summary(info: dict[str, Any], path: str) -> str:
         "repblend_fast.run": _run_lines,
         "repblend_fast.demo": _demo_lines,
         "repblend_fast.distilled": _set_lines,
-        "repblend_fast.engine.checkpoint": _set_lines,
+        "repblend_fast.checkpoint": _set_lines,
     }.get(kind, _other_lines)(info)
     return "\n".join([f"{path}: {kind}", *head, f"all fields: repblend-fast info --json {path}"])
 

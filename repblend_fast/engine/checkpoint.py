@@ -70,7 +70,7 @@ __all__ = [
 logger = logging.getLogger("repblend_fast.engine.checkpoint")
 
 FORMAT_VERSION = 1
-KIND = "repblend_fast.engine.checkpoint"
+KIND = "repblend_fast.checkpoint"  # the file format's name (kept when the module moved)
 # The files of a run folder.
 CHECKPOINT = "checkpoint.safetensors"
 CONFIG = "config.json"
