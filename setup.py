@@ -108,7 +108,10 @@ setup(
         "data": data,
         "plots": plots,
         "all": encoders + data + plots,
-        "dev": encoders + data + plots + [
+        "dev": encoders
+        + data
+        + plots
+        + [
             "pytest>=8",
             "hypothesis>=6",
             "pytest-benchmark>=4",

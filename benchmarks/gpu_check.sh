@@ -13,7 +13,8 @@
 #                 lors-authors                                                      -> step_n99.json
 #   gpu_tests     REPBLEND_TEST_GPU=1 pytest -m gpu                                 -> gpu_tests.xml
 #   step_n499     the same rows at N = 499                                          -> step_n499.json
-#   ops_*         op benchmarks (contrastive, blend, trajectory): eager, torch.compile, triton,
+#   ops_*         op benchmarks, one per kernel stem of repblend_fast/ops/registry.py
+#                 (contrastive, blend, trajectory): eager, torch.compile, triton,
 #                 cuda                                                  -> ops_<op>.jsonl (+ .json)
 #   step_compile  repblend-fast exact + tesla with compile=step, N = 99      -> step_compile.json
 #   report        everything combined                    -> results/<date>_<gpu>_<sha>.json, .md
@@ -42,7 +43,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --stages) shift; STAGES=${1:-all} ;;
     --stages=*) STAGES=${1#--stages=} ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (use --dry-run, --stages LIST or nothing)" >&2; exit 2 ;;
   esac
   shift
@@ -57,6 +58,11 @@ OUT=${OUT:-./out}
 mkdir -p "$OUT/logs" "$OUT/results"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+# The fused ops' kernel stems (contrastive blend trajectory), one ops_<stem> stage each: the list
+# is repblend_fast/ops/registry.py.
+# An interpreter that cannot say leaves the list empty: the ops stages are then one FAILED row.
+OP_LIST='from repblend_fast.ops import registry; print(" ".join(registry.stems()))'
+OP_STEMS=$("$PY" -c "$OP_LIST" 2> "$OUT/logs/ops_list.log") || OP_STEMS=""
 # Online cores (not `nproc`, which shrinks to OMP_NUM_THREADS when that is set).
 NPROC=$(getconf _NPROCESSORS_ONLN 2> /dev/null || echo 1)
 START=$(date +%s)
@@ -74,19 +80,21 @@ ROWS="$OUT/.stages.tsv"
 #                     distinct kernels compiled one after another, ~1-1.5 s each
 #   parity        60  NFNet-L0 at paper-n99 on the GPU (bf16 fast path, fp32 reference), and the
 #                     float64 reference on the host CPU, which dominates
-#   step_n99      50  lors-authors (~5 s per iteration: the paper's 11.5 s on an older GPU)
-#                     dominates; the fused rows find their kernels compiled by smoke/parity
+#   step_n99      55  lors-authors (~5 s per iteration: the paper's 11.5 s on an older GPU)
+#                     dominates; the fused rows find their kernels compiled by smoke/parity;
+#                     each row's accounted warm-up (Python counting modes) and the fp32/bf16
+#                     matmul rates add ~1-2 s per row
 #   gpu_tests     60  178 tests; the cold Triton cache for their other dtypes and block sizes
-#   step_n499     35  as step_n99, the kernels cached
+#   step_n499     40  as step_n99, the kernels cached
 #   ops_*     25+15+15 start-up (pytest, torch, CUDA context ~10 s) + torch.compile rows
 #   step_compile 120  inductor, cold: NFNet-L0's forward and VJP and the step graphs, Triton
 #                     codegen with a compile worker per core (the CPU dry run's C++ build of the
 #                     tiny step took 228 s on one core); runs last, on what the budget has left
 #   report         5
-# Planned before step_compile: 345 s, which leaves 125 s of the 470 s budget (the 2 minutes to
-# spare) for step_compile, which writes its N = 99 exact row first.
+# Planned before step_compile: 355 s, which leaves 115 s of the 470 s budget (nearly 2 minutes
+# to spare) for step_compile, which writes its N = 99 exact row first.
 declare -A EXPECT=(
-  [build_ext]=60 [smoke]=35 [parity]=60 [step_n99]=50 [gpu_tests]=60 [step_n499]=35
+  [build_ext]=60 [smoke]=35 [parity]=60 [step_n99]=55 [gpu_tests]=60 [step_n499]=40
   [ops_contrastive]=25 [ops_blend]=15 [ops_trajectory]=15 [step_compile]=120 [report]=5
 )
 declare -A LIMIT_GPU=(
@@ -108,7 +116,7 @@ if [ "$DRY" = 1 ]; then
   OP_SHAPES=tiny
   BUILD_ARGS=(--check-only)
   SMOKE_ARGS=(--require triton)
-  STEP_ARGS=(--device cpu --threads 1 --isolate inprocess --iterations 1 --warmup 0)
+  STEP_ARGS=(--device cpu --threads 1 --isolate inprocess --iterations 1 --warmup 1)
   PAR_ARGS=(--shapes tiny --device cpu --threads 1 --impl triton)
   TESTS_ENV=()
   OP_K="not compile"   # inductor's C++ builds take minutes on a CPU (the step_compile stage
@@ -129,6 +137,13 @@ else
   export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$NPROC
   declare -n LIMIT=LIMIT_GPU
 fi
+
+for op in $OP_STEMS; do  # every op stage has a plan
+  if [ -z "${EXPECT[ops_$op]:-}" ] || [ -z "${LIMIT[ops_$op]:-}" ]; then
+    echo "gpu_check.sh: no stage plan (EXPECT, LIMIT_GPU, LIMIT_DRY) for op stage ops_$op" >&2
+    exit 2
+  fi
+done
 
 want() {  # want STAGE: is it in --stages?
   [ "$STAGES" = all ] && return 0
@@ -209,7 +224,11 @@ if [ "$N499" != "$N99" ]; then
 fi
 
 # 7. op benchmarks, one pytest run per op (records appended as each benchmark finishes).
-for op in contrastive blend trajectory; do
+if [ -z "$OP_STEMS" ] && [ "$STAGES" = all -o -n "$(printf ',%s,' "$STAGES" | grep ',ops_')" ]; then
+  echo "gpu_check.sh: $PY could not read the op list (logs/ops_list.log)" >&2
+  printf '%s\t%s\t0\t0\t0\t0\n' ops "FAILED(no-op-list)" >> "$ROWS"
+fi
+for op in $OP_STEMS; do
   rm -f "$OUT/ops_$op.jsonl"
   stage "ops_$op" "$PY" -m pytest "benchmarks/bench_$op.py" --shapes "$OP_SHAPES" -q -ra \
     -p no:cacheprovider ${OP_K:+-k "$OP_K"} --records-jsonl "$OUT/ops_$op.jsonl" \
@@ -226,7 +245,7 @@ files=()
 for f in smoke.json parity.json step_n99.json step_n499.json step_compile.json; do
   [ -s "$OUT/$f" ] && files+=("$OUT/$f")
 done
-for op in trajectory blend contrastive; do
+for op in $(printf '%s\n' $OP_STEMS | tac); do
   if [ -s "$OUT/ops_$op.json" ]; then files+=("$OUT/ops_$op.json")
   elif [ -s "$OUT/ops_$op.jsonl" ]; then files+=("$OUT/ops_$op.jsonl"); fi
   [ -s "$OUT/ops_$op.skips.json" ] && files+=("$OUT/ops_$op.skips.json")

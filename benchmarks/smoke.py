@@ -34,6 +34,7 @@ from repblend_fast.io import atomic_write_json  # noqa: E402
 from repblend_fast.ops import (  # noqa: E402
     blend_pairs,
     contrastive_loss,
+    registry,
     trajectory_distance,
     trajectory_terms,
 )
@@ -43,7 +44,8 @@ S = 1 / TEMPERATURE
 
 
 def _cases(device: torch.device, big: bool):
-    """``{name: (fused(impl) -> tensors, reference() -> tensors)}`` on random inputs."""
+    """``{name: (fused(impl) -> tensors, reference() -> tensors, inputs)}`` on random inputs, one
+    per op of ``repblend_fast.ops.registry`` (:func:`main` refuses a list that differs)."""
     g = torch.Generator().manual_seed(0)
     k, b, d = (8, 20, 2304) if big else (2, 5, 17)
     n = 1_000_003 if big else 1_003
@@ -149,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict] = []
     failed = 0
     statuses = {"triton": triton_status(device), "cuda": cuda_status(device)}
-    for name, (fused, ref, _) in _cases(device, a.big).items():
+    cases = _cases(device, a.big)
+    if set(cases) != set(registry.names()):
+        raise SystemExit(f"smoke.py checks {sorted(cases)}, the ops are {registry.names()}")
+    for name in registry.names():
+        fused, ref, _ = cases[name]
         want = ref()
         for impl, (ok, why) in statuses.items():
             rec = {"op": name, "impl": impl, "device": device.type, "rtol": rtol}

@@ -131,7 +131,7 @@ def _describe_run(d: Path) -> dict[str, Any]:
             info.pop("config", None)  # the folder's config.json says it
             out[name] = info
     out["integrity"] = _run_integrity(d)
-    from repblend_fast.checkpoint import SUMMARY  # the end-of-run record (its "guard" block)
+    from repblend_fast.engine.checkpoint import SUMMARY  # the end-of-run record (its "guard" block)
 
     if (d / SUMMARY).is_file():
         rec = _read_json(d / SUMMARY)
@@ -143,7 +143,7 @@ def _describe_run(d: Path) -> dict[str, Any]:
 def _run_integrity(d: Path) -> dict[str, str]:
     """``{file: "ok" | "changed since written" | "not recorded"}`` for a run folder's files,
     checked against its ``checksums.json`` (run files are small enough to hash here)."""
-    from repblend_fast.checkpoint import CHECKSUMS, CONFIG, RunRecord
+    from repblend_fast.engine.checkpoint import CHECKSUMS, CONFIG, RunRecord
     from repblend_fast.io import IntegrityError
 
     if not (d / CHECKSUMS).is_file():

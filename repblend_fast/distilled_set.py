@@ -1,6 +1,7 @@
 """DistilledSet: the product of a distillation run and its safetensors file.
 
-Written by :class:`repblend_fast.distill.Distiller` (``distilled.safetensors``), read by evaluation
+Written by :class:`repblend_fast.engine.distill.Distiller` (``distilled.safetensors``), read by
+evaluation
 and the research-script converters.
 """
 
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from repblend_fast.checkpoint import RunRecord
 from repblend_fast.config import DistillConfig
+from repblend_fast.engine.checkpoint import RunRecord
 
 FORMAT_VERSION = 1
 

@@ -15,7 +15,8 @@ test embeddings; fixed s = 1/0.07. The test score matrix is ``s · Û V̂ᵀ``; 
 :mod:`repblend_fast.metrics`.
 
 This module holds the protocol (:func:`train_on_pairs`, :func:`evaluate_heads`), its repetition
-over seeds (:func:`evaluate_distilled`, of a :class:`~repblend_fast.distill.DistilledSet` with
+over seeds (:func:`evaluate_distilled`, of a :class:`~repblend_fast.engine.distill.DistilledSet`
+with
 :func:`evaluate_distilled_set`) and the full-data baseline (:func:`evaluate_full_data`). Reading
 and checking a saved set or run folder is :mod:`repblend_fast.evaluate_saved` (``evaluate_file``),
 which sits above this module and imports it. The features of a real split are
@@ -398,7 +399,8 @@ def evaluate_distilled_set(
     lr_txt: float | None = None,
     **protocol: Any,
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """:func:`evaluate_distilled` of a :class:`repblend_fast.distill.DistilledSet`: its images
+    """:func:`evaluate_distilled` of a :class:`repblend_fast.engine.distill.DistilledSet`: its
+    images
     encoded by the frozen ``encoders`` at ``size`` px first, its learned learning rates unless
     ``lr_img``/``lr_txt`` are given. ``protocol``: ``dim``, ``num_eval``, ``epochs``,
     ``eval_every``, ``logit_scale``, ... Returns ``(results, image features [N, d_f])``."""

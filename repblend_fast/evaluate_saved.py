@@ -209,7 +209,7 @@ def _random_baseline(
 def _verify_distilled(path: str | os.PathLike, note: Callable[[str], None] | None) -> None:
     """Check a distilled set against its run folder's ``checksums.json`` (``IntegrityError``
     if its bytes changed since the run wrote them); a file without one is only noted."""
-    from repblend_fast.checkpoint import CHECKSUMS, DISTILLED, RunRecord
+    from repblend_fast.engine.checkpoint import CHECKSUMS, DISTILLED, RunRecord
 
     p = Path(path)
     if p.is_dir():
@@ -244,7 +244,7 @@ def _read_distilled(path: str | os.PathLike):
     """``(file path, DistilledSet, (loss, eps, method) of its config)`` of a saved set or its run
     folder; ``FileNotFoundError`` / ``ValueError`` naming the file otherwise."""
     from repblend_fast.config import DistillConfig
-    from repblend_fast.distill import DistilledSet
+    from repblend_fast.engine.distill import DistilledSet
     from repblend_fast.io import safetensors_metadata
 
     path = Path(path)

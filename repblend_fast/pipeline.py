@@ -20,7 +20,13 @@ from repblend_fast.config import DistillConfig
 
 logger = logging.getLogger("repblend_fast.pipeline")
 
-DEFAULT_IMAGE_SIZE = {"emoji": 64, "tuxpaint": 96, "openclipart": 96}
+DEFAULT_IMAGE_SIZE = {
+    "emoji": 64,
+    "tuxpaint": 96,
+    "openclipart": 96,
+    "real": 96,
+    "real-sentences": 96,
+}
 
 
 @dataclass
@@ -226,7 +232,7 @@ def distill(
     note=None,
 ):
     """Distil ``config.pairs`` pairs from ``ds`` against the experts in ``experts_dir``
-    (``on_iteration``: see :meth:`repblend_fast.distill.Distiller.run`; ``note``: called with
+    (``on_iteration``: see :meth:`repblend_fast.engine.distill.Distiller.run`; ``note``: called with
     a line saying where a resumed run continues).
 
     ``out_dir`` is locked for the whole call (a second run into it gets ``LockHeldError``).
@@ -236,8 +242,8 @@ def distill(
     with these encoders; ``verify=False`` skips the sha256 of the store's files and of the
     checkpoint (sizes, structure and counters are still checked).
     """
-    from repblend_fast.checkpoint import CHECKPOINT, CONFIG, METRICS, check_run_folder
-    from repblend_fast.distill import Distiller
+    from repblend_fast.engine.checkpoint import CHECKPOINT, CONFIG, METRICS, check_run_folder
+    from repblend_fast.engine.distill import Distiller
     from repblend_fast.experts import TrajectoryStore
     from repblend_fast.io import remove_stale_temps
     from repblend_fast.locks import FolderLock
@@ -337,7 +343,7 @@ def _check_restart_config(out: Path, config: DistillConfig, verify: bool) -> Non
     (checked against ``checksums.json``) must be continued by ``config``."""
     import json
 
-    from repblend_fast.checkpoint import CONFIG, RunRecord, check_continues
+    from repblend_fast.engine.checkpoint import CONFIG, RunRecord, check_continues
 
     path = out / CONFIG
     if verify:

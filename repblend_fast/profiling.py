@@ -1,50 +1,49 @@
 """Per-phase time and peak memory of distillation steps (docs/design.md §1 use 3).
 
-:class:`PhaseTimer` times named phases of a step (``with timer.phase("unroll"): ...``): CUDA events
-on a GPU (read after one synchronisation at the end of the step, so timing adds no syncs inside
-the step), ``time.perf_counter`` on a CPU. Phases may nest; each phase reports its *exclusive*
-time (its own minus its children's), so the phases of a step add up to at most the step's wall
-time, and the remainder is reported as ``other``. Phases can also be marked at boundaries
-(``timer.switch("unroll")``), for code instrumented through hooks. Peak memory per phase is the
-CUDA caching allocator's ``max_memory_allocated`` on a GPU and the process's peak resident set
-(``VmHWM``, reset per phase through ``/proc/self/clear_refs``) on a CPU.
+The engine marks its phases with ``repblend:<phase>`` ranges (:mod:`repblend_fast.engine.ranges`:
+``io``, ``encoder_forward``, ``unroll``, ``meta_gradient``, ``encoder_vjp``, ``optimiser``).
+:class:`RangeProfiler` runs steps under ``torch.profiler`` (CPU activity, and CUDA on a GPU),
+puts a ``repblend:step`` range around each and reads the phases back from the profiler's events:
 
-:class:`ProfiledUnroller` is an :class:`repblend_fast.unroll.Unroller` that marks the phases
-``encoder_forward`` (the frozen encoder, or the shared one-pass features), ``unroll`` (the T student
-steps), ``meta_gradient`` (TESLA pass 2, or the reverse pass through the unroll) and
-``encoder_vjp`` (the pull-back of the summed feature cotangents through the encoder) from the pieces
-the Unroller calls; its results are the plain Unroller's (``tests/test_profiling.py``). The outer
-loop adds ``io`` (plan and expert snapshots to the device) and ``optimiser``.
+* time: each phase's *exclusive* time (its ranges' own minus the ranges nested in them), so the
+  phases of a step add up to at most the step's time and the remainder is reported as ``other``.
+  On a GPU the ranges' device-side annotations are used where the trace has them (the GPU time
+  of the work the phase launched), else the host ranges; the step itself is the host range,
+  which :meth:`RangeProfiler.step` closes after a synchronisation;
+* memory: the step's peak is the CUDA caching allocator's ``max_memory_allocated`` on a GPU and
+  the process's peak resident set (``VmHWM``, reset per step through ``/proc/self/clear_refs``)
+  on a CPU; a phase's peak is the allocator level at the step's start (the resident set on a CPU)
+  plus the highest net allocation the profiler's memory events reach while one of its ranges is
+  open.
+
+The profiler synchronises only at step boundaries; the ranges themselves add nothing when no
+profiler runs. ``export_chrome_trace`` writes the trace with the ranges in it.
 """
 
 from __future__ import annotations
 
-import inspect
 import re
 import resource
-import threading
-import time
-from contextlib import contextmanager, nullcontext
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
+from repblend_fast.engine.ranges import PHASES, PREFIX, STEP
 from repblend_fast.stats import median
-from repblend_fast.unroll import Unroller
 
 __all__ = [
     "PHASES",
-    "PhaseTimer",
-    "ProfiledUnroller",
+    "RangeProfiler",
     "StepProfile",
     "format_profile_table",
     "rss_mib",
     "rss_peak_mib",
     "reset_rss_peak",
+    "steps_from_events",
     "summarise_profiles",
 ]
-
-PHASES = ("io", "encoder_forward", "unroll", "meta_gradient", "encoder_vjp", "optimiser")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,7 +84,7 @@ def reset_rss_peak() -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
-# the timer
+# results
 
 
 @dataclass
@@ -113,187 +112,158 @@ class StepProfile:
         }
 
 
+# --------------------------------------------------------------------------------------------------
+# phases from the profiler's events
+
+
 @dataclass
-class _Rec:
+class _Range:
     name: str
-    parent: int | None
-    start: object = None
-    end: object = None
-    peak: float = 0.0
-    children: list[int] = field(default_factory=list)
+    start: int  # ns
+    end: int
+    device: bool = False
 
 
-class PhaseTimer:
-    """Times named, possibly nested phases of one step at a time.
+def _exclusive(ranges: list[_Range]) -> tuple[dict[str, float], dict[str, int]]:
+    """Exclusive ms and the number of ranges per name, for properly nested ``ranges``."""
+    order = sorted(ranges, key=lambda r: (r.start, -r.end))
+    nested = [0] * len(order)
+    stack: list[int] = []
+    for i, r in enumerate(order):
+        while stack and order[stack[-1]].end <= r.start:
+            stack.pop()
+        if stack:
+            nested[stack[-1]] += r.end - r.start
+        stack.append(i)
+    ms: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    for r, inner in zip(order, nested):
+        ms[r.name] += max(0, r.end - r.start - inner) / 1e6
+        calls[r.name] += 1
+    return dict(ms), dict(calls)
 
-    Args:
-        device: where the step runs (``cuda`` uses CUDA events and allocator statistics).
-        memory: also record per-phase peak memory.
-        record_functions: mark each phase with ``torch.profiler.record_function`` (so phases show
-            in a chrome trace).
 
-    Use ``with timer.step(): ...`` around a step and ``with timer.phase(name): ...`` inside it;
-    :attr:`steps` collects one :class:`StepProfile` per step. Phases outside a step are ignored.
+def _peaks(ranges: list[_Range], mem: list[tuple[int, int]], base_mib: float) -> dict[str, float]:
+    """Per name, ``base_mib`` plus the highest net allocation (memory events ``(ns, bytes)``,
+    counted from the step's start) reached while one of its ranges is open."""
+    peaks: dict[str, float] = {}
+    for r in ranges:
+        level = top = sum(b for t, b in mem if t < r.start)
+        for t, b in mem:
+            if r.start <= t <= r.end:
+                level += b
+                top = max(top, level)
+        peaks[r.name] = max(peaks.get(r.name, 0.0), base_mib + top / 2**20)
+    return peaks
+
+
+def steps_from_events(events, marks: list[dict]) -> list[StepProfile]:
+    """:class:`StepProfile` of each ``repblend:step`` range among ``events`` (a
+    ``torch.profiler`` run's Kineto events, ``prof.profiler.kineto_results.events()``).
+
+    ``marks``: per step, in order, ``{"peak_mib": measured peak, "base_mib": memory level at its
+    start}``. The phases are the ``repblend:<name>`` ranges inside each step (host ranges on the
+    step's thread; device-side annotations instead where there are any)."""
+    host, device, mem, steps = [], [], [], []
+    for e in events:
+        name = e.name()
+        start = e.start_ns()
+        if name == "[memory]":
+            mem.append((start, e.nbytes(), e.device_type() != torch.autograd.DeviceType.CPU))
+            continue
+        if not name.startswith(PREFIX):
+            continue
+        r = _Range(name[len(PREFIX) :], start, start + e.duration_ns())
+        if e.device_type() == torch.autograd.DeviceType.CPU:
+            (steps if r.name == STEP else host).append((r, e.start_thread_id()))
+        else:
+            r.device = True
+            device.append(r)
+    steps.sort(key=lambda x: x[0].start)
+    out = []
+    for (step, thread), mark in zip(steps, marks):
+        inside = [r for r, th in host if th == thread and step.start <= r.start < step.end]
+        dev = [r for r in device if r.name != STEP and step.start <= r.start < step.end]
+        timed = dev if dev else inside
+        ms, calls = _exclusive(timed)
+        on_gpu = bool(dev) or any(g for _, _, g in mem)
+        step_mem = [(t, b) for t, b, g in mem if g == on_gpu and step.start <= t <= step.end]
+        peaks = _peaks(inside, step_mem, mark["base_mib"])
+        step_ms = (step.end - step.start) / 1e6
+        peak = max([mark["peak_mib"], *peaks.values()])
+        out.append(StepProfile(step_ms, ms, peaks, peak, calls))
+    return out
+
+
+class RangeProfiler:
+    """Profiles steps with ``torch.profiler`` and reads their phases from the engine's ranges.
+
+    ``with RangeProfiler(device) as rp:`` then ``with rp.step(): ...`` around each step;
+    :attr:`steps` holds one :class:`StepProfile` per step once the ``with`` block has ended, and
+    :meth:`export_chrome_trace` writes the trace. Steps do not nest.
     """
 
-    def __init__(
-        self, device: str | torch.device = "cpu", memory: bool = True, record_functions: bool = True
-    ):
+    def __init__(self, device: str | torch.device = "cpu", memory: bool = True):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.memory = memory
-        self.record_functions = record_functions
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if self.cuda:
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        self._prof = torch.profiler.profile(activities=acts, profile_memory=memory)
+        self._marks: list[dict] = []
+        self._in_step = False
         self.steps: list[StepProfile] = []
-        self._recs: list[_Rec] | None = None
-        self._stack: list[int] = []
-        self._switched: int | None = None
-        self._switched_rf = None
-        self._owner = threading.get_ident()
-        self._rss_reset_ok = True
 
-    # ------------------------------------------------------------------ clock and memory
-    def _now(self):
+    def __enter__(self) -> RangeProfiler:
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._prof.__exit__(*exc)
+        if exc[0] is None:
+            events = self._prof.profiler.kineto_results.events()
+            self.steps = steps_from_events(events, self._marks)
+
+    def _level_mib(self) -> float:
         if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        return rss_mib()
 
-    def _elapsed_ms(self, a, b) -> float:
+    def _reset_peak(self) -> None:
         if self.cuda:
-            return float(a.elapsed_time(b))
-        return (b - a) * 1e3
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            reset_rss_peak()
 
-    def _mem_peak(self) -> float:
+    def _peak_mib(self) -> float:
         if self.cuda:
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         return rss_peak_mib()
 
-    def _mem_reset(self) -> None:
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif self._rss_reset_ok:
-            self._rss_reset_ok = reset_rss_peak()
-
-    def _fold_peak(self) -> None:
-        """Fold the peak since the last reset into every open phase, then reset the counter."""
-        if not self.memory:
-            return
-        peak = self._mem_peak()
-        self._step_peak = max(self._step_peak, peak)
-        for i in self._stack:
-            self._recs[i].peak = max(self._recs[i].peak, peak)
-        self._mem_reset()
-
-    # ------------------------------------------------------------------ context managers
     @contextmanager
     def step(self):
-        """Profile one step; appends a :class:`StepProfile` to :attr:`steps` on exit."""
-        if self._recs is not None:
-            raise RuntimeError("PhaseTimer.step() does not nest")
+        """One profiled step (a ``repblend:step`` range, synchronised at both ends on a GPU)."""
+        if self._in_step:
+            raise RuntimeError("RangeProfiler.step() does not nest")
+        self._in_step = True
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        self._recs, self._stack, self._step_peak = [], [], 0.0
-        self._switched = None
-        self._owner = threading.get_ident()
+        mark = {"base_mib": self._level_mib() if self.memory else 0.0, "peak_mib": 0.0}
         if self.memory:
-            self._mem_reset()
-        t0 = self._now()
+            self._reset_peak()
         try:
-            yield self
+            with torch.profiler.record_function(PREFIX + STEP):
+                yield self
+                if self.cuda:
+                    torch.cuda.synchronize(self.device)
         finally:
-            self.switch(None)
-            t1 = self._now()
-            self._fold_peak()
-            if self.cuda:
-                torch.cuda.synchronize(self.device)
-            self.steps.append(self._collect(t0, t1))
-            self._recs, self._stack = None, []
+            self._in_step = False
+            mark["peak_mib"] = self._peak_mib() if self.memory else 0.0
+            self._marks.append(mark)
 
-    @contextmanager
-    def phase(self, name: str):
-        """Time ``name`` (exclusive of nested phases) within the current step."""
-        if self._recs is None:
-            yield
-            return
-        self._fold_peak()
-        parent = self._stack[-1] if self._stack else None
-        idx = len(self._recs)
-        self._recs.append(_Rec(name, parent))
-        if parent is not None:
-            self._recs[parent].children.append(idx)
-        self._stack.append(idx)
-        rf = (
-            torch.profiler.record_function(f"repblend:{name}")
-            if self.record_functions
-            else nullcontext()
-        )
-        with rf:
-            self._recs[idx].start = self._now()
-            try:
-                yield
-            finally:
-                self._recs[idx].end = self._now()
-                self._fold_peak()
-                self._stack.pop()
-
-    @property
-    def current(self) -> str | None:
-        """Name of the phase opened by :meth:`switch` (None if none is open)."""
-        if self._recs is None or self._switched is None:
-            return None
-        return self._recs[self._switched].name
-
-    def switch(self, name: str | None) -> None:
-        """End the phase opened by the previous ``switch`` and start ``name`` (``None``: none).
-
-        For code whose phases are marked at boundaries (hooks) rather than by ``with`` blocks.
-        The new phase nests in the innermost open ``phase()`` block, if any.
-        """
-        if self._recs is None:
-            return
-        # Trace ranges only from the step's own thread: on a GPU, autograd hooks run on the
-        # device thread, and a range must begin and end on one thread (there, a switch made by a
-        # hook is timed but its trace range folds into the previous one).
-        own = threading.get_ident() == self._owner
-        if self._switched is not None:
-            if self._recs[self._switched].name == name:
-                return
-            self._fold_peak()
-            self._recs[self._switched].end = self._now()
-            self._stack.remove(self._switched)
-            self._switched = None
-            if own and self._switched_rf is not None:
-                self._switched_rf.__exit__(None, None, None)
-                self._switched_rf = None
-        if name is None:
-            return
-        if own and self.record_functions and self._switched_rf is None:
-            self._switched_rf = torch.profiler.record_function(f"repblend:{name}")
-            self._switched_rf.__enter__()
-        self._fold_peak()
-        parent = self._stack[-1] if self._stack else None
-        idx = len(self._recs)
-        self._recs.append(_Rec(name, parent))
-        if parent is not None:
-            self._recs[parent].children.append(idx)
-        self._stack.append(idx)
-        self._switched = idx
-        self._recs[idx].start = self._now()
-
-    # ------------------------------------------------------------------ results
-    def _collect(self, t0, t1) -> StepProfile:
-        recs = self._recs
-        incl = [self._elapsed_ms(r.start, r.end) for r in recs]
-        ms: dict[str, float] = {}
-        peak: dict[str, float] = {}
-        calls: dict[str, int] = {}
-        for i, r in enumerate(recs):
-            excl = incl[i] - sum(incl[c] for c in r.children)
-            ms[r.name] = ms.get(r.name, 0.0) + max(0.0, excl)
-            peak[r.name] = max(peak.get(r.name, 0.0), r.peak)
-            calls[r.name] = calls.get(r.name, 0) + 1
-        return StepProfile(self._elapsed_ms(t0, t1), ms, peak, self._step_peak, calls)
+    def export_chrome_trace(self, path: str) -> None:
+        self._prof.export_chrome_trace(str(path))
 
 
 def summarise_profiles(steps: list[StepProfile]) -> dict:
@@ -329,59 +299,3 @@ def format_profile_table(summary: dict, title: str = "", memory_label: str = "pe
         f"{'step':<16} {summary['step_ms']:>10.1f} {'100.0%':>7} {summary['peak_mib']:>12.1f}"
     )
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------
-# the unroll, piece by piece
-
-
-class ProfiledUnroller(Unroller):
-    """:class:`Unroller` that reports its phases to a :class:`PhaseTimer` (identical results).
-
-    It does not re-implement the unroll: it marks phase boundaries from the pieces the Unroller
-    calls, so it follows the Unroller as that changes.
-
-    * ``encode`` -> ``encoder_forward`` (the shared one-pass features, or per-step encodes);
-    * ``_step_grads`` -> ``unroll`` (every exact step, TESLA pass 1) or ``meta_gradient`` (TESLA
-      pass 2, where the ``psi`` backward that follows is included);
-    * ``_matching`` (the exact mode's final loss) -> ``meta_gradient`` (the reverse pass);
-    * a gradient hook on the encoder's output -> ``encoder_vjp``: everything autograd does after
-      the features' cotangent is complete, i.e. the pull-back through the encoder.
-
-    Args:
-        timer: the :class:`PhaseTimer` that receives the phases (others as for Unroller).
-    """
-
-    def __init__(self, settings, encoder, img_spec, txt_spec, similarity=None, *, timer=None):
-        super().__init__(settings, encoder, img_spec, txt_spec, similarity)
-        self.timer = timer if timer is not None else PhaseTimer("cpu", memory=False)
-
-    def run(self, *args, **kwargs):
-        self.timer.switch("unroll")
-        try:
-            return super().run(*args, **kwargs)
-        finally:
-            self.timer.switch(None)
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        prev = self.timer.current
-        self.timer.switch("encoder_forward")
-        out = super().encode(images)
-        if out.requires_grad:
-            out.register_hook(self._encoder_vjp_starts)
-        self.timer.switch(prev)
-        return out
-
-    def _encoder_vjp_starts(self, grad):
-        self.timer.switch("encoder_vjp")
-
-    def _step_grads(self, *args, **kwargs):
-        # Passed through untouched (the Unroller's signature may grow); only create_graph is read.
-        bound = inspect.signature(super()._step_grads).bind(*args, **kwargs)
-        pass2 = self.s.meta_grad == "tesla" and bool(bound.arguments.get("create_graph"))
-        self.timer.switch("meta_gradient" if pass2 else "unroll")
-        return super()._step_grads(*args, **kwargs)
-
-    def _matching(self, *args, **kwargs):
-        self.timer.switch("meta_gradient")
-        return super()._matching(*args, **kwargs)

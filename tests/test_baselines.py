@@ -22,14 +22,14 @@ from repblend_fast.bench.baselines import (
     RepBlendModel,
     split_pieces,
 )
-from repblend_fast.models.flat import FlatSpec
-from repblend_fast.models.heads import HeadSpec, init_head_flat
-from repblend_fast.unroll import (
+from repblend_fast.engine.unroll import (
     StepPlan,
     Unroller,
     UnrollSettings,
     make_unroller_for_lors,
 )
+from repblend_fast.models.flat import FlatSpec
+from repblend_fast.models.heads import HeadSpec, init_head_flat
 
 DT = torch.float64
 N, B, T = 9, 4, 3

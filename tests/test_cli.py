@@ -7,7 +7,7 @@ import json
 import pytest
 
 from repblend_fast.cli import main
-from repblend_fast.distill import DistilledSet
+from repblend_fast.engine.distill import DistilledSet
 
 
 def _common(ann, cache):

@@ -32,7 +32,7 @@ from repblend_fast.compat import (
     parse_authors_flags,
     script_flags,
 )
-from repblend_fast.distill import DistilledSet
+from repblend_fast.engine.distill import DistilledSet
 from repblend_fast.experts import TrajectoryStore
 from repblend_fast.models.heads import HeadSpec, head_forward
 

@@ -70,7 +70,7 @@ def test_compiled_step_traces_without_graph_breaks(inputs, meta_grad, monkeypatc
     """The step compiles as one graph (``fullgraph=True``) in both modes and every grad-mode
     variant, checked with ``aot_eager`` (dynamo and AOTAutograd, no inductor: seconds); inductor
     itself is checked by the encoder test below and the slow step tests."""
-    from repblend_fast.unroll import Unroller
+    from repblend_fast.engine.unroll import Unroller
 
     monkeypatch.setattr(Unroller, "compile_backend", "aot_eager")
     _, want = _grads(inputs, meta_grad, "none")
@@ -117,7 +117,7 @@ def test_compile_is_refused_where_it_would_not_apply():
     """LoRS / MTT-VL (the student is the encoder itself) and unknown modes are user errors, not
     silent eager paths."""
     from repblend_fast.config import DistillConfig
-    from repblend_fast.unroll import Unroller, UnrollSettings
+    from repblend_fast.engine.unroll import Unroller, UnrollSettings
 
     with pytest.raises(ValueError, match="compile"):
         DistillConfig(method="lors", blend=False, compile="step").validate()

@@ -404,23 +404,32 @@ def test_explicit_impls_that_cannot_run_raise(gen, monkeypatch):
 def test_loss_ids_and_constants_have_one_definition():
     triton = pytest.importorskip("triton")
     from repblend_fast.kernels import contrastive as kern
+    from repblend_fast.kernels import contrastive_backward as kern_bwd
+    from repblend_fast.kernels import contrastive_forward as kern_fwd
+    from repblend_fast.kernels import contrastive_terms as terms
 
     assert tuple(ref.LOSS_IDS) == LOSSES
     assert [ref.LOSS_IDS[name] for name in LOSSES] == list(range(len(LOSSES)))
     # The kernels and the ops use the reference's objects, not copies.
     assert kern.LOSS_IDS is ref.LOSS_IDS and ops.LOSS_IDS is ref.LOSS_IDS
+    assert terms.SOFTMAX_LOSSES is ref.SOFTMAX_LOSSES
     assert kern.MASS_EPS is ref.MASS_EPS and kern.NORM_EPS is ref.NORM_EPS
-    assert kern._MASS_EPS.value == ref.MASS_EPS and kern._NORM_EPS.value == ref.NORM_EPS
-    # No jit function spells the constants out as literals.
-    for name in dir(kern):
-        fn = getattr(kern, name)
-        if isinstance(fn, triton.runtime.jit.JITFunction):
-            code = "\n".join(
-                line.split("#")[0]
-                for line in fn.src.splitlines()
-                if not line.strip().startswith("#")
-            )
-            assert "1e-6" not in code and "1e-12" not in code, name
+    assert terms.MASS_EPS_C.value == ref.MASS_EPS and terms.NORM_EPS_C.value == ref.NORM_EPS
+    # One named compile-time flag per loss kind, with the table's id.
+    for name, i in ref.LOSS_IDS.items():
+        assert getattr(terms, name.upper()).value == i, name
+    # No jit function spells the constants or a loss id out as a literal.
+    for mod in (kern, kern_fwd, kern_bwd, terms):
+        for name in dir(mod):
+            fn = getattr(mod, name)
+            if isinstance(fn, triton.runtime.jit.JITFunction):
+                code = "\n".join(
+                    line.split("#")[0]
+                    for line in fn.src.splitlines()
+                    if not line.strip().startswith("#")
+                )
+                assert "1e-6" not in code and "1e-12" not in code, name
+                assert not re.search(r"LOSS\s*[=!]=\s*\d", code), name
 
 
 def _cu_source(name: str) -> str:

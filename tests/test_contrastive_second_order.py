@@ -4,7 +4,7 @@
 ``_second_order``: written out from the forward's saved statistics and the first-order outputs,
 without re-running the reference. Checked here
 
-* in float64, through the private ``torch`` backend (the kernels' formulas in torch, so the
+* in float64, through ``impl="torch"`` (the kernels' formulas in torch, so the
   autograd layer runs in any precision): ``gradcheck`` / ``gradgradcheck`` with random upstream
   gradients, and the second (and third) order against the reference's autograd, for every loss,
   odd shapes (B = 1, 3, 20, 65; D = 17), K-batched and under ``torch.func`` (grad of grad, vmap);

@@ -16,19 +16,13 @@ import textwrap
 import pytest
 import torch
 
+from repblend_fast.ops import registry
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 
-# Ops that csrc/*.cu must register.
-EXPECTED_OPS = [
-    "contrastive_fwd",
-    "contrastive_bwd",
-    "blend_gather",
-    "blend_scatter",
-    "trajectory_distance_partials",
-    "trajectory_terms_partials",
-    "trajectory_finalize",
-]
+# Ops that csrc/*.cu must register: the ops' list (repblend_fast.ops.registry).
+EXPECTED_OPS = list(registry.cuda_ops())
 
 
 def _cuda_home() -> str | None:

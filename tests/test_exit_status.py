@@ -7,7 +7,7 @@ from __future__ import annotations
 def test_a_stopped_run_exits_3_and_bad_input_2():
     from repblend_fast.cli import CLIError
     from repblend_fast.cli import _classify as classify
-    from repblend_fast.distill import CollapseError, NonFiniteLossError
+    from repblend_fast.engine.distill import CollapseError, NonFiniteLossError
 
     assert classify(CollapseError("stopped"))[0] == 3
     assert classify(NonFiniteLossError("stopped"))[0] == 3

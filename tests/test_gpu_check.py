@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from repblend_fast.ops import registry
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 STAGES = [
@@ -25,9 +27,8 @@ STAGES = [
     "parity",
     "step_n99",
     "gpu_tests",
-    "ops_contrastive",
-    "ops_blend",
-    "ops_trajectory",
+    # one op benchmark stage per kernel stem of the ops' list
+    *(f"ops_{stem}" for stem in registry.stems()),
     "step_compile",
     "report",
 ]

@@ -18,8 +18,8 @@ import pytest
 import torch
 from test_distill import setup, small
 
-from repblend_fast.guard_report import CLIPPED_SHARE, WINDOW, GuardReport
-from repblend_fast.outer import CLIPPED_GROUPS, GROUPS
+from repblend_fast.engine.guard_report import CLIPPED_SHARE, WINDOW, GuardReport
+from repblend_fast.engine.outer import CLIPPED_GROUPS, GROUPS
 
 CAUGHT_WITHIN = 30
 
@@ -125,7 +125,7 @@ def _recount(recs: list[dict]) -> dict:
 def test_every_intervention_is_recorded_and_summarised(tmp_path, caplog):
     out = tmp_path / "run"
     d = setup(small(iterations=24, grad_check_every=8), out)
-    with caplog.at_level(logging.INFO, logger="repblend_fast.distill"):
+    with caplog.at_level(logging.INFO, logger="repblend_fast.engine.distill"):
         d.run(progress=False)
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     for r in recs:

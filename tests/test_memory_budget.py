@@ -1,5 +1,6 @@
 """``memory_budget_mib``: the plan (keep / chunk / checkpoint from the measured per-image encoder
-graph) and results equal to the unbudgeted run (repblend_fast/unroll.py, ``Unroller.memory_plan``).
+graph) and results equal to the unbudgeted run (repblend_fast/engine/unroll.py,
+``Unroller.memory_plan``).
 
 Shapes: the step benchmark's ``tiny`` set (N = 11, B = 4, T = 2), where every quantity of the plan
 is a fraction of a MiB, so budgets are given as exact fractions of the measured sizes.
@@ -16,8 +17,8 @@ import torch.nn as nn
 from repblend_fast.bench import SHAPE_SETS, build_step_inputs, make_runner
 from repblend_fast.bench.parity import rel_errors
 from repblend_fast.config import DistillConfig
+from repblend_fast.engine.unroll import MemoryPlan, Unroller, UnrollSettings
 from repblend_fast.models.heads import HeadSpec
-from repblend_fast.unroll import MemoryPlan, Unroller, UnrollSettings
 
 TINY = SHAPE_SETS["tiny"][0]
 MIB = 2**20

@@ -11,7 +11,7 @@ from test_distill import make_store, small, tiny_encoder
 
 from repblend_fast import methods
 from repblend_fast.config import DistillConfig, preset
-from repblend_fast.distill import Distiller
+from repblend_fast.engine.distill import Distiller
 from repblend_fast.methods import HeadsStudent, Method, get_method
 from repblend_fast.models.heads import init_head_flat
 from repblend_fast.report.tables import method_label

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from repblend_fast.config import DistillConfig
-from repblend_fast.outer import GROUPS, OuterOptimizer
+from repblend_fast.engine.outer import GROUPS, OuterOptimizer
 
 N = 6
 
@@ -225,7 +225,7 @@ def test_guard_state_survives_a_checkpoint():
 def test_a_run_that_stops_learning_is_stopped_with_its_state_saved(tmp_path):
     from test_distill import setup, small
 
-    from repblend_fast.distill import CollapseError
+    from repblend_fast.engine.distill import CollapseError
 
     # lr_img = lr_txt = 0: the synthetic set cannot improve, so the loss cannot fall.
     cfg = small(lr_img=0.0, lr_txt=0.0, lr_sim=0.0, lr_lr=0.0, iterations=30, collapse_window=5)
@@ -240,7 +240,7 @@ def test_a_run_that_stops_learning_is_stopped_with_its_state_saved(tmp_path):
 def test_learning_rates_pinned_at_the_clamp_stop_the_run(tmp_path):
     from test_distill import setup, small
 
-    from repblend_fast.distill import CollapseError
+    from repblend_fast.engine.distill import CollapseError
 
     cfg = small(lr_init=0.01, clamp_lr=0.01, lr_lr=1e3, iterations=30, collapse_window=4)
     d = setup(cfg, tmp_path / "run")

@@ -55,3 +55,11 @@ def test_evaluation_modules_import_downward():
     import repblend_fast.evaluate as ev
 
     assert "__getattr__" not in vars(ev)
+
+
+def test_file_format_names_are_not_module_paths():
+    """A checkpoint's header names its format; moving the module that writes it must not rename
+    the format, or every earlier run's checkpoint would be refused on resume."""
+    from repblend_fast.engine import checkpoint
+
+    assert checkpoint.KIND == "repblend_fast.checkpoint"

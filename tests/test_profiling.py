@@ -1,4 +1,5 @@
-"""The step profiler: phase timing, memory, and a phased unroll that equals the plain one."""
+"""The step profiler: the engine's phase ranges, read back from torch.profiler (time, memory),
+and a profiled unroll that equals an unprofiled one."""
 
 from __future__ import annotations
 
@@ -10,18 +11,18 @@ import torch
 import torch.nn as nn
 
 from repblend_fast.bench import run_profile
+from repblend_fast.engine import ranges
+from repblend_fast.engine.unroll import StepPlan, Unroller, UnrollSettings
 from repblend_fast.models.heads import HeadSpec, init_head_flat
 from repblend_fast.profiling import (
     PHASES,
-    PhaseTimer,
-    ProfiledUnroller,
+    RangeProfiler,
     format_profile_table,
     reset_rss_peak,
     rss_mib,
     rss_peak_mib,
     summarise_profiles,
 )
-from repblend_fast.unroll import StepPlan, Unroller, UnrollSettings
 
 DT = torch.float64
 N, B, T, D_F, D_T, DIM = 8, 3, 3, 5, 6, 4
@@ -68,47 +69,60 @@ def _problem(seed=0):
 
 @pytest.mark.parametrize("mode", ["exact", "tesla"])
 @pytest.mark.parametrize("share", [True, False])
-def test_profiled_unroller_equals_unroller(mode, share):
+def test_profiled_unroll_equals_unroll_and_marks_its_phases(mode, share):
     enc, x, y, sim, th0, th1, plan, eta = _problem()
     s = UnrollSettings(meta_grad=mode, share_encoder=share, checkpoint_steps=(mode == "exact"))
     specs = (HeadSpec(D_F, DIM), HeadSpec(D_T, DIM))
-    want = Unroller(s, enc, *specs, sim).run(x, y, sim.params(), *eta, th0, th1, plan)
-    timer = PhaseTimer("cpu")
-    prof = ProfiledUnroller(s, enc, *specs, sim, timer=timer)
-    with timer.step():
-        got = prof.run(x, y, sim.params(), *eta, th0, th1, plan)
-    torch.testing.assert_close(got.loss, want.loss, rtol=1e-12, atol=0)
+    unroller = Unroller(s, enc, *specs, sim)
+    want = unroller.run(x, y, sim.params(), *eta, th0, th1, plan)
+    with RangeProfiler("cpu") as prof:
+        with prof.step():
+            got = unroller.run(x, y, sim.params(), *eta, th0, th1, plan)
+    # The ranges change nothing: the same numbers, to the bit.
+    assert torch.equal(got.loss, want.loss)
     for k, v in want.grads.items():
-        torch.testing.assert_close(got.grads[k], v, rtol=1e-9, atol=1e-12, msg=k)
-    (step,) = timer.steps
+        assert torch.equal(got.grads[k], v), k
+    (step,) = prof.steps
     expected = {"encoder_forward", "unroll", "meta_gradient"} | (
         {"encoder_vjp"} if share else set()
     )
-    assert expected <= set(step.phases_ms)
+    assert expected <= set(step.phases_ms) <= set(PHASES)
     assert all(v >= 0 for v in step.phases_ms.values())
     assert sum(step.phases_ms.values()) <= step.step_ms + 1e-6
+    assert step.calls["unroll"] == 1
 
 
-def test_phase_timer_exclusive_times_and_memory():
-    timer = PhaseTimer("cpu")
-    with timer.phase("outside"):  # ignored: not inside a step
-        pass
-    t0 = time.perf_counter()
-    with timer.step():
-        with timer.phase("outer"):
-            a = time.perf_counter()
-            time.sleep(0.02)
-            with timer.phase("inner"):
-                b = time.perf_counter()
-                buf = torch.ones(8 * 2**20)  # 32 MiB, touched
-                time.sleep(0.03)
-                del buf
-                inner_ms = (time.perf_counter() - b) * 1e3
-            outer_ms = (time.perf_counter() - a) * 1e3
-        with timer.phase("inner"):
-            time.sleep(0.01)
-    wall = (time.perf_counter() - t0) * 1e3
-    (s,) = timer.steps
+def test_ranges_are_free_without_a_profiler():
+    assert ranges.phase("unroll") is ranges.phase("io")  # one shared no-op context
+    with RangeProfiler("cpu", memory=False):
+        ctx = ranges.phase("unroll")
+        assert isinstance(ctx, torch.profiler.record_function)
+
+
+def test_range_profiler_exclusive_times_and_memory(tmp_path):
+    with RangeProfiler("cpu") as prof:
+        with ranges.phase("outside"):  # not inside a step: not counted
+            pass
+        t0 = time.perf_counter()
+        with prof.step():
+            with ranges.phase("outer"):
+                a = time.perf_counter()
+                time.sleep(0.02)
+                with ranges.phase("inner"):
+                    b = time.perf_counter()
+                    buf = torch.ones(8 * 2**20)  # 32 MiB
+                    time.sleep(0.03)
+                    del buf
+                    inner_ms = (time.perf_counter() - b) * 1e3
+                outer_ms = (time.perf_counter() - a) * 1e3
+            with ranges.phase("inner"):
+                time.sleep(0.01)
+        wall = (time.perf_counter() - t0) * 1e3
+        with pytest.raises(RuntimeError, match="nest"):
+            with prof.step():
+                with prof.step():
+                    pass
+    s = prof.steps[0]
     assert set(s.phases_ms) == {"outer", "inner"}
     assert s.calls == {"outer": 1, "inner": 2}
     # Exclusive: the outer phase's own time, without the nested inner one.
@@ -116,14 +130,16 @@ def test_phase_timer_exclusive_times_and_memory():
     assert s.phases_ms["inner"] >= inner_ms + 9.0
     assert sum(s.phases_ms.values()) <= s.step_ms <= wall + 1e-6
     assert s.other_ms >= 0
-    assert s.peak_mib >= s.phases_peak_mib["inner"] > 0
-    summary = summarise_profiles(timer.steps)
+    # The 32 MiB buffer lifts the inner phase's (and the enclosing outer one's) peak.
+    assert s.peak_mib >= s.phases_peak_mib["inner"] >= s.phases_peak_mib["outer"] - 1e-9
+    assert s.phases_peak_mib["inner"] >= 32
+    summary = summarise_profiles(prof.steps[:1])
     table = format_profile_table(summary, "t")
     assert "outer" in table and "inner" in table and "step" in table
-    with pytest.raises(RuntimeError, match="nest"):
-        with timer.step():
-            with timer.step():
-                pass
+    trace = tmp_path / "trace.json"
+    prof.export_chrome_trace(str(trace))
+    names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+    assert {"repblend:step", "repblend:outer", "repblend:inner"} <= names
 
 
 def test_rss_helpers():
@@ -259,3 +275,12 @@ def test_profile_config_applies_sizes_and_chunk_without_touching_shape_sets(
     # The global table is untouched and nothing travels through the environment.
     assert {k: [dataclasses.astuple(s) for s in v] for k, v in SHAPE_SETS.items()} == before
     assert not any("ENCODER_CHUNK" in k for k in os.environ)
+
+
+def test_profile_cli_writes_a_chrome_trace_with_the_phase_ranges(tmp_path, capsys):
+    trace = tmp_path / "sub" / "trace.json"
+    argv = ["profile", "--shapes", "tiny", "--steps", "1", "--warmup", "0", "--threads", "1"]
+    assert _cli([*argv, "--meta-grad", "exact", "--trace", str(trace)]) == 0
+    assert "encoder_vjp" in capsys.readouterr().out
+    names = {str(e.get("name")) for e in json.loads(trace.read_text())["traceEvents"]}
+    assert {f"repblend:{p}" for p in PHASES} | {"repblend:step"} <= names

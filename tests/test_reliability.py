@@ -399,7 +399,7 @@ def test_bad_buffer_settings_are_refused(argv, needle, capsys):
 
 
 def test_a_non_finite_set_is_neither_written_nor_evaluated(env, tmp_path, capsys):
-    from repblend_fast.distill import DistilledSet
+    from repblend_fast.engine.distill import DistilledSet
     from repblend_fast.io import atomic_save_safetensors
 
     images = torch.full((4, 3, 16, 16), float("nan"))
@@ -448,7 +448,7 @@ def test_a_second_distill_is_refused_and_kill_9_resumes_bit_for_bit(env, tmp_pat
 
 # ------------------------------------------------------------------- finding 6: no checkpoint yet
 def _stopped_before_first_checkpoint(env, out: Path, monkeypatch) -> None:
-    from repblend_fast.distill import Distiller
+    from repblend_fast.engine.distill import Distiller
 
     step = Distiller.step
 
@@ -507,7 +507,7 @@ def test_a_torn_metrics_line_is_dropped_with_a_message(env, run4, tmp_path, capl
 
 
 def test_disk_full_while_logging_leaves_no_torn_line(env, tmp_path, capsys, monkeypatch):
-    import repblend_fast.checkpoint as ck
+    import repblend_fast.engine.checkpoint as ck
 
     run = tmp_path / "run"
     real_open = open
@@ -554,7 +554,7 @@ def test_disk_full_while_logging_leaves_no_torn_line(env, tmp_path, capsys, monk
 
 # ------------------------------------------------------------------- finding 9: followable advice
 def test_resume_may_change_the_learning_rates_and_records_it(env, run4, tmp_path, capsys):
-    from repblend_fast.checkpoint import RESUMABLE_CHANGES
+    from repblend_fast.engine.checkpoint import RESUMABLE_CHANGES
 
     assert {"lr_img", "lr_txt", "lr_lr", "lr_sim", "clamp_lr"} <= set(RESUMABLE_CHANGES)
     run = _copy(run4, tmp_path / "run")

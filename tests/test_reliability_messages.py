@@ -41,7 +41,7 @@ def test_export_refuses_a_set_whose_bytes_changed(env, tmp_path, capsys):
 
 
 def test_export_refuses_a_non_finite_set(env, tmp_path, capsys):
-    from repblend_fast.distill import DistilledSet
+    from repblend_fast.engine.distill import DistilledSet
 
     d = DistilledSet.load(env.run / "distilled.safetensors")
     path = tmp_path / "nan.safetensors"
@@ -236,8 +236,8 @@ def test_an_image_checkpoint_that_is_a_pickle_is_refused_without_torchs_advice(
 
 # ------------------------------------------------------------------- interruptions
 def test_a_second_signal_exits_128_plus_its_number():
-    from repblend_fast.checkpoint import StopOnSignal, StoppedAtOnce
     from repblend_fast.cli import _classify
+    from repblend_fast.engine.checkpoint import StopOnSignal, StoppedAtOnce
 
     with pytest.raises(StoppedAtOnce) as exc:
         with StopOnSignal() as stop:

@@ -223,8 +223,8 @@ def test_a_checkpoint_of_other_shapes_names_the_setting_to_repeat():
     """Stores of older versions record no image size: the checkpoint's shapes say it."""
     import torch
 
-    from repblend_fast.checkpoint import check_state
     from repblend_fast.config import preset
+    from repblend_fast.engine.checkpoint import check_state
 
     cfg = preset("demo", pairs=4, batch_size=2)
     t = {

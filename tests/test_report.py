@@ -32,7 +32,7 @@ CAPTIONS = [
 NEG_ZERO = re.compile(r"(?<![\d.])-0(?:\.0+)?(?![.\d])")
 
 
-# A summary.json guard block (repblend_fast.guard_report.GuardReport.summary).
+# A summary.json guard block (repblend_fast.engine.guard_report.GuardReport.summary).
 GUARD = {
     "iterations": 6,
     "rejected": {"image": 1, "text": 0, "eta": 0, "sim": 0},

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from repblend_fast.similarity import (
+from repblend_fast.engine.similarity import (
     FullSimilarity,
     LowRankSimilarity,
     make_similarity,

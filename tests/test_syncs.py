@@ -7,7 +7,8 @@ depends on device values (``nonzero``, ``unique``, ``masked_select``, boolean-ma
 host-to-device copy (``.to("cuda")`` or ``torch.tensor(..., device="cuda")`` from pageable memory
 waits for the copy). Budget per iteration, exact and TESLA, ``Distiller.step`` and the step
 benchmark's ``FastRunner.iteration``: **one** read (the iteration's numbers, read back together)
-and **no** blocking copy (plans and snapshots travel with :func:`repblend_fast.transfer.to_device`:
+and **no** blocking copy (plans and snapshots travel with
+:func:`repblend_fast.engine.transfer.to_device`:
 pinned, non-blocking).
 
 How it is counted without a GPU: the step runs with its work on the ``meta`` device (shapes and
@@ -39,8 +40,8 @@ from test_distill import setup, small
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from repblend_fast import distill as distill_mod
-from repblend_fast.outer import OuterOptimizer
+from repblend_fast.engine import distill as distill_mod
+from repblend_fast.engine.outer import OuterOptimizer
 
 HOST, DEVICE = torch.device("cpu"), torch.device("meta")
 aten = torch.ops.aten

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from repblend_fast.engine.unroll import StepPlan, Unroller, UnrollSettings, make_unroller_for_lors
 from repblend_fast.models.heads import HeadSpec, init_head_flat
-from repblend_fast.unroll import StepPlan, Unroller, UnrollSettings, make_unroller_for_lors
 
 DT = torch.float64
 N, B, T = 7, 3, 3
@@ -51,7 +51,7 @@ def naive_wbce(a, b, s):
 
 
 class TinySim:
-    """Low-rank S = diag(a) + (alpha/r) L R^T, independent of repblend_fast.similarity."""
+    """Low-rank S = diag(a) + (alpha/r) L R^T, independent of repblend_fast.engine.similarity."""
 
     def __init__(self, n, r=2, alpha=0.7, seed=0):
         g = torch.Generator().manual_seed(seed)

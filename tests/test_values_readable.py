@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.func import grad, jvp, vmap
 
+from repblend_fast.engine.similarity import LowRankSimilarity
 from repblend_fast.ops import blend_pairs, contrastive_loss, trajectory_terms
 from repblend_fast.ops._dispatch import values_readable
-from repblend_fast.similarity import LowRankSimilarity
 
 
 def test_plain_tensors_are_readable():

@@ -18,6 +18,10 @@ Methods:
 ``random``, ``herding``,      N real pairs (coresets.py), one subset per seed; evaluated with the
 ``kcenter``                   symmetric InfoNCE at lr 0.1 (the stronger of the demo's two
                               random-subset protocols)
+``full``                      every training pair (the upper reference; filed under each N
+                              asked for, whatever N): symmetric InfoNCE, lr 0.1, ``FULL_EPOCHS``
+                              normal epochs as the demo's full-data baseline; distillation seed
+                              ``s`` uses evaluation seeds ``3s .. 3s + 2``
 ``repblend-exact``            the ``demo`` preset: RepBlend, exact meta-gradient, guard on
 ``repblend-tesla``            the same with the paper's TESLA meta-gradient
 ``repblend-noblend``          RepBlend without representation blending
@@ -58,7 +62,8 @@ DISTILLED = {
     "lors": {"method": "lors"},
     "mtt-vl": {"method": "mtt-vl"},
 }
-METHODS = (*CORESETS, *DISTILLED)
+METHODS = (*CORESETS, "full", *DISTILLED)
+FULL_EPOCHS = 10
 # RepBlend rows: the demo preset at this many iterations.
 REPBLEND_ITERATIONS = 300
 # Encoder-student rows (LoRS, MTT-VL, asymmetric RepBlend): DistillConfig overrides, and their
@@ -166,11 +171,27 @@ class Study:
         )
         return {"protocol": "symmetric InfoNCE, lr 0.1, identity targets", **res}
 
+    def full_row(self, seed: int) -> dict[str, Any]:
+        from repblend_fast.evaluate import evaluate_full_data
+
+        res = evaluate_full_data(
+            self.ftrain,
+            self.ftest,
+            dim=DIM,
+            epochs=FULL_EPOCHS,
+            seeds=[NUM_EVAL * seed + k for k in range(NUM_EVAL)],
+        )
+        return {
+            "protocol": f"every training pair, symmetric InfoNCE, lr 0.1, {FULL_EPOCHS} epochs",
+            "pairs_used": int(self.ftrain.txt.shape[0]),
+            **res,
+        }
+
     def distill_row(self, method: str, n: int, seed: int, workdir: Path) -> dict[str, Any]:
         from repblend_fast.config import preset
-        from repblend_fast.distill import DistillationStopped
+        from repblend_fast.engine.distill import DistillationStopped
+        from repblend_fast.engine.guard_report import read_guard
         from repblend_fast.evaluate import evaluate_distilled_set
-        from repblend_fast.guard_report import read_guard
         from repblend_fast.pipeline import distill
 
         over = dict(DISTILLED[method], pairs=n, seed=seed, iterations=REPBLEND_ITERATIONS)
@@ -208,10 +229,20 @@ class Study:
         return {**out, "eta_img": d.eta_img, "eta_txt": d.eta_txt, **res}
 
 
+def _load() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
 def run_row(study: Study, method: str, n: int, seed: int, out: Path, workdir: Path) -> dict:
+    load_start = _load()
     t_cpu, t_wall = time.process_time(), time.perf_counter()
     if method in CORESETS:
         body = study.coreset_row(method, n, seed)
+    elif method == "full":
+        body = study.full_row(seed)
     else:
         body = study.distill_row(method, n, seed, workdir)
     row = {
@@ -223,6 +254,8 @@ def run_row(study: Study, method: str, n: int, seed: int, out: Path, workdir: Pa
         "cpu_s": round(time.process_time() - t_cpu, 1),
         "wall_s": round(time.perf_counter() - t_wall, 1),
         "threads": torch.get_num_threads(),
+        "loadavg_start": load_start,  # 1, 5 and 15 min load averages before and after the row
+        "loadavg_end": _load(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
         "git": _git_sha(),
         **body,
@@ -259,6 +292,38 @@ def summarise(rows: list[dict]) -> dict[tuple[str, int], dict[str, Any]]:
     for c in cells.values():
         c["summary"] = mean_std(c["runs"]) if c["runs"] else None
     return cells
+
+
+def paired_differences(rows: list[dict], ref: str = "repblend-exact") -> list[dict[str, Any]]:
+    """Per (method, N): ``ref`` minus the method, seed by seed, over the distillation seeds both
+    ran to the end (same seed: same initial pairs and expert draws), with the mean and sample
+    std of those differences (held-out mean recall, best epoch)."""
+    import statistics
+
+    best: dict[tuple[str, int, int], float] = {}
+    for r in rows:
+        if "best" in r:
+            best[(r["method"], r["pairs"], r["seed"])] = r["best"]["mean"]["mean"]
+    out = []
+    for m in DISTILLED:
+        if m == ref:
+            continue
+        for n in sorted({k[1] for k in best}):
+            seeds = sorted(s for (mm, nn, s) in best if mm == m and nn == n and (ref, n, s) in best)
+            if not seeds:
+                continue
+            d = [best[(ref, n, s)] - best[(m, n, s)] for s in seeds]
+            out.append(
+                {
+                    "method": m,
+                    "pairs": n,
+                    "seeds": seeds,
+                    "differences": d,
+                    "mean": statistics.fmean(d),
+                    "std": statistics.stdev(d) if len(d) > 1 else None,
+                }
+            )
+    return out
 
 
 def _pm(summary: dict, key: str, runs: int) -> str:
@@ -309,6 +374,30 @@ def report(out: Path) -> str:
                 cols.append(_pm(s, k, len(c["runs"])) if s else "–")
             if any(col != "–" for col in cols):
                 lines.append(f"| {m} | " + " | ".join(cols) + " |")
+    diffs = paired_differences(rows)
+    if diffs:
+        lines += [
+            "",
+            "**Paired differences**: repblend-exact minus the method, held-out mean recall (best "
+            "epoch), seed by seed over the distillation seeds both ran; mean ± sample std.",
+            "",
+            "| method | N | seeds | per seed | mean ± std |",
+            "|---|---:|---|---|---:|",
+        ]
+        for p in diffs:
+            per = ", ".join(f"{x:+.1f}" for x in p["differences"])
+            spread = f" ± {p['std']:.1f}" if p["std"] is not None else ""
+            lines.append(
+                f"| {p['method']} | {p['pairs']} | {p['seeds']} | {per} | "
+                f"{p['mean']:+.1f}{spread} |"
+            )
+    loads = [r["loadavg_start"][0] for r in rows if r.get("loadavg_start")]
+    if loads:
+        lines += [
+            "",
+            f"Load average (1 min) at the start of the rows: {min(loads):.1f} to {max(loads):.1f}; "
+            f"threads {sorted({r['threads'] for r in rows})}; {rows[0]['machine']}.",
+        ]
     text = "\n".join(lines) + "\n"
     from repblend_fast.io import atomic_write_text
 
@@ -353,7 +442,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--out", required=True, help="folder of the row files (created)")
-    ap.add_argument("--dataset", default="emoji", help="embedded dataset (default: emoji)")
+    ap.add_argument(
+        "--dataset",
+        default="emoji",
+        help="emoji, or a Debian-package set: tuxpaint, openclipart, real, real-sentences "
+        "(default: emoji)",
+    )
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     ap.add_argument(
         "--budgets", default="99,199,499", help="comma-separated N (default: %(default)s)"

@@ -21,8 +21,10 @@ What is deliberately *not* reproduced (each would only make the baselines slower
 expert files from disk every iteration, dropout inside the unroll (off here, as in our default so
 that the gradients are comparable), pass-1 gradients built with ``create_graph``.
 
-The gradients equal those of :class:`repblend_fast.unroll.Unroller` with ``meta_grad="tesla"``
-(``share_encoder=True`` for RepBlend; :func:`repblend_fast.unroll.make_unroller_for_lors` for LoRS)
+The gradients equal those of :class:`repblend_fast.engine.unroll.Unroller` with
+``meta_grad="tesla"``
+(``share_encoder=True`` for RepBlend; :func:`repblend_fast.engine.unroll.make_unroller_for_lors`
+for LoRS)
 up to float rounding: ``tests/test_baselines.py`` checks it in float64.
 
 Expert buffers: ``{"image": [pieces_epoch0, pieces_epoch1, ...], "text": [...]}`` with each
@@ -97,7 +99,7 @@ class LowRankSim(nn.Module):
     """Learned soft targets ``S = diag(a) + (alpha / r) L Rᵀ`` (docs/algorithm.md §6), as a module.
 
     ``block(idx, params)`` also accepts a dict of tensors (so the same object can serve an
-    :class:`repblend_fast.unroll.Unroller`).
+    :class:`repblend_fast.engine.unroll.Unroller`).
     """
 
     def __init__(self, n: int, rank: int, alpha: float, generator=None, dtype=torch.float32):
@@ -319,7 +321,7 @@ class _AuthorsLoop:
         return float(loss)
 
     def grads(self) -> dict[str, torch.Tensor | None]:
-        """The leaves' gradients in :class:`repblend_fast.unroll.UnrollResult` naming."""
+        """The leaves' gradients in :class:`repblend_fast.engine.unroll.UnrollResult` naming."""
         out = {
             "x": self.image_syn.grad,
             "y": self.text_syn.grad,

@@ -8,7 +8,8 @@ and its peak memory for, on the same inputs:
   expert snapshots every iteration);
 * ``repblend-authors``: the RepBlend algorithm as its authors run it (eager fp32, TESLA, the frozen
   encoder run on every step's batch in both passes);
-* ``repblend-fast``: :class:`repblend_fast.unroll.Unroller` with ``share_encoder=True``, expert
+* ``repblend-fast``: :class:`repblend_fast.engine.unroll.Unroller` with ``share_encoder=True``,
+expert
   snapshots preloaded on the device, bf16 autocast of the encoder on a GPU; reported separately for
   ``meta_grad="exact"`` and ``"tesla"`` (``repblend-fast:exact`` / ``repblend-fast:tesla`` pick
   one);
@@ -16,8 +17,9 @@ and its peak memory for, on the same inputs:
 
 How memory is measured: :mod:`repblend_fast.bench.measure`.
 
-:func:`run_profile` runs the fast path with :class:`repblend_fast.profiling.ProfiledUnroller` and
-reports per-phase time and memory (optionally a ``torch.profiler`` chrome trace).
+:func:`run_profile` runs the fast path under :class:`repblend_fast.profiling.RangeProfiler`, which
+reads per-phase time and memory from the engine's ranges through ``torch.profiler`` (optionally
+writing its chrome trace).
 
 The results table (:func:`add_ratios`, :func:`format_step_table`) is
 :mod:`repblend_fast.bench.table`'s (importable from here too).
@@ -31,7 +33,6 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -214,7 +215,9 @@ def run_bench(
         ratios to the default ``repblend-fast`` rows and to the baselines, and the machine
         description (``device``, ``cpu``, ``gpu``, ``torch``, ``git_sha``, ...); fast records
         also hold ``compile``, ``memory_budget_mib``, ``autocast``, ``encoder_chunk``,
-        ``memory_plan`` and ``parity``.
+        ``memory_plan`` and ``parity``; with a warm-up, the accounting of the last warm-up
+        iteration (``saved_peak_mib``, ``state_mib``, ``predicted_peak_mib``, ``flops``,
+        ``peak_fraction``: :func:`repblend_fast.bench.measure.account_iteration`).
     """
     _check_shapes(shapes)
     _check_modes(host_allocator, isolate)
@@ -238,6 +241,11 @@ def run_bench(
         apply_host_allocator(host_allocator)
     with threads_scope(threads):
         records = _bench_all(shapes, todo, runs, variants, dev, opts)
+    return _finish(records, json_path, verbose)
+
+
+def _finish(records: list[dict], json_path: str | None, verbose: bool) -> list[dict]:
+    """Ratios, the JSON file and the tables; :class:`ParityError` when a configuration failed."""
     add_ratios(records)
     if json_path:
         atomic_write_json(records, json_path, indent=1)
@@ -509,7 +517,7 @@ def _profile_one(
 ) -> tuple[dict, str]:
     """One configuration's results entry and table (and the trace, if asked for)."""
     from repblend_fast.profiling import (
-        PhaseTimer,
+        RangeProfiler,
         format_profile_table,
         rss_mib,
         summarise_profiles,
@@ -517,13 +525,11 @@ def _profile_one(
 
     provider = "repblend-fast"
     inputs = build_step_inputs(shape, warmup + iterations, seed, methods=("repblend",))
-    timer = PhaseTimer(dev)
     runner = make_runner(
         inputs,
         provider,
         meta_grad,
         dev,
-        timer=timer,
         encoder_chunk=chunk,
         memory_budget_mib=memory_budget_mib,
     )
@@ -532,20 +538,15 @@ def _profile_one(
     for i in range(warmup):
         runner.iteration(i)
     before = torch.cuda.memory_allocated(dev) / 2**20 if dev.type == "cuda" else rss_mib()
-    prof_ctx = nullcontext()
-    if trace is not None:
-        acts = [torch.profiler.ProfilerActivity.CPU]
-        if dev.type == "cuda":
-            acts.append(torch.profiler.ProfilerActivity.CUDA)
-        prof_ctx = torch.profiler.profile(activities=acts)
-    with prof_ctx as prof:
+    # The phases are the engine's ranges, read back from torch.profiler.
+    with RangeProfiler(dev) as prof:
         for i in range(warmup, warmup + iterations):
-            with timer.step():
+            with prof.step():
                 runner.iteration(i)
     if trace is not None:
         Path(trace).parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(trace))
-    summary = summarise_profiles(timer.steps)
+    summary = summarise_profiles(prof.steps)
     mem = "peak MiB" if dev.type == "cuda" else "peak RSS MiB"
     title = f"{shape.name} — {shape.describe()}; {provider} ({meta_grad}) on {dev.type}"
     plan = runner.unroller.last_memory_plan
@@ -563,7 +564,7 @@ def _profile_one(
         "memory_budget_mib": memory_budget_mib,
         "memory_plan": plan.to_dict() if plan is not None else None,
         "summary": summary,
-        "steps": [s.to_dict() for s in timer.steps],
+        "steps": [s.to_dict() for s in prof.steps],
     }
     del runner
     gc.collect()

@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 
 from repblend_fast.bench.shapes import StepShape, make_encoder
+from repblend_fast.engine.step_plan import StepPlan
 from repblend_fast.models.flat import FlatSpec
 from repblend_fast.models.heads import init_head_flat
-from repblend_fast.step_plan import StepPlan
 
 __all__ = ["StepInputs", "build_step_inputs", "make_plans", "plan_to"]
 
@@ -44,7 +44,7 @@ class StepInputs:
 def make_plans(shape: StepShape, count: int, blend: bool, g: torch.Generator) -> list[StepPlan]:
     """``count`` unroll plans with ``blend`` and ``touched`` set, as the Distiller's sampler
     draws them; without ``blend`` the coefficients are 1 (LoRS does not blend)."""
-    from repblend_fast.sampling import BatchSampler
+    from repblend_fast.engine.sampling import BatchSampler
 
     sampler = BatchSampler(shape.pairs, shape.batch, g)
     out = []

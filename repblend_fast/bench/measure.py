@@ -241,7 +241,9 @@ def check_parity(
             del ref
             got = references.get(method)
             if got is None:
-                fast = FastRunner(inputs, method, "tesla", device, None, encoder_chunk)
+                fast = FastRunner(
+                    inputs, method, "tesla", device, None, encoder_chunk=encoder_chunk
+                )
                 got = fast.grads_at_start(fast.plans[0])
                 del fast
             errs[provider] = max(_rel_err(got[k], want[k]) for k in want)

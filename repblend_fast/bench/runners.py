@@ -3,7 +3,7 @@ iteration (meta-gradients and the optimiser step), ``grads(plan)`` only the meta
 the parity check).
 
 * ``lors-authors`` / ``repblend-authors``: :mod:`repblend_fast.bench.baselines`;
-* ``repblend-fast`` / ``lors-fast``: :class:`repblend_fast.unroll.Unroller` with
+* ``repblend-fast`` / ``lors-fast``: :class:`repblend_fast.engine.unroll.Unroller` with
   ``share_encoder=True``, snapshots preloaded on the device, bf16 autocast of the encoder on CUDA,
   optionally ``torch.compile`` (``compile``) and a memory budget (``memory_budget_mib``).
 
@@ -17,16 +17,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Iterable
-from contextlib import nullcontext
 
 import torch
 
 from repblend_fast.bench import baselines as authors
 from repblend_fast.bench.inputs import StepInputs, plan_to
 from repblend_fast.bench.shapes import default_encoder_chunk
+from repblend_fast.engine.ranges import phase
+from repblend_fast.engine.unroll import StepPlan, Unroller, UnrollSettings, make_unroller_for_lors
 from repblend_fast.methods import student_for_experts
 from repblend_fast.models.heads import HeadSpec
-from repblend_fast.unroll import StepPlan, Unroller, UnrollSettings, make_unroller_for_lors
 
 __all__ = [
     "DEFAULT_AUTOCAST",
@@ -53,8 +53,9 @@ _AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class FastRunner:
     """repblend_fast's path: Unroller + SGD-momentum, snapshots preloaded on the device.
 
-    ``timer`` (a :class:`repblend_fast.profiling.PhaseTimer`) switches to the phased Unroller, so
-    that the profiler times the same code the benchmark does. ``encoder_chunk`` defaults to
+    The step's phases are the engine's ranges (:mod:`repblend_fast.engine.ranges`; this runner adds
+    ``io`` and ``optimiser``), which :class:`repblend_fast.profiling.RangeProfiler` reads, so the
+    profiler times the very code the benchmark does. ``encoder_chunk`` defaults to
     ``DistillConfig``'s. ``compile`` and ``memory_budget_mib`` are ``DistillConfig``'s fields.
     ``dtype``: the runner's working precision (float64 for the parity yardstick; the encoder is
     then a float64 copy, the inputs' own stays as it is).
@@ -67,20 +68,18 @@ class FastRunner:
         meta_grad: str,
         device: torch.device,
         autocast: torch.dtype | None,
-        timer=None,
         encoder_chunk: int | None = None,
         *,
         compile: str = "none",
         memory_budget_mib: float = 0,
         dtype: torch.dtype = torch.float32,
     ):
-        from repblend_fast.similarity import LowRankSimilarity
+        from repblend_fast.engine.similarity import LowRankSimilarity
 
         sh = inputs.shape
         self.provider = f"{method}-fast"
         self.meta_grad = meta_grad
         self.device = device
-        self.timer = timer
         self.method = method
         self.kind = student_for_experts(method)
         self.autocast = autocast
@@ -105,7 +104,7 @@ class FastRunner:
         self._specs = (HeadSpec(inputs.d_feat, sh.dim), HeadSpec(sh.d_txt, sh.dim))
         if not self.kind.frozen_encoder:
             self._specs = (None, HeadSpec(sh.d_txt, inputs.d_feat))
-        self.unroller = self._make_unroller(settings, timer)
+        self.unroller = self._make_unroller(settings)
         self._reference: Unroller | None = None
         if self.kind.frozen_encoder:
             snaps = inputs.repblend
@@ -131,15 +130,10 @@ class FastRunner:
             "sim": {k: v.clone() for k, v in self.sim.items()},
         }
 
-    def _make_unroller(self, settings: UnrollSettings, timer=None) -> Unroller:
+    def _make_unroller(self, settings: UnrollSettings) -> Unroller:
         if not self.kind.frozen_encoder:
             return make_unroller_for_lors(settings, self.encoder, self._specs[1], self._sim)
-        cls, kw = Unroller, {}
-        if timer is not None:
-            from repblend_fast.profiling import ProfiledUnroller
-
-            cls, kw = ProfiledUnroller, {"timer": timer}
-        return cls(settings, self.encoder, *self._specs, self._sim, **kw)
+        return Unroller(settings, self.encoder, *self._specs, self._sim)
 
     def settings(self) -> dict:
         """The configuration as the benchmark records it."""
@@ -151,7 +145,7 @@ class FastRunner:
         }
 
     def _phase(self, name: str):
-        return self.timer.phase(name) if self.timer is not None else nullcontext()
+        return phase(name)
 
     def grads(self, plan: StepPlan) -> dict[str, torch.Tensor]:
         plan = plan_to(plan, self.device)
@@ -316,7 +310,6 @@ def make_runner(
     provider: str,
     meta_grad: str,
     device: str | torch.device,
-    timer=None,
     encoder_chunk: int | None = None,
     *,
     compile: str = "none",
@@ -339,7 +332,6 @@ def make_runner(
         meta_grad,
         device,
         _autocast_dtype(autocast, device),
-        timer,
         encoder_chunk,
         compile=compile,
         memory_budget_mib=memory_budget_mib,

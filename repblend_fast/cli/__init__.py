@@ -157,9 +157,9 @@ def _join(args) -> tuple:
 
 def _collective(exc: BaseException) -> bool:
     """Failures every rank meets at the same point (decided on values all ranks share)."""
-    from repblend_fast.checkpoint import RunInterrupted
-    from repblend_fast.distill import DistillationStopped
     from repblend_fast.distributed import RanksDiverged
+    from repblend_fast.engine.checkpoint import RunInterrupted
+    from repblend_fast.engine.distill import DistillationStopped
 
     return isinstance(exc, (DistillationStopped, RunInterrupted, KeyboardInterrupt, RanksDiverged))
 
@@ -187,9 +187,9 @@ def _classify(exc: BaseException, command: str = "") -> tuple[int | None, str]:
     """``(exit status, one-line message)`` of an exception that ends a command."""
     if isinstance(exc, CLIError):  # before the imports below: a bad flag never waits for torch
         return 2, f"error: {exc}"
-    from repblend_fast.checkpoint import RunInterrupted
-    from repblend_fast.distill import DistillationStopped
     from repblend_fast.distributed import DistributedError, PeerFailed
+    from repblend_fast.engine.checkpoint import RunInterrupted
+    from repblend_fast.engine.distill import DistillationStopped
     from repblend_fast.io import IntegrityError
     from repblend_fast.locks import LockHeldError
 

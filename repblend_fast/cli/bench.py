@@ -63,6 +63,11 @@ def _add_common(p: argparse.ArgumentParser, chunk_default: str) -> None:
 
 def register(sub) -> None:
     """Add the ``bench`` and ``profile`` subcommands to the subparsers object ``sub``."""
+    _register_bench(sub)
+    _register_profile(sub)
+
+
+def _register_bench(sub) -> None:
     from repblend_fast.bench import DEFAULT_PROVIDERS, PROVIDERS
     from repblend_fast.bench.runners import DEFAULT_AUTOCAST
 
@@ -144,6 +149,8 @@ def register(sub) -> None:
     )
     b.set_defaults(func=cmd_bench)
 
+
+def _register_profile(sub) -> None:
     p = add_parser(
         sub,
         "profile",
@@ -187,8 +194,8 @@ def register(sub) -> None:
         "--trace",
         default=None,
         metavar="FILE",
-        help="write a torch.profiler chrome trace of the first configuration's profiled steps "
-        "there (without it: no trace)",
+        help="write the Chrome trace (JSON) of the first configuration's profiled steps there, "
+        "with the engine's repblend:<phase> ranges (without it: no trace)",
     )
     p.add_argument(
         "--json",

@@ -57,7 +57,8 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dataset",
         default="emoji",
-        help="emoji (embedded), tuxpaint, openclipart, flickr30k, coco or generic",
+        help="emoji (embedded), tuxpaint, openclipart, real, real-sentences (Debian packages), "
+        "flickr30k, coco or generic",
     )
     g.add_argument(
         "--annotation",
@@ -75,7 +76,7 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
         "--image-size",
         type=int,
         default=None,
-        help="image resolution in pixels (default: 64 for emoji, 96 for tuxpaint/openclipart, "
+        help="image resolution in pixels (default: 64 for emoji, 96 for the Debian-package sets, "
         "else the image encoder's input size)",
     )
     g.add_argument(

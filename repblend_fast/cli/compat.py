@@ -329,9 +329,9 @@ def _register_import_distilled(sub) -> None:
 
 
 def cmd_import_distilled(args) -> int:
-    from repblend_fast.checkpoint import CHECKSUMS
     from repblend_fast.compat import AuthorsBufferError, import_distilled
     from repblend_fast.config import DistillConfig
+    from repblend_fast.engine.checkpoint import CHECKSUMS
     from repblend_fast.locks import FolderLock
     from repblend_fast.methods import get_method
 

@@ -356,7 +356,7 @@ def resumed_config(args, cfg: DistillConfig) -> DistillConfig:
 def _check_out(args, out_flag: str) -> None:
     """``--out``: a folder, holding a run only with --resume or --overwrite (checked before the
     data and encoders load; the pipeline checks again under the folder's lock)."""
-    from repblend_fast.checkpoint import check_run_folder
+    from repblend_fast.engine.checkpoint import check_run_folder
 
     check_out_folder(args.out, out_flag)
     try:
@@ -369,7 +369,7 @@ def _check_out(args, out_flag: str) -> None:
 
 def cmd_distill(args) -> int:
     cfg = config_from_args(args)
-    from repblend_fast.guard_report import read_guard, summary_line
+    from repblend_fast.engine.guard_report import read_guard, summary_line
 
     if args.resume:
         cfg = resumed_config(args, cfg)
@@ -396,7 +396,7 @@ def run_distill(
     distil without a run folder and start from rank 0's state (docs/distributed.md).
     """
     from repblend_fast import distributed
-    from repblend_fast.distill import DistillationStopped
+    from repblend_fast.engine.distill import DistillationStopped
     from repblend_fast.pipeline import distill
 
     flag = {"experts": "--experts", "pairs": "--pairs", **(flags or {})}

@@ -5,7 +5,7 @@ Their expert buffers, distilled checkpoints and distillation command lines work 
 - :func:`import_authors_buffers` turns a folder of ``img_replay_buffer_<n>.pt`` /
   ``txt_replay_buffer_<n>.pt`` into an expert store (:func:`load_authors_buffers` streams the
   experts instead; :func:`buffer_layout` declares the architecture they are checked against);
-- :func:`export_authors_checkpoint` writes a :class:`~repblend_fast.distill.DistilledSet` as
+- :func:`export_authors_checkpoint` writes a :class:`~repblend_fast.engine.distill.DistilledSet` as
   their ``distilled_<it>.pt``, :func:`import_distilled` reads one back;
 - :func:`parse_authors_flags` maps their distillation flags onto a
   :class:`~repblend_fast.config.DistillConfig` and run settings (table: :func:`flag_table`).

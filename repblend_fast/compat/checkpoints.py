@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from repblend_fast.compat.buffers import AuthorsBufferError, safe_torch_load
-from repblend_fast.distill import DistilledSet
+from repblend_fast.engine.distill import DistilledSet
 
 __all__ = [
     "AUTHORS_CHECKPOINT_KEYS",

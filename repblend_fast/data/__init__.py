@@ -7,8 +7,10 @@
 name           keyword arguments
 =============  ==============================================================================
 emoji          ``n_test=300, seed=0``
-tuxpaint       ``n_test=100, seed=0, root=None``
-openclipart    ``n_test=500, seed=0, root=None``
+tuxpaint       ``n_test=100, seed=0, root=None, letters=False``
+openclipart    ``n_test=500, seed=0, root=None, captions="any"``
+real           ``n_test=500, seed=0, captions="any"``: tuxpaint + openclipart
+real-sentences ``n_test=150, seed=0``: tuxpaint + openclipart's sentence-like descriptions
 flickr30k      ``annotation`` (file or folder), ``image_root``, ``max_words=30, check_images``
 coco           same as flickr30k
 generic        ``annotations``, ``image_root=None``, ``n_test=None, seed=0``, loader options
@@ -31,12 +33,23 @@ from repblend_fast.data.embedded import (
     load_embedded_images,
     load_emoji,
     load_openclipart,
+    load_real,
+    load_real_sentences,
     load_tuxpaint,
 )
 from repblend_fast.data.generic import load_generic
 from repblend_fast.data.karpathy import load_coco, load_flickr30k, load_karpathy, normalize_caption
 
-DATASETS = ("emoji", "tuxpaint", "openclipart", "flickr30k", "coco", "generic")
+DATASETS = (
+    "emoji",
+    "tuxpaint",
+    "openclipart",
+    "real",
+    "real-sentences",
+    "flickr30k",
+    "coco",
+    "generic",
+)
 
 
 def get_dataset(name: str, split: str = "train", **kw: Any) -> PairDataset:
@@ -50,6 +63,10 @@ def get_dataset(name: str, split: str = "train", **kw: Any) -> PairDataset:
         return load_tuxpaint(split, **kw)
     if name == "openclipart":
         return load_openclipart(split, **kw)
+    if name == "real":
+        return load_real(split, **kw)
+    if name == "real-sentences":
+        return load_real_sentences(split, **kw)
     if name in ("flickr30k", "coco"):
         for req in ("annotation", "image_root"):
             if req not in kw:
@@ -89,6 +106,8 @@ __all__ = [
     "load_generic",
     "load_karpathy",
     "load_openclipart",
+    "load_real",
+    "load_real_sentences",
     "load_tuxpaint",
     "normalize_caption",
     "split_pairs",

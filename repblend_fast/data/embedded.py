@@ -7,12 +7,18 @@
   U+FE0F): 1,914 pairs with ``emoji`` 2.16.
 * ``tuxpaint``: Tux Paint stamps (Debian ``tuxpaint-stamps-default``, GPL-2), read from
   ``/usr/share/tuxpaint/stamps`` at run time and never copied: each ``NAME.png`` with a ``NAME.txt``
-  whose first line is an English sentence ("A great blue heron."). SVG-only stamps are skipped.
+  whose first line is an English sentence ("A great blue heron."). SVG-only stamps are skipped,
+  and so are the letter stamps unless ``letters=True``.
 * ``openclipart``: Open Clip Art PNGs (Debian ``openclipart-png``, public domain) under
-  ``/usr/share/openclipart/png``; the caption is built from the file name (the package ships no
-  other title), prefixed by the folder: ``png/animals/birds/penguin/tux_01.png`` ->
-  ``"penguin: tux"``. File names often end in a truncated author name, so captions are noisy; a
-  file name filed under several folders is kept once (deepest folder).
+  ``/usr/share/openclipart/png``, each paired with the SVG at the same path under ``svg/``
+  (Debian ``openclipart-svg``), whose ``cc:Work`` metadata gives the caption: the description
+  when it reads as a sentence, else the title, else a short description, each cleaned by
+  :mod:`repblend_fast.data.captions` (markup, URLs, e-mail, licence and tool boilerplate and
+  placeholders removed). A caption on more than :data:`OPENCLIPART_MAX_SHARED` pictures is a
+  collection label ("Part of the Flat Icon Collection") and not used; a picture filed in several
+  folders is kept once. Many titles are not English (Italian, French), so these captions are
+  noisier than Tux Paint's; ``captions="description"`` keeps the sentences only.
+* ``real`` / ``real-sentences``: the two together (all captions / sentences only).
 
 Every dataset is split deterministically (a seeded ``torch.Generator`` permutation) **by caption**:
 images that share a caption text stay on one side, so no caption appears in both train and test.
@@ -21,15 +27,19 @@ images that share a caption text stay on one side, so no caption appears in both
 from __future__ import annotations
 
 import functools
-import re
+import hashlib
+import os
+import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from repblend_fast.data.base import PairDataset, split_pairs
+from repblend_fast.data.captions import clean_caption, clean_title, sentence_like
 
 TUXPAINT_DIR = Path("/usr/share/tuxpaint/stamps")
-OPENCLIPART_DIR = Path("/usr/share/openclipart/png")
+OPENCLIPART_DIR = Path("/usr/share/openclipart")
 _SKIN_TONES = {chr(c) for c in range(0x1F3FB, 0x1F400)}
 TWEMOJI_ATTRIBUTION = (
     "Twemoji graphics: Copyright Twitter, Inc. and other contributors, licensed CC-BY 4.0 "
@@ -158,9 +168,14 @@ def load_tuxpaint(
     seed: int = 0,
     *,
     root: str | Path | None = None,
+    letters: bool = False,
 ) -> PairDataset:
     """Tux Paint stamps with their English description sentences; ``split`` in
-    ``train | test | all`` (split by caption, ``n_test`` caption groups held out)."""
+    ``train | test | all`` (split by caption, ``n_test`` caption groups held out).
+
+    The letter stamps under ``alphabets/`` ("The sign for the letter D in American Sign
+    Language.", 158 of them) are one template sentence with one letter changed, a character
+    recognition task rather than captions; they are left out unless ``letters=True``."""
     base = Path(root) if root is not None else TUXPAINT_DIR
     if not base.is_dir():
         raise _missing("Tux Paint stamps", base, "tuxpaint-stamps-default")
@@ -169,6 +184,8 @@ def load_tuxpaint(
         png = txt.with_suffix(".png")
         if not png.is_file():
             continue  # SVG-only stamp (PIL cannot read SVG) or a stray text file
+        if not letters and "alphabets" in txt.relative_to(base).parts[:-1]:
+            continue
         cap = _first_line(txt)
         if cap:
             pairs.append((png.relative_to(base).as_posix(), cap))
@@ -181,26 +198,110 @@ def load_tuxpaint(
         captions=[p[1] for p in pairs],
         cap2img=torch.arange(len(pairs)),
         root=base,
-        meta={"source": "Debian tuxpaint-stamps-default", "license": "GPL-2"},
+        meta={
+            "source": "Debian tuxpaint-stamps-default",
+            "license": "GPL-2",
+            "letters": letters,
+        },
     )
     return _pick_split(full, split, n_test, seed)
 
 
 # ----------------------------------------------------------------------------- open clip art
-_TRAILING_NUM = re.compile(r"[_\-\s]*\d+[a-z]?$")
-_SEP = re.compile(r"[_\-+]+")
+OPENCLIPART_MAX_SHARED = 3  # a caption text on more images than this is a collection label
+_DC = "{http://purl.org/dc/elements/1.1/}"
+_CC = "{http://web.resource.org/cc/}"
 
 
-def openclipart_caption(rel_path: str) -> str:
-    """Caption of an Open Clip Art PNG from its path: ``"<folder>: <file name words>"`` with the
-    trailing version number removed (``animals/birds/penguin/tux_01.png`` -> ``"penguin: tux"``)."""
-    p = Path(rel_path)
-    stem = _TRAILING_NUM.sub("", p.stem)
-    words = " ".join(_SEP.sub(" ", stem).split())
-    folder = " ".join(_SEP.sub(" ", p.parent.name).split())
-    if sum(ch.isalpha() for ch in words) < 3:
-        return ""
-    return f"{folder}: {words}" if folder else words
+def openclipart_metadata(svg: str | Path | bytes) -> tuple[str, str, str]:
+    """``(title, description, creator)`` of an Open Clip Art SVG, raw: the ``dc:title``,
+    ``dc:description`` and ``dc:creator`` agent title of its ``cc:Work`` (the work's own title,
+    not the publisher's or creator's, which carry titles of their own). Empty strings for a file
+    without them or that does not parse."""
+    data = svg if isinstance(svg, bytes) else Path(svg).read_bytes()
+    try:
+        root = ET.fromstring(data)
+    except ET.ParseError:
+        return "", "", ""
+    work = next(root.iter(_CC + "Work"), None)
+    if work is None:
+        return "", "", ""
+
+    def text(el) -> str:
+        return "" if el is None else "".join(el.itertext())
+
+    creator = work.find(f"{_DC}creator/{_CC}Agent/{_DC}title")
+    return text(work.find(_DC + "title")), text(work.find(_DC + "description")), text(creator)
+
+
+def openclipart_candidates(title: str, description: str, creator: str = "") -> list[str]:
+    """Caption candidates of one picture, best first: its description when sentence-like
+    (:func:`~repblend_fast.data.captions.sentence_like`), its title, its description when
+    short; all cleaned, without the creator's name (some titles are the author's name) or
+    repeats."""
+    desc = clean_caption(description)
+    who = " ".join(creator.lower().split())
+    out: list[str] = []
+    for cand in (sentence_like(desc), clean_title(title), desc):
+        if cand and cand not in out and " ".join(cand.lower().split()) != who:
+            out.append(cand)
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _openclipart_all(base: Path, caption_source: str) -> PairDataset:
+    png_dir, svg_dir = base / "png", base / "svg"
+    if not png_dir.is_dir():
+        raise _missing("Open Clip Art PNGs", png_dir, "openclipart-png openclipart-svg")
+    if not svg_dir.is_dir():
+        raise _missing("Open Clip Art SVGs", svg_dir, "openclipart-png openclipart-svg")
+    # The package files some pictures under several folders (copies or symbolic links): keep one
+    # per content, the one in the most specific (deepest) folder, so the same picture cannot land
+    # on both sides of a split.
+    best: dict[str, Path] = {}
+    unpaired = 0
+    for png in sorted(png_dir.rglob("*.png")):
+        rel = png.relative_to(png_dir)
+        if not (svg_dir / rel).with_suffix(".svg").is_file():
+            unpaired += 1
+            continue
+        digest = hashlib.sha1(png.read_bytes()).hexdigest()
+        prev = best.get(digest)
+        if prev is None or len(rel.parts) > len(prev.parts):
+            best[digest] = rel
+    rels = sorted(best.values(), key=lambda r: r.as_posix())
+    cands = []
+    for rel in rels:
+        title, desc, creator = openclipart_metadata((svg_dir / rel).with_suffix(".svg"))
+        cs = openclipart_candidates(title, desc, creator)
+        if caption_source == "description":
+            cs = [c for c in cs[:1] if c == sentence_like(clean_caption(desc))]
+        cands.append((rel, cs, desc))
+    n_used = Counter(c for _, cs, _ in cands for c in cs)
+    pairs, from_desc = [], 0
+    for rel, cs, desc in cands:
+        cap = next((c for c in cs if n_used[c] <= OPENCLIPART_MAX_SHARED), None)
+        if cap is not None:
+            pairs.append((("png" / rel).as_posix(), cap))
+            from_desc += cap == clean_caption(desc) or cap == sentence_like(clean_caption(desc))
+    if not pairs:
+        raise _missing("captioned Open Clip Art images", base, "openclipart-png openclipart-svg")
+    return PairDataset(
+        name="openclipart" if caption_source == "any" else "openclipart-descriptions",
+        split="all",
+        images=[p[0] for p in pairs],
+        captions=[p[1] for p in pairs],
+        cap2img=torch.arange(len(pairs)),
+        root=base,
+        meta={
+            "source": "Debian openclipart-png + openclipart-svg (SVG metadata)",
+            "license": "public domain",
+            "captions_from_description": from_desc,
+            "captions_from_title": len(pairs) - from_desc,
+            "distinct_pictures": len(rels),
+            "png_without_svg": unpaired,
+        },
+    )
 
 
 def load_openclipart(
@@ -209,40 +310,77 @@ def load_openclipart(
     seed: int = 0,
     *,
     root: str | Path | None = None,
+    captions: str = "any",
 ) -> PairDataset:
-    """Open Clip Art PNGs with captions from their file names; ``split`` in
-    ``train | test | all`` (split by caption)."""
+    """Open Clip Art PNGs captioned from the metadata of the SVG at the same path; ``split`` in
+    ``train | test | all`` (split by caption). ``root`` is the folder holding ``png/`` and
+    ``svg/`` (default ``/usr/share/openclipart``). ``captions="any"``: a sentence-like
+    description, else the title; ``"description"``: only images with a sentence-like
+    description. Captions go through :func:`~repblend_fast.data.captions.clean_caption`; a
+    caption shared by more than :data:`OPENCLIPART_MAX_SHARED` pictures (a collection label such
+    as "Part of the Flat Icon Collection") is not used."""
+    if captions not in ("any", "description"):
+        raise ValueError(f"captions must be 'any' or 'description', got {captions!r}")
     base = Path(root) if root is not None else OPENCLIPART_DIR
     if not base.is_dir():
-        raise _missing("Open Clip Art PNGs", base, "openclipart-png")
-    # The package files some images under several folders: keep one copy per file name, the one in
-    # the most specific (deepest) folder, so the same picture cannot land on both split sides.
-    best: dict[str, str] = {}
-    for png in sorted(base.rglob("*.png")):
-        rel = png.relative_to(base).as_posix()
-        prev = best.get(png.name)
-        if prev is None or rel.count("/") > prev.count("/"):
-            best[png.name] = rel
-    pairs = []
-    for rel in sorted(best.values()):
-        cap = openclipart_caption(rel)
-        if cap:
-            pairs.append((rel, cap))
-    if not pairs:
-        raise _missing("Open Clip Art PNGs", base, "openclipart-png")
+        raise _missing("Open Clip Art", base, "openclipart-png openclipart-svg")
+    return _pick_split(_openclipart_all(base.resolve(), captions), split, n_test, seed)
+
+
+# ------------------------------------------------------------------------------ union
+def load_real(
+    split: str = "train",
+    n_test: int | float = 500,
+    seed: int = 0,
+    *,
+    captions: str = "any",
+    tuxpaint_root: str | Path | None = None,
+    openclipart_root: str | Path | None = None,
+    letters: bool = False,
+) -> PairDataset:
+    """Every human-written caption of the two Debian sources in one set: the Tux Paint stamps
+    followed by the Open Clip Art pictures (``captions`` as in :func:`load_openclipart`;
+    ``"description"`` keeps only sentences on both sides). Image paths are relative to the
+    sources' common folder (``/usr/share``); split by caption across both sources, so a caption
+    found in both sits on one side."""
+    tux = load_tuxpaint("all", root=tuxpaint_root, letters=letters)
+    oc = load_openclipart("all", root=openclipart_root, captions=captions)
+    roots = [Path(tux.root).resolve(), Path(oc.root).resolve()]
+    common = Path(os.path.commonpath(roots))
+    images = [
+        (r / p).relative_to(common).as_posix() for r, ds in zip(roots, (tux, oc)) for p in ds.images
+    ]
     full = PairDataset(
-        name="openclipart",
+        name="real" if captions == "any" else "real-sentences",
         split="all",
-        images=[p[0] for p in pairs],
-        captions=[p[1] for p in pairs],
-        cap2img=torch.arange(len(pairs)),
-        root=base,
-        meta={"source": "Debian openclipart-png", "license": "public domain"},
+        images=images,
+        captions=tux.captions + oc.captions,
+        cap2img=torch.cat([tux.cap2img, oc.cap2img + tux.num_images]),
+        root=common,
+        meta={
+            "source": "Debian tuxpaint-stamps-default + openclipart-png/-svg",
+            "license": "GPL-2 (Tux Paint stamps) and public domain (Open Clip Art)",
+            "tuxpaint_pairs": tux.num_captions,
+            "openclipart_pairs": oc.num_captions,
+            "captions": captions,
+        },
     )
     return _pick_split(full, split, n_test, seed)
 
 
-EMBEDDED = {"emoji": load_emoji, "tuxpaint": load_tuxpaint, "openclipart": load_openclipart}
+def load_real_sentences(split: str = "train", n_test: int | float = 150, seed: int = 0, **kw):
+    """:func:`load_real` with sentences only: Tux Paint plus the Open Clip Art pictures whose
+    description is sentence-like."""
+    return load_real(split, n_test, seed, captions="description", **kw)
+
+
+EMBEDDED = {
+    "emoji": load_emoji,
+    "tuxpaint": load_tuxpaint,
+    "openclipart": load_openclipart,
+    "real": load_real,
+    "real-sentences": load_real_sentences,
+}
 
 
 def load_embedded_images(

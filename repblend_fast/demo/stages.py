@@ -112,7 +112,7 @@ def stage_experts(run: DemoRun, method: str) -> None:
 
 def stage_distill(run: DemoRun, method: str) -> None:
     """Distil ``method``'s set into ``out/<method>`` and summarise its matching loss."""
-    from repblend_fast.guard_report import read_guard, summary_line
+    from repblend_fast.engine.guard_report import read_guard, summary_line
     from repblend_fast.pipeline import distill
     from repblend_fast.report import read_jsonl
 

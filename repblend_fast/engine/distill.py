@@ -1,13 +1,14 @@
 """The outer distillation loop (docs/algorithm.md §4): :class:`Distiller`.
 
 One iteration: pick a trajectory (expert, start epoch), draw the unroll's batches, blending
-coefficients and permutations, run :class:`repblend_fast.unroll.Unroller`, and take one SGD-momentum
+coefficients and permutations, run :class:`repblend_fast.engine.unroll.Unroller`, and take one
+SGD-momentum
 step on the synthetic images, texts, student learning rates and similarity parameters.
 
 Every random draw comes from one explicit ``torch.Generator`` seeded from the config; its state,
 the batch sampler, the expert order and the momentum buffers are all in the checkpoint, so a
 resumed run continues bit-for-bit. Saving and restoring that state, and the run folder's other
-files, are :class:`repblend_fast.distill_state.DistillerState`'s; the product of a run,
+files, are :class:`repblend_fast.engine.distill_state.DistillerState`'s; the product of a run,
 :class:`DistilledSet`, is :mod:`repblend_fast.distilled_set`'s (importable from here too).
 """
 
@@ -25,21 +26,22 @@ import torch
 import torch.nn as nn
 
 from repblend_fast import distributed
-from repblend_fast.checkpoint import DISTILLED, SUMMARY, RunInterrupted, StopOnSignal
 from repblend_fast.config import DistillConfig
-from repblend_fast.distill_state import DistillerState
 from repblend_fast.distilled_set import DistilledSet
-from repblend_fast.guard_report import GuardReport, probe_point
+from repblend_fast.engine.checkpoint import DISTILLED, SUMMARY, RunInterrupted, StopOnSignal
+from repblend_fast.engine.distill_state import DistillerState
+from repblend_fast.engine.guard_report import GuardReport, probe_point
+from repblend_fast.engine.outer import CLIPPED_GROUPS, GROUPS, OuterOptimizer
+from repblend_fast.engine.ranges import phase
+from repblend_fast.engine.sampling import IterationSampler
+from repblend_fast.engine.transfer import to_device
+from repblend_fast.engine.unroll import StepPlan, Unroller, UnrollSettings
 from repblend_fast.io import json_bytes
 from repblend_fast.models.heads import HeadSpec
-from repblend_fast.outer import CLIPPED_GROUPS, GROUPS, OuterOptimizer
-from repblend_fast.sampling import IterationSampler
 from repblend_fast.stats import median
 from repblend_fast.threads import set_threads
-from repblend_fast.transfer import to_device
-from repblend_fast.unroll import StepPlan, Unroller, UnrollSettings
 
-logger = logging.getLogger("repblend_fast.distill")
+logger = logging.getLogger("repblend_fast.engine.distill")
 
 _AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -149,7 +151,7 @@ class Distiller(DistillerState):
         cfg = self.cfg
         if cfg.similarity == "none":
             return None
-        from repblend_fast.similarity import FullSimilarity, LowRankSimilarity
+        from repblend_fast.engine.similarity import FullSimilarity, LowRankSimilarity
 
         if cfg.similarity == "lowrank":
             return LowRankSimilarity(cfg.pairs, cfg.sim_rank, cfg.sim_alpha, generator=self.g)
@@ -241,17 +243,19 @@ class Distiller(DistillerState):
         draws = self.sampler.draw()  # all K trajectories, on every rank
         picks = [(e, t) for e, t, _ in draws]
         starts, targets, plans = [], [], []
-        for e, t, plan in self._dist.mine(draws):  # this rank's share (torchrun)
-            start, target = self._snapshots(e, t)
-            starts.append(start)
-            targets.append(target)
-            plans.append(plan)
+        with phase("io"):
+            for e, t, plan in self._dist.mine(draws):  # this rank's share (torchrun)
+                start, target = self._snapshots(e, t)
+                starts.append(start)
+                targets.append(target)
+                plans.append(plan)
         losses, grads = self._meta_gradients(starts, targets, plans)
         # Under torchrun, one all-reduce: the means over all K trajectories.
         losses, grads, synced = self._dist.average(losses, grads)
         loss, loss_img, loss_txt = losses
         check = self._grad_check(loss, grads, starts, targets, plans)
-        stats = self.opt.step(grads, loss)
+        with phase("optimiser"):
+            stats = self.opt.step(grads, loss)
         vals = read_back(
             {
                 "loss": loss,
@@ -425,7 +429,8 @@ class Distiller(DistillerState):
         With an ``out_dir``, the run holds the folder's lock (a second writer gets
         ``LockHeldError``), removes temporary files a killed writer left, and records every file
         it writes in ``checksums.json``. SIGINT/SIGTERM let the current iteration finish, write
-        a checkpoint and raise :class:`~repblend_fast.checkpoint.RunInterrupted` (``--resume``
+        a checkpoint and raise :class:`~repblend_fast.engine.checkpoint.RunInterrupted`
+        (``--resume``
         continues bit for bit); a second signal stops at once.
         """
         from tqdm.auto import tqdm

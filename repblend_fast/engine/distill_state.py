@@ -4,7 +4,7 @@ What a run saves and restores to continue bit-for-bit (:meth:`~DistillerState.st
 :meth:`~DistillerState.save_checkpoint`, :meth:`~DistillerState.load_checkpoint`) and what it
 writes into its folder besides (``config.json``, ``metrics.jsonl``, ``checksums.json``; the
 Distiller adds ``summary.json`` at the end). The file formats and their checks are
-:mod:`repblend_fast.checkpoint`'s.
+:mod:`repblend_fast.engine.checkpoint`'s.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from repblend_fast.checkpoint import (
+from repblend_fast.engine.checkpoint import (
     CHECKPOINT,
     CONFIG,
     METRICS,
@@ -27,11 +27,11 @@ from repblend_fast.checkpoint import (
     read_metrics_for_resume,
     write_checkpoint,
 )
-from repblend_fast.guard_report import GuardReport
+from repblend_fast.engine.guard_report import GuardReport
 
 
 class DistillerState:
-    """Checkpoint and run-folder methods of :class:`repblend_fast.distill.Distiller`.
+    """Checkpoint and run-folder methods of :class:`repblend_fast.engine.distill.Distiller`.
 
     A mixin: it reads the distiller's ``cfg``, ``out_dir``, ``store``, leaves (``x``, ``y``,
     ``eta_img``, ``eta_txt``, ``sim_params``, ``_params()``), generator ``g``, ``sampler``,

@@ -3,7 +3,7 @@
 :func:`plan_memory` chooses ``keep`` (touched images whose encoder graph is kept from the forward
 to the VJP), ``chunk`` (the others are re-encoded that many at a time during the VJP) and, in exact
 mode, ``checkpoint_steps``, from the per-image encoder-graph size that
-:func:`measure_image_graph_mib` measures. :class:`repblend_fast.unroll.Unroller` calls both
+:func:`measure_image_graph_mib` measures. :class:`repblend_fast.engine.unroll.Unroller` calls both
 (``Unroller.memory_plan``, ``Unroller.image_graph_mib``) and follows the plan.
 """
 
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from repblend_fast.engine.step_plan import StepPlan
 from repblend_fast.methods import student_for_experts
-from repblend_fast.step_plan import StepPlan
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def plan_memory(
     transient buffers of each operation (benchmarks/README.md measures both).
 
     Args:
-        s: the unroll's settings (``repblend_fast.unroll.UnrollSettings``: method,
+        s: the unroll's settings (``repblend_fast.engine.unroll.UnrollSettings``: method,
             share_encoder, meta_grad, checkpoint_steps, encoder_chunk, memory_budget_mib).
         x: the synthetic images ``[N, 3, H, W]``.
         touched: U, the number of distinct images the plan touches.

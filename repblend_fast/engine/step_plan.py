@@ -1,7 +1,7 @@
 """StepPlan: the random draws of one iteration, as the unroll reads them (docs/algorithm.md §4).
 
-Drawn by :class:`repblend_fast.sampling.IterationSampler`, unrolled by
-:class:`repblend_fast.unroll.Unroller`.
+Drawn by :class:`repblend_fast.engine.sampling.IterationSampler`, unrolled by
+:class:`repblend_fast.engine.unroll.Unroller`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from repblend_fast.transfer import to_device
+from repblend_fast.engine.transfer import to_device
 
 
 @dataclass
@@ -25,7 +25,7 @@ class StepPlan:
         (``unroll_dropout``); ``keep_img2``/``keep_txt2`` are TESLA pass 2's masks (the
         reference resamples dropout there; ``None`` reuses pass 1's).
     blend: whether the steps blend (``None``: decided by reading ``lams``, one host read per
-        step; plans from :class:`repblend_fast.sampling.IterationSampler` say it).
+        step; plans from :class:`repblend_fast.engine.sampling.IterationSampler` say it).
     touched, inverse: the sorted distinct pair indices of ``batches`` ``[U]`` and each batch
         entry's position among them (shaped like ``batches``), computed on the host by
         :meth:`with_touched` (``None``: the unroll computes them, which reads the device).
@@ -67,7 +67,7 @@ class StepPlan:
 
     def to(self, device: torch.device | str) -> StepPlan:
         """The same plan with every tensor on ``device``, sent without blocking the host
-        (:func:`repblend_fast.transfer.to_device`: pinned, non-blocking copies on CUDA)."""
+        (:func:`repblend_fast.engine.transfer.to_device`: pinned, non-blocking copies on CUDA)."""
         vals = [getattr(self, f) for f in self._FIELDS] + [self.touched, self.inverse]
         moved = [None if v is None else to_device(v, device) for v in vals]
         return StepPlan(*moved[:-2], blend=self.blend, touched=moved[-2], inverse=moved[-1])

@@ -1,6 +1,6 @@
 """What the guard did in a run (docs/algorithm.md §14): :class:`GuardReport`.
 
-The outer optimiser's guard (:mod:`repblend_fast.outer`) decides on the device; the Distiller
+The outer optimiser's guard (:mod:`repblend_fast.engine.outer`) decides on the device; the Distiller
 reads its decisions back once per iteration and hands each iteration's metrics record to
 :meth:`GuardReport.add`, which counts them, watches for the signs of a wrong meta-gradient and
 logs a one-line warning (once per kind) when one shows. :meth:`GuardReport.summary` is the
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from repblend_fast.outer import CLIPPED_GROUPS, GROUPS
+from repblend_fast.engine.outer import CLIPPED_GROUPS, GROUPS
 
 __all__ = [
     "CHECK_BAND",
@@ -204,7 +204,7 @@ class GuardReport:
 
 def read_guard(run_dir: str | os.PathLike) -> dict | None:
     """The ``guard`` block of a run folder's ``summary.json`` (``None`` if it has none)."""
-    from repblend_fast.checkpoint import SUMMARY
+    from repblend_fast.engine.checkpoint import SUMMARY
 
     path = Path(run_dir) / SUMMARY
     if not path.is_file():

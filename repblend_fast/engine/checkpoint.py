@@ -67,10 +67,10 @@ __all__ = [
     "write_checkpoint",
 ]
 
-logger = logging.getLogger("repblend_fast.checkpoint")
+logger = logging.getLogger("repblend_fast.engine.checkpoint")
 
 FORMAT_VERSION = 1
-KIND = "repblend_fast.checkpoint"
+KIND = "repblend_fast.checkpoint"  # the file format's name (kept when the module moved)
 # The files of a run folder.
 CHECKPOINT = "checkpoint.safetensors"
 CONFIG = "config.json"

@@ -16,7 +16,7 @@ import math
 import torch
 
 from repblend_fast.config import DistillConfig
-from repblend_fast.step_plan import StepPlan
+from repblend_fast.engine.step_plan import StepPlan
 
 __all__ = ["BatchSampler", "ExpertSampler", "IterationSampler", "sample_beta"]
 

@@ -41,93 +41,44 @@ tests/test_memory_budget.py):
 * ``encoder_chunk`` / ``memory_budget_mib``: with shared features, keep the encoder graph of the
   first ``keep`` touched images and re-encode the others ``chunk`` at a time during the VJP; the
   budget chooses ``keep``, ``chunk`` and (exact mode) ``checkpoint_steps`` from a measured
-  per-image graph size (:meth:`Unroller.memory_plan`, :mod:`repblend_fast.memory_plan`).
+  per-image graph size (:meth:`Unroller.memory_plan`, :mod:`repblend_fast.engine.memory_plan`).
 
-An iteration's random draws: :class:`StepPlan` (:mod:`repblend_fast.step_plan`, importable here).
+The plan of an iteration's random draws, :class:`StepPlan`, lives in
+:mod:`repblend_fast.engine.step_plan`,
+the settings and result types in :mod:`repblend_fast.engine.unroll_settings` (all importable from
+here
+too). The phases are marked with :func:`repblend_fast.engine.ranges.phase` ranges.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from repblend_fast.config import COMPILE, TEMPERATURE
+from repblend_fast.config import COMPILE
+from repblend_fast.engine.memory_plan import MemoryPlan, measure_image_graph_mib, plan_memory
+from repblend_fast.engine.ranges import phase
+from repblend_fast.engine.step_plan import StepPlan
+from repblend_fast.engine.unroll_settings import (
+    MetaGrad,
+    SharedFeatures,
+    UnrollResult,
+    UnrollSettings,
+)
 from repblend_fast.known_faults import step_compile_backend
-from repblend_fast.memory_plan import MemoryPlan, measure_image_graph_mib, plan_memory
 from repblend_fast.methods import student_for_experts
 from repblend_fast.models.flat import FlatSpec
 from repblend_fast.models.heads import HeadSpec, head_forward
 from repblend_fast.models.standardized_conv import reuse_standardized_weights
 from repblend_fast.ops import contrastive_loss, trajectory_distance, trajectory_terms
-from repblend_fast.step_plan import StepPlan
 
-MetaGrad = Literal["exact", "tesla"]
-
-
-@dataclass
-class UnrollResult:
-    """Losses and meta-gradients (averaged over the K trajectories of one call).
-
-    grads: ``{"x": [N,...], "y": [N, d_t], "eta_img": [], "eta_txt": [], "sim.<name>": ...}``
-    (full-size, zeros where untouched).
-    """
-
-    loss: torch.Tensor
-    loss_img: torch.Tensor
-    loss_txt: torch.Tensor
-    grads: dict[str, torch.Tensor | None]
-
-
-@dataclass
-class UnrollSettings:
-    """How one iteration is unrolled and differentiated (see ``DistillConfig``). ``method`` is the
-    expert kind of the student (:func:`repblend_fast.methods.student_for_experts`)."""
-
-    method: str = "repblend"
-    meta_grad: MetaGrad = "exact"
-    loss: str = "wbce"
-    eps: float = 1e-6
-    logit_scale: float = 1 / TEMPERATURE
-    merge_loss: bool = False
-    blend_target: bool = False
-    share_encoder: bool = True
-    checkpoint_steps: bool = False
-    parity_eta_grad: bool = False
-    encoder_autocast: torch.dtype | None = None
-    encoder_chunk: int = 0
-    compile: str = "none"
-    memory_budget_mib: float = 0.0
-
-    @classmethod
-    def from_config(cls, cfg, encoder_autocast: torch.dtype | None = None) -> UnrollSettings:
-        """The settings of a ``DistillConfig``: its fields of the same names, ``method`` =
-        ``cfg.expert_kind``; the caller resolves ``encoder_autocast`` (it depends on the device)."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        same = {n: getattr(cfg, n) for n in names if n not in ("method", "encoder_autocast")}
-        same["memory_budget_mib"] = float(same["memory_budget_mib"])
-        return cls(method=cfg.expert_kind, encoder_autocast=encoder_autocast, **same)
-
-
-@dataclass
-class SharedFeatures:
-    """The touched images' features: ``touched`` ``[U]`` indices into x, ``inverse``
-    ``[K, T, B]`` positions into them, ``graph`` (encoder output of the first ``keep`` touched
-    images with its graph, or None), ``leaf`` (the detached features ``[U, d_f]`` the unroll
-    differentiates) and ``chunk`` (the VJP re-encodes touched images ``keep:`` that many at a
-    time)."""
-
-    touched: torch.Tensor
-    inverse: torch.Tensor
-    graph: torch.Tensor | None
-    leaf: torch.Tensor
-    keep: int = 0
-    chunk: int = 0
+__all__ = [
+    "MetaGrad", "SharedFeatures", "StepPlan", "UnrollResult", "UnrollSettings", "Unroller",
+    "make_unroller_for_lors",
+]  # fmt: skip
 
 
 class Unroller:
@@ -190,15 +141,16 @@ class Unroller:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen-encoder features ``[n, d_f]`` in the images' dtype (autocast and
         ``torch.compile`` when configured)."""
-        if self.s.compile == "none":
-            with reuse_standardized_weights(self.encoder, self._standardized):
-                return self._encode_eager(images)
-        fn = self._compiled_fn("encoder", self._encode_eager, images.device, static=False)
-        if images.shape[0] > 1:
-            # The number of touched images changes every iteration: one graph for all of them
-            # (a hint, not a constraint: an encoder that needs a static batch still compiles).
-            torch._dynamo.maybe_mark_dynamic(images, 0)
-        return fn(images)
+        with phase("encoder_forward"):
+            if self.s.compile == "none":
+                with reuse_standardized_weights(self.encoder, self._standardized):
+                    return self._encode_eager(images)
+            fn = self._compiled_fn("encoder", self._encode_eager, images.device, static=False)
+            if images.shape[0] > 1:
+                # The number of touched images changes every iteration: one graph for all of
+                # them (a hint, not a constraint: an encoder that needs a static batch compiles).
+                torch._dynamo.maybe_mark_dynamic(images, 0)
+            return fn(images)
 
     def _encode_eager(self, images: torch.Tensor) -> torch.Tensor:
         # Autocast on whatever device the images are on (CUDA, or a CPU when asked for
@@ -330,7 +282,8 @@ class Unroller:
         if (most := self.kind.trajectories_per_call) is not None and k > most:
             raise ValueError(f"method={self.s.method!r} unrolls K={most} trajectory per call")
         fn = self._run_exact if self.s.meta_grad == "exact" else self._run_tesla
-        return fn(x, y, sim_params, eta_img, eta_txt, start, target, plan)
+        with phase("unroll"):  # the other phases nest in it (ranges.py)
+            return fn(x, y, sim_params, eta_img, eta_txt, start, target, plan)
 
     # ----------------------------------------------------------------- helpers
     def _leaves(self, x, y, sim_params, eta_img, eta_txt):
@@ -343,12 +296,12 @@ class Unroller:
 
     def memory_plan(self, x: torch.Tensor, touched: int, start, plan: StepPlan) -> MemoryPlan:
         """How this iteration holds the shared encoder graph
-        (:func:`repblend_fast.memory_plan.plan_memory` with these settings)."""
+        (:func:`repblend_fast.engine.memory_plan.plan_memory` with these settings)."""
         return plan_memory(self.s, x, touched, start, plan, lambda: self.image_graph_mib(x))
 
     def image_graph_mib(self, x: torch.Tensor) -> float:
         """MiB of encoder graph one more image keeps alive
-        (:func:`repblend_fast.memory_plan.measure_image_graph_mib`), measured once per image
+        (:func:`repblend_fast.engine.memory_plan.measure_image_graph_mib`), measured once per image
         shape, dtype, device and autocast dtype."""
         key = (tuple(x.shape[1:]), x.dtype, x.device, self.s.encoder_autocast)
         if key not in self._image_bytes:
@@ -390,6 +343,10 @@ class Unroller:
     def _encoder_vjp(self, xl: torch.Tensor, shared: SharedFeatures) -> torch.Tensor | None:
         """``d loss / d x`` from the shared features' cotangent (``None`` if it has none): the
         kept graph's VJP first (freeing it), then the re-encoded chunks one at a time."""
+        with phase("encoder_vjp"):
+            return self._encoder_vjp_pieces(xl, shared)
+
+    def _encoder_vjp_pieces(self, xl: torch.Tensor, shared: SharedFeatures):
         cot = shared.leaf.grad
         if cot is None:
             return None
@@ -469,10 +426,11 @@ class Unroller:
                     th_img, th_txt = checkpoint(step, *args, use_reentrant=False)
                 else:
                     th_img, th_txt = step(*args)
-            li, lt, total = self._matching((th_img, th_txt), start, target)
-            loss = total.mean()
-            inputs = [feats if shared is not None else xl, yl, el, tl, *sl.values()]
-            grads = list(torch.autograd.grad(loss, inputs, allow_unused=True))
+            with phase("meta_gradient"):
+                li, lt, total = self._matching((th_img, th_txt), start, target)
+                loss = total.mean()
+                inputs = [feats if shared is not None else xl, yl, el, tl, *sl.values()]
+                grads = list(torch.autograd.grad(loss, inputs, allow_unused=True))
         if shared is not None:
             shared.leaf.grad = grads[0]
             grads[0] = self._encoder_vjp(xl, shared)
@@ -524,47 +482,53 @@ class Unroller:
         # and the pass-2 direction c = eta (Delta + eta G).
         # No value checks inside the unroll (they would read the device); a degenerate
         # trajectory shows as a non-finite loss, which the outer optimiser refuses.
-        terms = lambda a, b, c, e: trajectory_terms(a, b, c, e, check=False)  # noqa: E731
-        ti = [terms(start[0][j], target[0][j], g_sum_img[j], e1) for j in range(k)]
-        tt = [terms(start[1][j], target[1][j], g_sum_txt[j], e2) for j in range(k)]
-        den_i = torch.stack([t.denom for t in ti])
-        den_t = torch.stack([t.denom for t in tt])
-        num_i = torch.stack([t.num for t in ti])
-        num_t = torch.stack([t.num for t in tt])
-        dot_i = torch.stack([t.dot for t in ti])
-        dot_t = torch.stack([t.dot for t in tt])
-        loss_img, loss_txt = num_i / den_i, num_t / den_t
-        if self.s.merge_loss:
-            total = (num_i + num_t) / (den_i + den_t)
-            w_img = w_txt = 1.0 / (den_i + den_t)
-        else:
-            total = loss_img + loss_txt
-            w_img, w_txt = 1.0 / den_i, 1.0 / den_t
-        # eta gradient, closed form: dL_m/deta_m = 2 (Delta + eta G)^T G * w_m (mean over K).
-        ew_img, ew_txt = (1.0 / den_i, 1.0 / den_t) if self.s.parity_eta_grad else (w_img, w_txt)
-        g_eta_img = (2 * dot_i * ew_img).mean().to(eta_img.dtype)
-        g_eta_txt = (2 * dot_t * ew_txt).mean().to(eta_txt.dtype)
-        # Pass-2 directions with the weights w_m / K folded in, [K, numel].
-        dir_img = torch.stack([t.direction for t in ti]) * (w_img / k).to(th_img.dtype)[:, None]
-        dir_txt = torch.stack([t.direction for t in tt]) * (w_txt / k).to(th_txt.dtype)[:, None]
-        # Pass 2: per step, d/d(data) of 2 * psi_i, accumulated into the leaves' .grad.
-        feats_leaf = shared.leaf if shared is not None else None
-        acc = [xl, yl, *sl.values()] if feats_leaf is None else [feats_leaf, yl, *sl.values()]
-        cur = (start[0].detach(), start[1].detach())
-        for i in range(plan.steps):
-            idx = plan.batches[:, i]
-            perm, lam = self._blend_args(i, plan)
-            with torch.enable_grad():
-                img_in = self._img_input(i, xl, plan, inverse, feats_leaf, no_grad_encode=False)
-                s_blk = self.target_block(idx, sl, y.dtype, perm, lam)
-                a, b = thetas[i] if store else cur
-                keep = plan.keep(i, second_pass=True)
-                _, g1, g2 = self._step_grads(a, b, img_in, yl[idx], s_blk, perm, lam, True, keep)
-                psi = 2 * ((g1 * dir_img).sum() + (g2 * dir_txt).sum())
-                torch.autograd.backward(psi, inputs=acc)
-            if not store and i + 1 < plan.steps:
-                with torch.no_grad():
-                    cur = (a - e1 * g1, b - e2 * g2)
+        # TESLA's meta-gradient: the terms, then pass 2.
+        with phase("meta_gradient"):
+            terms = lambda a, b, c, e: trajectory_terms(a, b, c, e, check=False)  # noqa: E731
+            ti = [terms(start[0][j], target[0][j], g_sum_img[j], e1) for j in range(k)]
+            tt = [terms(start[1][j], target[1][j], g_sum_txt[j], e2) for j in range(k)]
+            den_i = torch.stack([t.denom for t in ti])
+            den_t = torch.stack([t.denom for t in tt])
+            num_i = torch.stack([t.num for t in ti])
+            num_t = torch.stack([t.num for t in tt])
+            dot_i = torch.stack([t.dot for t in ti])
+            dot_t = torch.stack([t.dot for t in tt])
+            loss_img, loss_txt = num_i / den_i, num_t / den_t
+            if self.s.merge_loss:
+                total = (num_i + num_t) / (den_i + den_t)
+                w_img = w_txt = 1.0 / (den_i + den_t)
+            else:
+                total = loss_img + loss_txt
+                w_img, w_txt = 1.0 / den_i, 1.0 / den_t
+            # eta gradient, closed form: dL_m/deta_m = 2 (Delta + eta G)^T G * w_m (mean over K).
+            ew_img, ew_txt = (
+                (1.0 / den_i, 1.0 / den_t) if self.s.parity_eta_grad else (w_img, w_txt)
+            )
+            g_eta_img = (2 * dot_i * ew_img).mean().to(eta_img.dtype)
+            g_eta_txt = (2 * dot_t * ew_txt).mean().to(eta_txt.dtype)
+            # Pass-2 directions with the weights w_m / K folded in, [K, numel].
+            dir_img = torch.stack([t.direction for t in ti]) * (w_img / k).to(th_img.dtype)[:, None]
+            dir_txt = torch.stack([t.direction for t in tt]) * (w_txt / k).to(th_txt.dtype)[:, None]
+            # Pass 2: per step, d/d(data) of 2 * psi_i, accumulated into the leaves' .grad.
+            feats_leaf = shared.leaf if shared is not None else None
+            acc = [xl, yl, *sl.values()] if feats_leaf is None else [feats_leaf, yl, *sl.values()]
+            cur = (start[0].detach(), start[1].detach())
+            for i in range(plan.steps):
+                idx = plan.batches[:, i]
+                perm, lam = self._blend_args(i, plan)
+                with torch.enable_grad():
+                    img_in = self._img_input(i, xl, plan, inverse, feats_leaf, no_grad_encode=False)
+                    s_blk = self.target_block(idx, sl, y.dtype, perm, lam)
+                    a, b = thetas[i] if store else cur
+                    keep = plan.keep(i, second_pass=True)
+                    _, g1, g2 = self._step_grads(
+                        a, b, img_in, yl[idx], s_blk, perm, lam, True, keep
+                    )
+                    psi = 2 * ((g1 * dir_img).sum() + (g2 * dir_txt).sum())
+                    torch.autograd.backward(psi, inputs=acc)
+                if not store and i + 1 < plan.steps:
+                    with torch.no_grad():
+                        cur = (a - e1 * g1, b - e2 * g2)
         # One VJP through the encoder with the summed feature cotangents of all steps.
         gx = self._encoder_vjp(xl, shared) if shared is not None else xl.grad
         sim_grads = {name: v.grad for name, v in sl.items()}
@@ -586,10 +550,6 @@ class Unroller:
             g = gsim.get(name)
             out[f"sim.{name}"] = torch.zeros_like(v) if g is None else g
         return out
-
-
-def _distance(student, start, target) -> torch.Tensor:
-    return trajectory_distance(student, start, target, check=False)
 
 
 def make_unroller_for_lors(
