@@ -63,3 +63,31 @@ def test_file_format_names_are_not_module_paths():
     from repblend_fast.engine import checkpoint
 
     assert checkpoint.KIND == "repblend_fast.checkpoint"
+
+
+def test_engine_imports_nothing_above_it():
+    """The engine (repblend_fast/engine/) sits below the command line, the benchmarks, evaluation,
+    the reports and the research-script compatibility layer: none of its modules imports them,
+    at module level or inside a function."""
+    import ast
+    from pathlib import Path
+
+    import repblend_fast
+
+    above = {
+        "cli", "bench", "demo", "report", "evaluate", "evaluate_saved", "coresets",
+        "pipeline", "describe", "profiling", "compat",
+    }  # fmt: skip
+    found = []
+    for path in (Path(repblend_fast.__file__).parent / "engine").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "repblend_fast" and len(parts) > 1 and parts[1] in above:
+                    found.append(f"{path.name}: {name}")
+    assert not found, found
