@@ -27,14 +27,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from repblend_fast.bench import SHAPE_SETS  # noqa: E402
-from repblend_fast.bench.flops import count_flops  # noqa: E402
 from repblend_fast.bench.inputs import build_step_inputs, plan_to  # noqa: E402
-from repblend_fast.bench.memory import (  # noqa: E402
-    SavedTensorMeter,
-    predicted_peak_mib,
-    state_bytes,
-    state_tensors,
-)
+from repblend_fast.bench.measure import account_iteration  # noqa: E402
 from repblend_fast.bench.runners import make_runner  # noqa: E402
 
 META = torch.device("meta")
@@ -47,9 +41,12 @@ def count(shape, meta_grad: str, budget: float, seed: int = 0) -> dict:
         inputs, "repblend-fast", meta_grad, META, autocast="none", memory_budget_mib=budget
     )
     del inputs
-    with SavedTensorMeter(exclude=state_tensors(runner)) as meter, count_flops() as fl:
-        r = runner.unroller
-        r.run(
+    counted: dict = {}
+    account_iteration(
+        runner,
+        0,
+        counted,
+        step=lambda: runner.unroller.run(
             runner.x,
             runner.y,
             runner.sim,
@@ -58,18 +55,14 @@ def count(shape, meta_grad: str, budget: float, seed: int = 0) -> dict:
             runner.start,
             runner.target,
             plan_to(runner.plans[0], META),
-        )
+        ),
+    )
     plan = runner.unroller.last_memory_plan
-    state = state_bytes(runner) / 2**20
     rec = {
         "config": shape.name,
         "meta_grad": meta_grad,
         "memory_budget_mib": budget,
-        "state_mib": state,
-        **meter.record(),
-        "predicted_peak_mib": predicted_peak_mib(state, meter.peak_bytes / 2**20),
-        "flops": fl["flops"],
-        "flops_by_op": fl["by_op"],
+        **counted,
     }
     if plan is not None:
         rec["memory_plan"] = plan.to_dict()

@@ -133,8 +133,9 @@ def measure(
     }
 
 
-def account_iteration(runner, i: int, out: dict) -> float:
-    """Run ``runner.iteration(i)`` counting its tensors saved for backward and its FLOPs
+def account_iteration(runner, i: int, out: dict, step=None):
+    """Run ``runner.iteration(i)`` (or ``step()``, e.g. only the unroll where the optimiser's
+    host read cannot run: the meta device) counting its tensors saved for backward and its FLOPs
     (:mod:`repblend_fast.bench.memory`, :mod:`repblend_fast.bench.flops`); fills ``out`` with
     ``saved_peak_mib``, ``saved_total_mib``, ``state_mib`` (after the iteration: the optimiser's
     state exists by then), ``predicted_peak_mib``, ``flops`` and ``flops_by_op``."""
@@ -147,7 +148,7 @@ def account_iteration(runner, i: int, out: dict) -> float:
     )
 
     with SavedTensorMeter(exclude=state_tensors(runner)) as meter, count_flops() as fl:
-        loss = runner.iteration(i)
+        loss = runner.iteration(i) if step is None else step()
     out.update(meter.record())
     out["state_mib"] = state_bytes(runner) / 2**20
     out["predicted_peak_mib"] = predicted_peak_mib(out["state_mib"], out["saved_peak_mib"])
